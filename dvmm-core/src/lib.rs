@@ -1,0 +1,27 @@
+#![doc = include_str!("../README.md")]
+
+pub mod aggregate;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod ids;
+pub mod ports;
+pub mod spec;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod timeline;
+pub mod vm;
+pub mod vm_request;
+
+pub use aggregate::Aggregate;
+pub use clock::{Clock, IdGenerator, RandomIds, SystemClock};
+pub use config::{ConfigError, Secret, TenantConfig, VcenterEndpoint};
+pub use error::DomainError;
+pub use event::{DomainEvent, EventMetadata, NewEvent, StoredEvent, StreamId};
+pub use ids::*;
+pub use ports::{AppendOutcome, EventStore, StoreError, TimelineSink, VsphereError, VspherePort};
+pub use spec::{VmName, VmProvisioningResult, VmResources, VmSize, VmSpec};
+pub use timeline::{TimelineEntry, TimelineEntryType};
+pub use vm::{Vm, VmEvent, VmStatus};
+pub use vm_request::{VmRequest, VmRequestEvent, VmRequestStatus};

@@ -1,0 +1,412 @@
+//! Test support for hosts and adapters (feature `testing`):
+//! - [`store_conformance`]: the contract every [`EventStore`] must pass;
+//! - [`AggregateTest`]: a given/when/then harness for aggregates.
+
+use std::fmt::Debug;
+
+use chrono::{DateTime, TimeZone, Utc};
+use futures::future::join_all;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::aggregate::Aggregate;
+use crate::error::DomainError;
+use crate::event::{EventMetadata, NewEvent, StreamId};
+use crate::ids::{CorrelationId, EventId, TenantId, UserId};
+use crate::ports::{AppendOutcome, EventStore, StoreError};
+
+/// Given/when/then for an aggregate:
+///
+/// ```
+/// use dvmm_core::testing::AggregateTest;
+/// use dvmm_core::vm_request::{VmRequest, VmRequestCommand};
+/// use dvmm_core::ids::UserId;
+///
+/// AggregateTest::<VmRequest>::given_no_events()
+///     .when(VmRequestCommand::Approve { by: UserId::from_uuid(uuid::Uuid::nil()) })
+///     .then_expect_error(|e| matches!(e, dvmm_core::DomainError::NotFound { .. }));
+/// ```
+pub struct AggregateTest<A: Aggregate> {
+    state: Option<A>,
+}
+
+impl<A: Aggregate> AggregateTest<A>
+where
+    A::Event: Debug + PartialEq,
+{
+    /// Starts from no events.
+    pub fn given_no_events() -> Self {
+        Self { state: None }
+    }
+
+    /// Starts from these events.
+    pub fn given(events: &[A::Event]) -> Self {
+        Self {
+            state: A::reconstitute(events),
+        }
+    }
+
+    /// Runs the command.
+    pub fn when(self, command: A::Command) -> AggregateResult<A> {
+        let result = A::handle(self.state.as_ref(), &command);
+        AggregateResult {
+            state: self.state,
+            result,
+        }
+    }
+}
+
+/// The outcome of [`AggregateTest::when`].
+pub struct AggregateResult<A: Aggregate> {
+    state: Option<A>,
+    result: Result<Vec<A::Event>, DomainError>,
+}
+
+impl<A: Aggregate> AggregateResult<A>
+where
+    A::Event: Debug + PartialEq,
+{
+    /// Asserts the emitted events; returns the state after applying them.
+    #[track_caller]
+    pub fn then_expect_events(self, expected: &[A::Event]) -> Option<A> {
+        match self.result {
+            Ok(events) => {
+                assert_eq!(events, expected, "unexpected events");
+                events.iter().fold(self.state, A::apply)
+            }
+            Err(e) => panic!("expected events {expected:?}, got error {e}"),
+        }
+    }
+
+    /// Asserts a rejection matching `check`.
+    #[track_caller]
+    pub fn then_expect_error(self, check: impl FnOnce(&DomainError) -> bool) {
+        match self.result {
+            Ok(events) => panic!("expected an error, got events {events:?}"),
+            Err(e) => assert!(check(&e), "unexpected error: {e:?}"),
+        }
+    }
+}
+
+fn at(seconds: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_767_225_600 + seconds, 0)
+        .single()
+        .unwrap_or_default()
+}
+
+/// Builds test events for the conformance suite.
+struct Fixture {
+    tenant: TenantId,
+}
+
+impl Fixture {
+    fn event(&self, label: &str) -> NewEvent {
+        NewEvent {
+            event_type: "ConformanceEvent".into(),
+            schema_version: 1,
+            payload: json!({ "label": label, "nested": { "n": [1, 2, 3] } }),
+            metadata: EventMetadata {
+                event_id: EventId::from_uuid(Uuid::new_v4()),
+                tenant_id: self.tenant,
+                user_id: UserId::from_uuid(Uuid::new_v4()),
+                correlation_id: CorrelationId::from_uuid(Uuid::new_v4()),
+                causation_id: None,
+                occurred_at: at(0),
+            },
+        }
+    }
+}
+
+fn new_stream(kind: &str) -> StreamId {
+    StreamId::new(kind, Uuid::new_v4())
+}
+
+fn labels(events: &[crate::event::StoredEvent]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e.payload["label"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Runs every conformance check against `store`. The store may hold other
+/// data: each check uses fresh tenants and streams. Panics on the first
+/// broken rule, naming it.
+pub async fn store_conformance<S: EventStore>(store: &S) {
+    append_and_load_round_trip(store).await;
+    expected_version_conflicts(store).await;
+    empty_and_missing_streams(store).await;
+    global_order_and_read_all_from_position(store).await;
+    tenant_scoping(store).await;
+    re_append_is_already_applied(store).await;
+    concurrent_writers_on_one_stream(store, 16).await;
+}
+
+fn tenant() -> Fixture {
+    Fixture {
+        tenant: TenantId::from_uuid(Uuid::new_v4()),
+    }
+}
+
+/// Events come back exactly as written, in version order.
+pub async fn append_and_load_round_trip<S: EventStore>(store: &S) {
+    let f = tenant();
+    let stream = new_stream("Conformance");
+    let batch = vec![f.event("a"), f.event("b"), f.event("c")];
+    let outcome = store
+        .append(f.tenant, &stream, 0, batch.clone())
+        .await
+        .expect("append to a new stream");
+    assert!(
+        matches!(outcome, AppendOutcome::Appended { new_version: 3, .. }),
+        "append reports the new version: {outcome:?}"
+    );
+    let loaded = store.load(f.tenant, &stream).await.expect("load");
+    assert_eq!(loaded.len(), 3, "load returns every appended event");
+    for (i, (stored, written)) in loaded.iter().zip(&batch).enumerate() {
+        assert_eq!(stored.version, i as u64 + 1, "versions start at 1");
+        assert_eq!(stored.stream_id, stream);
+        assert_eq!(stored.event_type, written.event_type);
+        assert_eq!(stored.schema_version, written.schema_version);
+        assert_eq!(stored.payload, written.payload, "payload round trip");
+        assert_eq!(stored.metadata, written.metadata, "metadata round trip");
+    }
+    assert!(loaded.windows(2).all(|w| w[0].position < w[1].position));
+    store
+        .append(f.tenant, &stream, 3, vec![f.event("d")])
+        .await
+        .expect("append at the current version");
+    assert_eq!(
+        labels(&store.load(f.tenant, &stream).await.expect("load")),
+        ["a", "b", "c", "d"]
+    );
+}
+
+/// A stale or future expected version is a `Conflict` and writes nothing.
+pub async fn expected_version_conflicts<S: EventStore>(store: &S) {
+    let f = tenant();
+    let stream = new_stream("Conformance");
+    store
+        .append(f.tenant, &stream, 0, vec![f.event("a"), f.event("b")])
+        .await
+        .expect("first append");
+    for expected in [0, 1, 3, 10] {
+        let err = store
+            .append(
+                f.tenant,
+                &stream,
+                expected,
+                vec![f.event("x"), f.event("y")],
+            )
+            .await
+            .expect_err("a wrong expected version must fail");
+        assert!(
+            matches!(err, StoreError::Conflict { expected: e, .. } if e == expected),
+            "wrong expected version {expected} gives Conflict, got {err:?}"
+        );
+        assert!(err.is_conflict() && err.is_retryable());
+    }
+    assert_eq!(
+        labels(&store.load(f.tenant, &stream).await.expect("load")),
+        ["a", "b"],
+        "a conflicting append writes nothing"
+    );
+}
+
+/// Missing streams load empty; an empty append changes nothing.
+pub async fn empty_and_missing_streams<S: EventStore>(store: &S) {
+    let f = tenant();
+    let stream = new_stream("Conformance");
+    assert!(
+        store
+            .load(f.tenant, &stream)
+            .await
+            .expect("load")
+            .is_empty()
+    );
+    let outcome = store
+        .append(f.tenant, &stream, 0, Vec::new())
+        .await
+        .expect("empty append");
+    assert!(
+        matches!(
+            outcome,
+            AppendOutcome::Appended { new_version: 0, .. }
+                | AppendOutcome::AlreadyApplied { stream_version: 0 }
+        ),
+        "empty append leaves the stream at version 0: {outcome:?}"
+    );
+    assert!(
+        store
+            .load(f.tenant, &stream)
+            .await
+            .expect("load")
+            .is_empty()
+    );
+    assert!(
+        store
+            .read_all(f.tenant, 0, 100)
+            .await
+            .expect("read_all")
+            .is_empty(),
+        "a tenant with no events reads nothing"
+    );
+    // An event of another tenant is refused.
+    let other = tenant();
+    let err = store
+        .append(f.tenant, &stream, 0, vec![other.event("x")])
+        .await
+        .expect_err("an event whose metadata names another tenant is refused");
+    assert!(matches!(err, StoreError::InvalidAppend { .. }), "{err:?}");
+}
+
+/// `read_all` returns the tenant's events across streams in append order,
+/// from any position, in pages.
+pub async fn global_order_and_read_all_from_position<S: EventStore>(store: &S) {
+    let f = tenant();
+    let (s1, s2) = (new_stream("Conformance"), new_stream("Other"));
+    store
+        .append(f.tenant, &s1, 0, vec![f.event("1"), f.event("2")])
+        .await
+        .expect("append");
+    store
+        .append(f.tenant, &s2, 0, vec![f.event("3")])
+        .await
+        .expect("append");
+    store
+        .append(f.tenant, &s1, 2, vec![f.event("4")])
+        .await
+        .expect("append");
+    store
+        .append(f.tenant, &s2, 1, vec![f.event("5"), f.event("6")])
+        .await
+        .expect("append");
+    let all = store.read_all(f.tenant, 0, 1000).await.expect("read_all");
+    assert_eq!(labels(&all), ["1", "2", "3", "4", "5", "6"], "global order");
+    assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+    let after_third = store
+        .read_all(f.tenant, all[2].position, 1000)
+        .await
+        .expect("read_all from a position");
+    assert_eq!(
+        labels(&after_third),
+        ["4", "5", "6"],
+        "position is exclusive"
+    );
+    let mut paged = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.read_all(f.tenant, after, 2).await.expect("page");
+        assert!(page.len() <= 2, "limit is respected");
+        let Some(last) = page.last() else { break };
+        after = last.position;
+        paged.extend(page);
+    }
+    assert_eq!(labels(&paged), labels(&all), "paging sees every event once");
+}
+
+/// A tenant never sees, extends or overwrites another tenant's streams.
+pub async fn tenant_scoping<S: EventStore>(store: &S) {
+    let (a, b) = (tenant(), tenant());
+    let stream = new_stream("Conformance");
+    store
+        .append(a.tenant, &stream, 0, vec![a.event("secret")])
+        .await
+        .expect("append");
+    assert!(
+        store
+            .load(b.tenant, &stream)
+            .await
+            .expect("load")
+            .is_empty(),
+        "another tenant's stream looks missing"
+    );
+    assert!(
+        store
+            .read_all(b.tenant, 0, 1000)
+            .await
+            .expect("read_all")
+            .is_empty(),
+        "read_all shows only the caller's tenant"
+    );
+    let res = store.append(b.tenant, &stream, 1, vec![b.event("x")]).await;
+    assert!(res.is_err(), "appending to another tenant's stream fails");
+    let res = store.append(b.tenant, &stream, 0, vec![b.event("y")]).await;
+    assert!(res.is_err(), "claiming another tenant's stream id fails");
+    assert_eq!(
+        labels(&store.load(a.tenant, &stream).await.expect("load")),
+        ["secret"],
+        "the owner's stream is untouched"
+    );
+}
+
+/// Retrying an append whose acknowledgement was lost is recognised.
+pub async fn re_append_is_already_applied<S: EventStore>(store: &S) {
+    let f = tenant();
+    let stream = new_stream("Conformance");
+    let batch = vec![f.event("a"), f.event("b")];
+    store
+        .append(f.tenant, &stream, 0, batch.clone())
+        .await
+        .expect("append");
+    let outcome = store
+        .append(f.tenant, &stream, 0, batch)
+        .await
+        .expect("a re-append of the same events is not an error");
+    assert_eq!(outcome, AppendOutcome::AlreadyApplied { stream_version: 2 });
+    assert_eq!(store.load(f.tenant, &stream).await.expect("load").len(), 2);
+}
+
+/// `writers` writers race to append to one stream from version 0, then each
+/// loser reloads and retries until all have written once.
+pub async fn concurrent_writers_on_one_stream<S: EventStore>(store: &S, writers: usize) {
+    let f = tenant();
+    let stream = new_stream("Conformance");
+    let first_round = join_all((0..writers).map(|i| {
+        let event = f.event(&format!("w{i}"));
+        let stream = &stream;
+        async move { store.append(f.tenant, stream, 0, vec![event]).await }
+    }))
+    .await;
+    let winners = first_round.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(winners, 1, "exactly one writer wins version 1");
+    for r in &first_round {
+        if let Err(e) = r {
+            assert!(e.is_conflict(), "every loser gets Conflict, got {e:?}");
+        }
+    }
+    let results = join_all((0..writers).map(|i| {
+        let stream = &stream;
+        let f = &f;
+        async move {
+            let event = f.event(&format!("retry{i}"));
+            loop {
+                let version = store.load(f.tenant, stream).await?.len() as u64;
+                match store
+                    .append(f.tenant, stream, version, vec![event.clone()])
+                    .await
+                {
+                    Ok(_) => return Ok::<(), StoreError>(()),
+                    Err(e) if e.is_conflict() => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }))
+    .await;
+    for r in results {
+        r.expect("retries after conflicts succeed");
+    }
+    let loaded = store.load(f.tenant, &stream).await.expect("load");
+    assert_eq!(loaded.len(), writers + 1, "nothing lost, nothing doubled");
+    for (i, e) in loaded.iter().enumerate() {
+        assert_eq!(e.version, i as u64 + 1, "versions stay contiguous");
+    }
+    let mut seen: Vec<_> = labels(&loaded);
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen.len(),
+        writers + 1,
+        "every writer's event is there once"
+    );
+}

@@ -1,0 +1,84 @@
+//! The read side shown to users: a request's history as timeline entries.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{EventId, TenantId, VmRequestId};
+
+/// The kind of a timeline entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TimelineEntryType {
+    /// The request was submitted.
+    Created,
+    /// The request was approved.
+    Approved,
+    /// The request was rejected.
+    Rejected,
+    /// The request was cancelled.
+    Cancelled,
+    /// Provisioning started.
+    ProvisioningStarted,
+    /// The VM is ready (with or without its IP).
+    VmReady,
+    /// Provisioning failed.
+    ProvisioningFailed,
+    /// Guest facts (e.g. the IP) were refreshed later.
+    GuestInfoRefreshed,
+}
+
+impl TimelineEntryType {
+    /// Stable name, as stored.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TimelineEntryType::Created => "Created",
+            TimelineEntryType::Approved => "Approved",
+            TimelineEntryType::Rejected => "Rejected",
+            TimelineEntryType::Cancelled => "Cancelled",
+            TimelineEntryType::ProvisioningStarted => "ProvisioningStarted",
+            TimelineEntryType::VmReady => "VmReady",
+            TimelineEntryType::ProvisioningFailed => "ProvisioningFailed",
+            TimelineEntryType::GuestInfoRefreshed => "GuestInfoRefreshed",
+        }
+    }
+
+    /// Parses [`TimelineEntryType::as_str`]'s output.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "Created" => TimelineEntryType::Created,
+            "Approved" => TimelineEntryType::Approved,
+            "Rejected" => TimelineEntryType::Rejected,
+            "Cancelled" => TimelineEntryType::Cancelled,
+            "ProvisioningStarted" => TimelineEntryType::ProvisioningStarted,
+            "VmReady" => TimelineEntryType::VmReady,
+            "ProvisioningFailed" => TimelineEntryType::ProvisioningFailed,
+            "GuestInfoRefreshed" => TimelineEntryType::GuestInfoRefreshed,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for TimelineEntryType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One line of a request's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    /// The event this entry was derived from; recording the same entry twice
+    /// keeps one.
+    pub event_id: EventId,
+    /// Tenant.
+    pub tenant_id: TenantId,
+    /// The request.
+    pub request_id: VmRequestId,
+    /// Kind.
+    pub entry_type: TimelineEntryType,
+    /// Human-readable details, e.g. `VM ready - IP: 10.1.2.3`.
+    pub details: String,
+    /// When it happened.
+    pub occurred_at: DateTime<Utc>,
+}

@@ -1,0 +1,439 @@
+//! The `VmRequest` aggregate: a user's request for a VM, from submission to a
+//! ready VM (or rejection, cancellation, failure).
+
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::Aggregate;
+use crate::error::DomainError;
+use crate::event::domain_events;
+use crate::ids::{ProjectId, TenantId, UserId, VmId, VmRequestId, VmwareVmId};
+use crate::spec::{VmName, VmProvisioningResult, VmResources, VmSize};
+
+/// Where a request stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VmRequestStatus {
+    /// Submitted, waiting for a decision.
+    Pending,
+    /// Approved; provisioning may start.
+    Approved,
+    /// Turned down by an approver.
+    Rejected,
+    /// Withdrawn before provisioning started.
+    Cancelled,
+    /// The VM is being built.
+    Provisioning,
+    /// The VM exists and is powered on.
+    Ready,
+    /// Provisioning failed.
+    Failed,
+}
+
+impl fmt::Display for VmRequestStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A request was submitted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequestCreated {
+    /// The request.
+    pub request_id: VmRequestId,
+    /// Owning tenant.
+    pub tenant_id: TenantId,
+    /// Project inside the tenant.
+    pub project_id: ProjectId,
+    /// The project's name prefix (also its folder name).
+    pub project_prefix: String,
+    /// The name the user asked for.
+    pub requested_name: String,
+    /// `{project_prefix}-{requested_name}`.
+    pub vm_name: VmName,
+    /// Requested size.
+    pub size: VmSize,
+    /// What the size meant when the request was made.
+    pub resources: VmResources,
+    /// Who asked.
+    pub requested_by: UserId,
+    /// Why the user needs it.
+    pub justification: String,
+}
+
+/// A request was approved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequestApproved {
+    /// Who approved it.
+    pub approved_by: UserId,
+}
+
+/// A request was rejected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequestRejected {
+    /// Who rejected it.
+    pub rejected_by: UserId,
+    /// Why.
+    pub reason: String,
+}
+
+/// A request was cancelled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequestCancelled {
+    /// Who cancelled it.
+    pub cancelled_by: UserId,
+    /// Why, if given.
+    pub reason: Option<String>,
+}
+
+/// Provisioning of the request's VM started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequestProvisioningStarted {
+    /// The VM being built.
+    pub vm_id: VmId,
+}
+
+/// The request's VM is ready.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequestReady {
+    /// dvmm's VM.
+    pub vm_id: VmId,
+    /// vSphere's id of it.
+    pub vmware_vm_id: VmwareVmId,
+    /// Guest IP, if known yet.
+    pub ip_address: Option<IpAddr>,
+    /// Guest hostname.
+    pub hostname: String,
+    /// What is incomplete, if anything.
+    pub warning_message: Option<String>,
+}
+
+/// Provisioning failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequestProvisioningFailed {
+    /// The VM that was being built.
+    pub vm_id: VmId,
+    /// Machine-readable code, e.g. `InsufficientResources`.
+    pub error_code: String,
+    /// What a user can act on.
+    pub message: String,
+    /// Whether trying again may help.
+    pub retryable: bool,
+}
+
+/// Everything recorded on a request stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)]
+pub enum VmRequestEvent {
+    /// See [`VmRequestCreated`].
+    VmRequestCreated(VmRequestCreated),
+    /// See [`VmRequestApproved`].
+    VmRequestApproved(VmRequestApproved),
+    /// See [`VmRequestRejected`].
+    VmRequestRejected(VmRequestRejected),
+    /// See [`VmRequestCancelled`].
+    VmRequestCancelled(VmRequestCancelled),
+    /// See [`VmRequestProvisioningStarted`].
+    VmRequestProvisioningStarted(VmRequestProvisioningStarted),
+    /// See [`VmRequestReady`].
+    VmRequestReady(VmRequestReady),
+    /// See [`VmRequestProvisioningFailed`].
+    VmRequestProvisioningFailed(VmRequestProvisioningFailed),
+}
+
+domain_events!(VmRequestEvent {
+    VmRequestCreated(VmRequestCreated) = 1,
+    VmRequestApproved(VmRequestApproved) = 1,
+    VmRequestRejected(VmRequestRejected) = 1,
+    VmRequestCancelled(VmRequestCancelled) = 1,
+    VmRequestProvisioningStarted(VmRequestProvisioningStarted) = 1,
+    VmRequestReady(VmRequestReady) = 1,
+    VmRequestProvisioningFailed(VmRequestProvisioningFailed) = 1,
+});
+
+/// The data of a new request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubmitVmRequest {
+    /// Id for the new request.
+    pub request_id: VmRequestId,
+    /// Owning tenant.
+    pub tenant_id: TenantId,
+    /// Project.
+    pub project_id: ProjectId,
+    /// Project prefix; validated as part of the name.
+    pub project_prefix: String,
+    /// Requested name; validated as part of the name.
+    pub requested_name: String,
+    /// Size.
+    pub size: VmSize,
+    /// What the size means (from the tenant's size table).
+    pub resources: VmResources,
+    /// Who asks.
+    pub requested_by: UserId,
+    /// Why.
+    pub justification: String,
+}
+
+/// What a request can be asked to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmRequestCommand {
+    /// File a new request.
+    Submit(SubmitVmRequest),
+    /// Approve a pending request.
+    Approve {
+        /// Approver.
+        by: UserId,
+    },
+    /// Reject a pending request.
+    Reject {
+        /// Approver.
+        by: UserId,
+        /// Why (required).
+        reason: String,
+    },
+    /// Withdraw a pending or approved request.
+    Cancel {
+        /// Who.
+        by: UserId,
+        /// Why, if given.
+        reason: Option<String>,
+    },
+    /// Start building the VM of an approved request.
+    StartProvisioning {
+        /// The VM's id.
+        vm_id: VmId,
+    },
+    /// The VM is ready.
+    MarkReady(VmProvisioningResult),
+    /// Provisioning failed.
+    MarkFailed {
+        /// Machine-readable code.
+        error_code: String,
+        /// What a user can act on.
+        message: String,
+        /// Whether a retry may help.
+        retryable: bool,
+    },
+}
+
+impl VmRequestCommand {
+    fn action(&self) -> &'static str {
+        match self {
+            VmRequestCommand::Submit(_) => "submit",
+            VmRequestCommand::Approve { .. } => "approve",
+            VmRequestCommand::Reject { .. } => "reject",
+            VmRequestCommand::Cancel { .. } => "cancel",
+            VmRequestCommand::StartProvisioning { .. } => "start provisioning",
+            VmRequestCommand::MarkReady(_) => "mark ready",
+            VmRequestCommand::MarkFailed { .. } => "mark failed",
+        }
+    }
+}
+
+/// A VM request, rebuilt from its events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmRequest {
+    /// Id.
+    pub id: VmRequestId,
+    /// Tenant.
+    pub tenant_id: TenantId,
+    /// Project.
+    pub project_id: ProjectId,
+    /// Project prefix.
+    pub project_prefix: String,
+    /// Requested name.
+    pub requested_name: String,
+    /// Full VM name.
+    pub vm_name: VmName,
+    /// Size.
+    pub size: VmSize,
+    /// Resources of the size.
+    pub resources: VmResources,
+    /// Requester.
+    pub requested_by: UserId,
+    /// Justification.
+    pub justification: String,
+    /// Status.
+    pub status: VmRequestStatus,
+    /// Who approved or rejected it.
+    pub decided_by: Option<UserId>,
+    /// Rejection or cancellation reason.
+    pub reason: Option<String>,
+    /// The VM, once provisioning started.
+    pub vm_id: Option<VmId>,
+    /// The outcome, once ready.
+    pub result: Option<VmProvisioningResult>,
+    /// The failure, once failed.
+    pub failure: Option<VmRequestProvisioningFailed>,
+}
+
+impl VmRequest {
+    fn invalid(&self, command: &VmRequestCommand) -> DomainError {
+        DomainError::InvalidTransition {
+            aggregate: Self::STREAM_TYPE,
+            action: command.action(),
+            status: self.status.to_string(),
+        }
+    }
+}
+
+impl Aggregate for VmRequest {
+    const STREAM_TYPE: &'static str = "VmRequest";
+    type Command = VmRequestCommand;
+    type Event = VmRequestEvent;
+
+    fn handle(
+        state: Option<&Self>,
+        command: &VmRequestCommand,
+    ) -> Result<Vec<VmRequestEvent>, DomainError> {
+        use VmRequestCommand as C;
+        use VmRequestStatus as S;
+        let Some(state) = state else {
+            return match command {
+                C::Submit(submit) => {
+                    let vm_name = VmName::new(&submit.project_prefix, &submit.requested_name)
+                        .map_err(|e| DomainError::Invalid(e.to_string()))?;
+                    submit
+                        .resources
+                        .validate("resources")
+                        .map_err(|e| DomainError::Invalid(e.to_string()))?;
+                    Ok(vec![VmRequestEvent::VmRequestCreated(VmRequestCreated {
+                        request_id: submit.request_id,
+                        tenant_id: submit.tenant_id,
+                        project_id: submit.project_id,
+                        project_prefix: submit.project_prefix.clone(),
+                        requested_name: submit.requested_name.clone(),
+                        vm_name,
+                        size: submit.size,
+                        resources: submit.resources,
+                        requested_by: submit.requested_by,
+                        justification: submit.justification.clone(),
+                    })])
+                }
+                _ => Err(DomainError::NotFound {
+                    aggregate: Self::STREAM_TYPE,
+                }),
+            };
+        };
+        let event = match (state.status, command) {
+            (_, C::Submit(_)) => {
+                return Err(DomainError::AlreadyExists {
+                    aggregate: Self::STREAM_TYPE,
+                });
+            }
+            (S::Pending, C::Approve { by }) => {
+                VmRequestEvent::VmRequestApproved(VmRequestApproved { approved_by: *by })
+            }
+            (S::Pending, C::Reject { by, reason }) => {
+                if reason.trim().is_empty() {
+                    return Err(DomainError::Invalid(
+                        "a rejection needs a reason the requester can read".into(),
+                    ));
+                }
+                VmRequestEvent::VmRequestRejected(VmRequestRejected {
+                    rejected_by: *by,
+                    reason: reason.clone(),
+                })
+            }
+            (S::Pending | S::Approved, C::Cancel { by, reason }) => {
+                VmRequestEvent::VmRequestCancelled(VmRequestCancelled {
+                    cancelled_by: *by,
+                    reason: reason.clone(),
+                })
+            }
+            (S::Approved, C::StartProvisioning { vm_id }) => {
+                VmRequestEvent::VmRequestProvisioningStarted(VmRequestProvisioningStarted {
+                    vm_id: *vm_id,
+                })
+            }
+            (S::Provisioning, C::MarkReady(result)) => {
+                VmRequestEvent::VmRequestReady(VmRequestReady {
+                    vm_id: state.vm_id.ok_or_else(|| state.invalid(command))?,
+                    vmware_vm_id: result.vmware_vm_id.clone(),
+                    ip_address: result.ip_address,
+                    hostname: result.hostname.clone(),
+                    warning_message: result.warning_message.clone(),
+                })
+            }
+            (
+                S::Provisioning,
+                C::MarkFailed {
+                    error_code,
+                    message,
+                    retryable,
+                },
+            ) => VmRequestEvent::VmRequestProvisioningFailed(VmRequestProvisioningFailed {
+                vm_id: state.vm_id.ok_or_else(|| state.invalid(command))?,
+                error_code: error_code.clone(),
+                message: message.clone(),
+                retryable: *retryable,
+            }),
+            _ => return Err(state.invalid(command)),
+        };
+        Ok(vec![event])
+    }
+
+    fn apply(state: Option<Self>, event: &VmRequestEvent) -> Option<Self> {
+        use VmRequestEvent as E;
+        let mut state = match (state, event) {
+            (None, E::VmRequestCreated(e)) => {
+                return Some(VmRequest {
+                    id: e.request_id,
+                    tenant_id: e.tenant_id,
+                    project_id: e.project_id,
+                    project_prefix: e.project_prefix.clone(),
+                    requested_name: e.requested_name.clone(),
+                    vm_name: e.vm_name.clone(),
+                    size: e.size,
+                    resources: e.resources,
+                    requested_by: e.requested_by,
+                    justification: e.justification.clone(),
+                    status: VmRequestStatus::Pending,
+                    decided_by: None,
+                    reason: None,
+                    vm_id: None,
+                    result: None,
+                    failure: None,
+                });
+            }
+            // An event without a creation before it is not ours to invent.
+            (None, _) => return None,
+            (Some(state), _) => state,
+        };
+        match event {
+            E::VmRequestCreated(_) => {}
+            E::VmRequestApproved(e) => {
+                state.status = VmRequestStatus::Approved;
+                state.decided_by = Some(e.approved_by);
+            }
+            E::VmRequestRejected(e) => {
+                state.status = VmRequestStatus::Rejected;
+                state.decided_by = Some(e.rejected_by);
+                state.reason = Some(e.reason.clone());
+            }
+            E::VmRequestCancelled(e) => {
+                state.status = VmRequestStatus::Cancelled;
+                state.reason = e.reason.clone();
+            }
+            E::VmRequestProvisioningStarted(e) => {
+                state.status = VmRequestStatus::Provisioning;
+                state.vm_id = Some(e.vm_id);
+            }
+            E::VmRequestReady(e) => {
+                state.status = VmRequestStatus::Ready;
+                state.result = Some(VmProvisioningResult {
+                    vmware_vm_id: e.vmware_vm_id.clone(),
+                    ip_address: e.ip_address,
+                    hostname: e.hostname.clone(),
+                    warning_message: e.warning_message.clone(),
+                });
+            }
+            E::VmRequestProvisioningFailed(e) => {
+                state.status = VmRequestStatus::Failed;
+                state.failure = Some(e.clone());
+            }
+        }
+        Some(state)
+    }
+}

@@ -1,0 +1,231 @@
+#![doc = include_str!("../README.md")]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+
+use dvmm_core::event::{NewEvent, StoredEvent, StreamId};
+use dvmm_core::ids::{EventId, TenantId, VmRequestId};
+use dvmm_core::ports::{AppendOutcome, EventStore, StoreError, TimelineSink};
+use dvmm_core::timeline::TimelineEntry;
+
+#[derive(Default)]
+struct Log {
+    /// Every event in global order; `events[i].position == i + 1`.
+    events: Vec<StoredEvent>,
+    /// Stream → (owning tenant, indexes into `events`).
+    streams: HashMap<StreamId, (TenantId, Vec<usize>)>,
+    /// Tenant → indexes into `events`, for `read_all`.
+    by_tenant: HashMap<TenantId, Vec<usize>>,
+    event_ids: HashMap<EventId, StreamId>,
+}
+
+/// An in-memory [`EventStore`]: one mutex around an append-only log. Cheap to
+/// clone behind an `Arc`, safe to share across tasks and threads.
+#[derive(Default)]
+pub struct MemoryEventStore {
+    log: Mutex<Log>,
+}
+
+impl MemoryEventStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        // A panic while holding the lock cannot leave a half-written append:
+        // appends validate first and then only push.
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of events stored, across all tenants.
+    pub fn len(&self) -> usize {
+        self.lock().events.len()
+    }
+
+    /// Whether no event is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Debug for MemoryEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryEventStore")
+            .field("events", &self.len())
+            .finish()
+    }
+}
+
+impl EventStore for MemoryEventStore {
+    async fn append(
+        &self,
+        tenant: TenantId,
+        stream: &StreamId,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, StoreError> {
+        if let Some(bad) = events.iter().find(|e| e.metadata.tenant_id != tenant) {
+            return Err(StoreError::InvalidAppend {
+                stream: stream.clone(),
+                reason: format!(
+                    "event {} belongs to tenant {}, not {tenant}",
+                    bad.metadata.event_id, bad.metadata.tenant_id
+                ),
+            });
+        }
+        let mut log = self.lock();
+        let current = match log.streams.get(stream) {
+            Some((owner, _)) if *owner != tenant => {
+                // Another tenant's stream: refuse without revealing it.
+                return Err(StoreError::Conflict {
+                    stream: stream.clone(),
+                    expected: expected_version,
+                    actual: None,
+                });
+            }
+            Some((_, indexes)) => indexes.len() as u64,
+            None => 0,
+        };
+        let known = events
+            .iter()
+            .filter(|e| log.event_ids.get(&e.metadata.event_id) == Some(stream))
+            .count();
+        if !events.is_empty() && known == events.len() {
+            return Ok(AppendOutcome::AlreadyApplied {
+                stream_version: current,
+            });
+        }
+        if expected_version != current || known > 0 {
+            return Err(StoreError::Conflict {
+                stream: stream.clone(),
+                expected: expected_version,
+                actual: Some(current),
+            });
+        }
+        if let Some(dup) = events
+            .iter()
+            .map(|e| e.metadata.event_id)
+            .find(|id| log.event_ids.contains_key(id))
+        {
+            return Err(StoreError::InvalidAppend {
+                stream: stream.clone(),
+                reason: format!("event id {dup} is already stored in another stream"),
+            });
+        }
+        let mut unique = HashSet::new();
+        if !events.iter().all(|e| unique.insert(e.metadata.event_id)) {
+            return Err(StoreError::InvalidAppend {
+                stream: stream.clone(),
+                reason: "the batch repeats an event id".into(),
+            });
+        }
+        let mut version = current;
+        for event in events {
+            version += 1;
+            let index = log.events.len();
+            log.event_ids
+                .insert(event.metadata.event_id, stream.clone());
+            log.events.push(StoredEvent {
+                position: index as u64 + 1,
+                stream_id: stream.clone(),
+                version,
+                event_type: event.event_type,
+                schema_version: event.schema_version,
+                payload: event.payload,
+                metadata: event.metadata,
+            });
+            log.streams
+                .entry(stream.clone())
+                .or_insert_with(|| (tenant, Vec::new()))
+                .1
+                .push(index);
+            log.by_tenant.entry(tenant).or_default().push(index);
+        }
+        Ok(AppendOutcome::Appended {
+            new_version: version,
+            last_position: log.events.len() as u64,
+        })
+    }
+
+    async fn load(
+        &self,
+        tenant: TenantId,
+        stream: &StreamId,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let log = self.lock();
+        Ok(match log.streams.get(stream) {
+            Some((owner, indexes)) if *owner == tenant => {
+                indexes.iter().map(|&i| log.events[i].clone()).collect()
+            }
+            _ => Vec::new(),
+        })
+    }
+
+    async fn read_all(
+        &self,
+        tenant: TenantId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let log = self.lock();
+        let Some(indexes) = log.by_tenant.get(&tenant) else {
+            return Ok(Vec::new());
+        };
+        // Positions are index + 1 and increase along `indexes`.
+        let start = indexes.partition_point(|&i| (i as u64) < after);
+        Ok(indexes[start..]
+            .iter()
+            .take(limit)
+            .map(|&i| log.events[i].clone())
+            .collect())
+    }
+}
+
+/// An in-memory [`TimelineSink`].
+#[derive(Default, Debug)]
+pub struct MemoryTimeline {
+    entries: Mutex<TimelineEntries>,
+}
+
+#[derive(Default, Debug)]
+struct TimelineEntries {
+    by_request: HashMap<(TenantId, VmRequestId), Vec<TimelineEntry>>,
+    seen: HashSet<EventId>,
+}
+
+impl MemoryTimeline {
+    /// An empty timeline.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl TimelineSink for MemoryTimeline {
+    async fn record(&self, entry: TimelineEntry) -> Result<(), StoreError> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.seen.insert(entry.event_id) {
+            entries
+                .by_request
+                .entry((entry.tenant_id, entry.request_id))
+                .or_default()
+                .push(entry);
+        }
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = entries
+            .by_request
+            .get(&(tenant, request_id))
+            .cloned()
+            .unwrap_or_default();
+        list.sort_by_key(|e| e.occurred_at);
+        Ok(list)
+    }
+}

@@ -1,0 +1,1 @@
+//! vSphere adapters for dvmm (placeholder until the simulator and SOAP client land).

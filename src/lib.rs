@@ -1,0 +1,2 @@
+//! dvmm facade (placeholder).
+pub use dvmm_core as core;
