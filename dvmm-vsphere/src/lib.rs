@@ -1,1 +1,4 @@
-//! vSphere adapters for dvmm (placeholder until the simulator and SOAP client land).
+//! vSphere adapters for dvmm: the in-process simulator ([`sim`]) and the vim25
+//! SOAP client.
+
+pub mod sim;
