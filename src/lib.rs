@@ -1,2 +1,29 @@
-//! dvmm facade (placeholder).
+#![doc = include_str!("../README.md")]
+
 pub use dvmm_core as core;
+pub use dvmm_core::{
+    Aggregate, AppendOutcome, Clock, DomainError, DomainEvent, EventMetadata, EventStore, NewEvent,
+    NewVmRequest, ProvisionOutcome, ProvisioningService, ServiceError, StoreError, StoredEvent,
+    StreamId, TenantConfig, Tenants, TimelineEntry, TimelineEntryType, TimelineSink, Vm, VmEvent,
+    VmName, VmProvisioningResult, VmRequest, VmRequestEvent, VmRequestStatus, VmResources, VmSize,
+    VmSpec, VmStatus, VsphereError, VspherePort,
+};
+pub use dvmm_core::{
+    CorrelationId, EventId, ProjectId, TenantId, UserId, VmId, VmRequestId, VmwareVmId,
+};
+
+/// Persistence adapters.
+pub mod store {
+    /// In-memory event store and timeline (always available).
+    pub use dvmm_store_memory as memory;
+    pub use dvmm_store_memory::{MemoryEventStore, MemoryTimeline};
+
+    /// PostgreSQL event store and timeline (feature `postgres`).
+    #[cfg(feature = "postgres")]
+    pub use dvmm_store_postgres as postgres;
+}
+
+/// vSphere adapters: the SOAP client and the in-process simulator
+/// (feature `vsphere`, on by default).
+#[cfg(feature = "vsphere")]
+pub use dvmm_vsphere as vsphere;

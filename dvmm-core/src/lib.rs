@@ -7,6 +7,7 @@ pub mod error;
 pub mod event;
 pub mod ids;
 pub mod ports;
+pub mod provisioning;
 pub mod spec;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -21,6 +22,9 @@ pub use error::DomainError;
 pub use event::{DomainEvent, EventMetadata, NewEvent, StoredEvent, StreamId};
 pub use ids::*;
 pub use ports::{AppendOutcome, EventStore, StoreError, TimelineSink, VsphereError, VspherePort};
+pub use provisioning::{
+    NewVmRequest, ProvisionOutcome, ProvisioningService, ServiceError, Tenants,
+};
 pub use spec::{VmName, VmProvisioningResult, VmResources, VmSize, VmSpec};
 pub use timeline::{TimelineEntry, TimelineEntryType};
 pub use vm::{Vm, VmEvent, VmStatus};

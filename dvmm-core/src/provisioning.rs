@@ -1,0 +1,1088 @@
+//! The application service: request commands (submit, approve, reject,
+//! cancel) and the provisioning flow, generic over the ports.
+//!
+//! Every command loads the aggregate, decides, appends with the expected
+//! version and records the matching timeline entries. Optimistic-concurrency
+//! conflicts are retried by reloading and deciding again.
+//!
+//! Provisioning is crash-safe: the request stream records which [`VmId`] is
+//! being built before vSphere is called, the VM carries that id, and a rerun
+//! of [`ProvisioningService::provision`] for a request left in `Provisioning`
+//! adopts the VM it finds (through [`VspherePort::find_vm`] and the port's
+//! idempotent `create_vm`) instead of cloning a second one. Timeline entries
+//! are keyed by the event they come from, so a rerun fills in whatever a crash
+//! left out without writing anything twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::aggregate::Aggregate;
+use crate::clock::{Clock, IdGenerator};
+use crate::config::TenantConfig;
+use crate::error::DomainError;
+use crate::event::{DomainEvent, EventDecodeError, EventMetadata, NewEvent, StreamId};
+use crate::ids::{CorrelationId, EventId, ProjectId, TenantId, UserId, VmId, VmRequestId};
+use crate::ports::{EventStore, StoreError, TimelineSink, VsphereError, VspherePort};
+use crate::spec::{VmProvisioningResult, VmSize, VmSpec};
+use crate::timeline::{TimelineEntry, TimelineEntryType};
+use crate::vm::{Vm, VmCommand, VmEvent, VmProvisioningStarted, VmStatus};
+use crate::vm_request::{
+    SubmitVmRequest, VmRequest, VmRequestCommand, VmRequestEvent, VmRequestStatus,
+};
+
+/// How often a command is retried after optimistic-concurrency conflicts
+/// before giving up with [`ServiceError::TooManyConflicts`].
+const MAX_CONFLICT_RETRIES: usize = 16;
+
+/// A service command failed. Nothing half-done is left behind: each append is
+/// atomic and a rerun finishes what a failed call started.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The aggregate refused the command.
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// The request does not exist (for this tenant).
+    #[error("VM request {0} was not found")]
+    RequestNotFound(VmRequestId),
+    /// The VM does not exist (for this tenant).
+    #[error("VM {0} was not found")]
+    VmNotFound(VmId),
+    /// No configuration is registered for the tenant.
+    #[error("no configuration is registered for tenant {0}")]
+    UnknownTenant(TenantId),
+    /// The VM has no vSphere id yet (it is still being provisioned or failed).
+    #[error("VM {vm_id} is {status}; it has no vSphere VM to read yet")]
+    VmNotProvisioned {
+        /// The VM.
+        vm_id: VmId,
+        /// Its status.
+        status: VmStatus,
+    },
+    /// A persistence port failed.
+    #[error("failed to persist: {0}")]
+    Store(#[from] StoreError),
+    /// A stored event could not be read.
+    #[error("failed to read a stored event: {0}")]
+    Decode(#[from] EventDecodeError),
+    /// vSphere failed outside of provisioning (e.g. refreshing guest info).
+    #[error("vSphere call failed: {0}")]
+    Vsphere(#[from] VsphereError),
+    /// Other writers kept changing the stream.
+    #[error("gave up on {stream} after {MAX_CONFLICT_RETRIES} concurrent-modification retries")]
+    TooManyConflicts {
+        /// The contended stream.
+        stream: StreamId,
+    },
+}
+
+/// Tenant configurations the service knows, by tenant id.
+#[derive(Clone, Debug, Default)]
+pub struct Tenants {
+    by_id: HashMap<TenantId, Arc<TenantConfig>>,
+}
+
+impl Tenants {
+    /// No tenants.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) a tenant's configuration.
+    pub fn with(mut self, config: TenantConfig) -> Self {
+        self.insert(config);
+        self
+    }
+
+    /// Adds (or replaces) a tenant's configuration.
+    pub fn insert(&mut self, config: TenantConfig) {
+        self.by_id.insert(config.tenant_id, Arc::new(config));
+    }
+
+    /// A tenant's configuration.
+    pub fn get(&self, tenant: TenantId) -> Option<&Arc<TenantConfig>> {
+        self.by_id.get(&tenant)
+    }
+}
+
+/// A new request, as a host receives it from its user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewVmRequest {
+    /// Tenant.
+    pub tenant_id: TenantId,
+    /// Project.
+    pub project_id: ProjectId,
+    /// The project's prefix (first part of the VM name, and its folder).
+    pub project_prefix: String,
+    /// The name the user asks for.
+    pub requested_name: String,
+    /// Size (resolved through the tenant's size table).
+    pub size: VmSize,
+    /// Who asks.
+    pub requested_by: UserId,
+    /// Why.
+    pub justification: String,
+}
+
+/// What [`ProvisioningService::provision`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProvisionOutcome {
+    /// The VM is ready (possibly without an IP yet: see the warning).
+    Ready {
+        /// dvmm's VM.
+        vm_id: VmId,
+        /// What vSphere reported.
+        result: VmProvisioningResult,
+    },
+    /// Provisioning failed; the failure is recorded on both streams and the
+    /// timeline.
+    Failed {
+        /// dvmm's VM.
+        vm_id: VmId,
+        /// Why.
+        error: VsphereError,
+    },
+    /// Nothing was done: the request is not `Approved` (already provisioned,
+    /// failed, rejected, …, or being provisioned by another caller right now).
+    Skipped {
+        /// The request's status.
+        status: VmRequestStatus,
+        /// Why nothing was done.
+        reason: String,
+    },
+}
+
+/// The request and VM service, generic over the ports.
+///
+/// ```
+/// # use dvmm_core::provisioning::*;
+/// # fn demo<S, V, T>(service: ProvisioningService<S, V, T>)
+/// # where S: dvmm_core::EventStore, V: dvmm_core::VspherePort, T: dvmm_core::TimelineSink {}
+/// ```
+pub struct ProvisioningService<S, V, T, C = crate::clock::SystemClock, I = crate::clock::RandomIds>
+{
+    store: S,
+    vsphere: V,
+    timeline: T,
+    clock: C,
+    ids: I,
+    tenants: Tenants,
+    max_vsphere_attempts: u32,
+}
+
+impl<S, V, T, C, I> fmt::Debug for ProvisioningService<S, V, T, C, I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProvisioningService")
+            .field("tenants", &self.tenants.by_id.len())
+            .field("max_vsphere_attempts", &self.max_vsphere_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Loaded<A: Aggregate> {
+    state: Option<A>,
+    version: u64,
+    last_event_id: Option<EventId>,
+    events: Vec<(EventMetadata, A::Event)>,
+}
+
+/// Who acts and as part of which user action.
+#[derive(Clone, Copy)]
+struct Actor {
+    tenant: TenantId,
+    user: UserId,
+    correlation: CorrelationId,
+}
+
+impl<S, V, T> ProvisioningService<S, V, T>
+where
+    S: EventStore,
+    V: VspherePort,
+    T: TimelineSink,
+{
+    /// A service on the system clock and random ids.
+    pub fn new(store: S, vsphere: V, timeline: T, tenants: Tenants) -> Self {
+        Self::with_clock_and_ids(
+            store,
+            vsphere,
+            timeline,
+            tenants,
+            crate::clock::SystemClock,
+            crate::clock::RandomIds,
+        )
+    }
+}
+
+impl<S, V, T, C, I> ProvisioningService<S, V, T, C, I>
+where
+    S: EventStore,
+    V: VspherePort,
+    T: TimelineSink,
+    C: Clock,
+    I: IdGenerator,
+{
+    /// A service with an explicit clock and id generator (for deterministic tests).
+    pub fn with_clock_and_ids(
+        store: S,
+        vsphere: V,
+        timeline: T,
+        tenants: Tenants,
+        clock: C,
+        ids: I,
+    ) -> Self {
+        Self {
+            store,
+            vsphere,
+            timeline,
+            clock,
+            ids,
+            tenants,
+            max_vsphere_attempts: 3,
+        }
+    }
+
+    /// How many times `create_vm` is tried when it fails with a retryable
+    /// error (default 3). Before each retry the service asks `find_vm`
+    /// whether the failed call created the VM after all. The adapter does its
+    /// own backoff; this bounds the attempts at the service level.
+    pub fn with_max_vsphere_attempts(mut self, attempts: u32) -> Self {
+        self.max_vsphere_attempts = attempts.max(1);
+        self
+    }
+
+    /// The event store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The vSphere port.
+    pub fn vsphere(&self) -> &V {
+        &self.vsphere
+    }
+
+    /// The timeline sink.
+    pub fn timeline_sink(&self) -> &T {
+        &self.timeline
+    }
+
+    /// The registered tenants.
+    pub fn tenants(&self) -> &Tenants {
+        &self.tenants
+    }
+
+    fn tenant(&self, tenant: TenantId) -> Result<&Arc<TenantConfig>, ServiceError> {
+        self.tenants
+            .get(tenant)
+            .ok_or(ServiceError::UnknownTenant(tenant))
+    }
+
+    fn metadata(&self, actor: Actor, causation: Option<EventId>) -> EventMetadata {
+        EventMetadata {
+            event_id: EventId::from_uuid(self.ids.new_uuid()),
+            tenant_id: actor.tenant,
+            user_id: actor.user,
+            correlation_id: actor.correlation,
+            causation_id: causation,
+            occurred_at: self.clock.now(),
+        }
+    }
+
+    fn actor(&self, tenant: TenantId, user: UserId) -> Actor {
+        Actor {
+            tenant,
+            user,
+            correlation: CorrelationId::from_uuid(self.ids.new_uuid()),
+        }
+    }
+
+    async fn load<A>(&self, tenant: TenantId, stream: &StreamId) -> Result<Loaded<A>, ServiceError>
+    where
+        A: Aggregate,
+        A::Event: DomainEvent,
+    {
+        let stored = self.store.load(tenant, stream).await?;
+        let mut events = Vec::with_capacity(stored.len());
+        let mut state = None;
+        for event in &stored {
+            let decoded = A::Event::decode(event)?;
+            state = A::apply(state, &decoded);
+            events.push((event.metadata.clone(), decoded));
+        }
+        Ok(Loaded {
+            state,
+            version: stored.last().map_or(0, |e| e.version),
+            last_event_id: stored.last().map(|e| e.metadata.event_id),
+            events,
+        })
+    }
+
+    /// Appends events decided on `loaded`. `Ok(None)` means a conflict: the
+    /// caller reloads and decides again.
+    async fn append<A>(
+        &self,
+        actor: Actor,
+        stream: &StreamId,
+        loaded: &Loaded<A>,
+        events: Vec<A::Event>,
+    ) -> Result<Option<Vec<(EventMetadata, A::Event)>>, ServiceError>
+    where
+        A: Aggregate,
+        A::Event: DomainEvent,
+    {
+        let mut causation = loaded.last_event_id;
+        let mut written = Vec::with_capacity(events.len());
+        let mut envelopes: Vec<NewEvent> = Vec::with_capacity(events.len());
+        for event in events {
+            let metadata = self.metadata(actor, causation);
+            causation = Some(metadata.event_id);
+            envelopes.push(event.to_new_event(metadata.clone()));
+            written.push((metadata, event));
+        }
+        match self
+            .store
+            .append(actor.tenant, stream, loaded.version, envelopes)
+            .await
+        {
+            Ok(_) => Ok(Some(written)),
+            Err(e) if e.is_conflict() => {
+                debug!(%stream, "concurrent modification; reloading");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs `command` against an aggregate with conflict retries. Returns the
+    /// state after the command and the events it wrote.
+    async fn execute<A>(
+        &self,
+        actor: Actor,
+        stream: &StreamId,
+        command: &A::Command,
+    ) -> Result<(A, Vec<(EventMetadata, A::Event)>), ServiceError>
+    where
+        A: Aggregate,
+        A::Event: DomainEvent,
+    {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let loaded = self.load::<A>(actor.tenant, stream).await?;
+            let events = A::handle(loaded.state.as_ref(), command)?;
+            let state = events.iter().fold(loaded.state.clone(), A::apply);
+            if let Some(written) = self.append(actor, stream, &loaded, events).await? {
+                let state = state.ok_or(DomainError::NotFound {
+                    aggregate: A::STREAM_TYPE,
+                })?;
+                return Ok((state, written));
+            }
+        }
+        Err(ServiceError::TooManyConflicts {
+            stream: stream.clone(),
+        })
+    }
+
+    /// Files a new request (status `Pending`) and records `Created` on the
+    /// timeline. Returns the new request's id.
+    ///
+    /// # Errors
+    /// [`ServiceError::Domain`] for a bad name (the message says which part is
+    /// wrong), [`ServiceError::UnknownTenant`], or a store failure.
+    pub async fn submit(&self, request: NewVmRequest) -> Result<VmRequestId, ServiceError> {
+        let config = self.tenant(request.tenant_id)?;
+        let request_id = VmRequestId::from_uuid(self.ids.new_uuid());
+        let command = VmRequestCommand::Submit(SubmitVmRequest {
+            request_id,
+            tenant_id: request.tenant_id,
+            project_id: request.project_id,
+            project_prefix: request.project_prefix,
+            requested_name: request.requested_name,
+            size: request.size,
+            resources: config.sizes.resources(request.size),
+            requested_by: request.requested_by,
+            justification: request.justification,
+        });
+        let actor = self.actor(request.tenant_id, request.requested_by);
+        let (_, written) = self
+            .execute::<VmRequest>(actor, &request_stream(request_id), &command)
+            .await?;
+        self.record_request_timeline(request.tenant_id, request_id, &written)
+            .await?;
+        Ok(request_id)
+    }
+
+    async fn decide(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        user: UserId,
+        command: VmRequestCommand,
+    ) -> Result<VmRequest, ServiceError> {
+        let actor = self.actor(tenant, user);
+        let (state, written) = self
+            .execute::<VmRequest>(actor, &request_stream(request_id), &command)
+            .await
+            .map_err(|e| match e {
+                ServiceError::Domain(DomainError::NotFound { .. }) => {
+                    ServiceError::RequestNotFound(request_id)
+                }
+                e => e,
+            })?;
+        self.record_request_timeline(tenant, request_id, &written)
+            .await?;
+        Ok(state)
+    }
+
+    /// Approves a pending request, recording who approved it. Provisioning
+    /// starts with [`ProvisioningService::provision`] (directly, or from a
+    /// background runner).
+    ///
+    /// # Errors
+    /// [`ServiceError::RequestNotFound`], [`ServiceError::Domain`] when the
+    /// request is not pending, or a store failure.
+    pub async fn approve(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        approver: UserId,
+    ) -> Result<VmRequest, ServiceError> {
+        self.decide(
+            tenant,
+            request_id,
+            approver,
+            VmRequestCommand::Approve { by: approver },
+        )
+        .await
+    }
+
+    /// Rejects a pending request with a reason the requester can read.
+    ///
+    /// # Errors
+    /// As [`ProvisioningService::approve`]; an empty reason is refused.
+    pub async fn reject(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        approver: UserId,
+        reason: impl Into<String>,
+    ) -> Result<VmRequest, ServiceError> {
+        self.decide(
+            tenant,
+            request_id,
+            approver,
+            VmRequestCommand::Reject {
+                by: approver,
+                reason: reason.into(),
+            },
+        )
+        .await
+    }
+
+    /// Cancels a request that is pending or approved (not yet provisioning).
+    ///
+    /// # Errors
+    /// As [`ProvisioningService::approve`].
+    pub async fn cancel(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        user: UserId,
+        reason: Option<String>,
+    ) -> Result<VmRequest, ServiceError> {
+        self.decide(
+            tenant,
+            request_id,
+            user,
+            VmRequestCommand::Cancel { by: user, reason },
+        )
+        .await
+    }
+
+    /// The current state of a request.
+    ///
+    /// # Errors
+    /// A store or decode failure.
+    pub async fn request(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> Result<Option<VmRequest>, ServiceError> {
+        Ok(self
+            .load::<VmRequest>(tenant, &request_stream(request_id))
+            .await?
+            .state)
+    }
+
+    /// The current state of a VM.
+    ///
+    /// # Errors
+    /// A store or decode failure.
+    pub async fn vm(&self, tenant: TenantId, vm_id: VmId) -> Result<Option<Vm>, ServiceError> {
+        Ok(self.load::<Vm>(tenant, &vm_stream(vm_id)).await?.state)
+    }
+
+    /// A request's timeline, oldest first.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn timeline(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> Result<Vec<TimelineEntry>, ServiceError> {
+        Ok(self.timeline.list(tenant, request_id).await?)
+    }
+
+    /// Every request of a tenant, in the order they were filed.
+    ///
+    /// # Errors
+    /// A store or decode failure.
+    pub async fn list_requests(&self, tenant: TenantId) -> Result<Vec<VmRequest>, ServiceError> {
+        let mut order = Vec::new();
+        let mut requests: BTreeMap<String, Option<VmRequest>> = BTreeMap::new();
+        let mut after = 0;
+        loop {
+            let page = self.store.read_all(tenant, after, 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.position;
+            for stored in page
+                .iter()
+                .filter(|e| e.stream_id.stream_type == VmRequest::STREAM_TYPE)
+            {
+                let event = VmRequestEvent::decode(stored)?;
+                let slot = requests
+                    .entry(stored.stream_id.id.clone())
+                    .or_insert_with(|| {
+                        order.push(stored.stream_id.id.clone());
+                        None
+                    });
+                *slot = VmRequest::apply(slot.take(), &event);
+            }
+        }
+        Ok(order
+            .into_iter()
+            .filter_map(|id| requests.remove(&id).flatten())
+            .collect())
+    }
+
+    /// Provisions the VM of an approved request: records the start, calls
+    /// [`VspherePort::create_vm`], records the outcome on the VM stream, the
+    /// request stream and the timeline.
+    ///
+    /// Idempotent: for a request that is not `Approved` (or `Provisioning`
+    /// after a crash) it does nothing and returns [`ProvisionOutcome::Skipped`]
+    /// saying why. A request left in `Provisioning` by a crashed run is
+    /// resumed: the VM that run created is adopted, never cloned twice.
+    /// vSphere failures are not errors of this call: they are recorded and
+    /// returned as [`ProvisionOutcome::Failed`].
+    ///
+    /// # Errors
+    /// [`ServiceError::RequestNotFound`], [`ServiceError::UnknownTenant`], or a
+    /// store failure (rerun the call to finish the job).
+    pub async fn provision(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        let span = info_span!(
+            "provision",
+            request_id = %request_id,
+            tenant = %tenant,
+            vm_name = tracing::field::Empty,
+            vm_id = tracing::field::Empty,
+        );
+        self.provision_inner(tenant, request_id)
+            .instrument(span)
+            .await
+    }
+
+    async fn provision_inner(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        let stream = request_stream(request_id);
+        let mut started_here = false;
+        let (request, actor, vm_id) = 'claim: {
+            for _ in 0..MAX_CONFLICT_RETRIES {
+                let loaded = self.load::<VmRequest>(tenant, &stream).await?;
+                let Some(request) = loaded.state.clone() else {
+                    return Err(ServiceError::RequestNotFound(request_id));
+                };
+                tracing::Span::current().record("vm_name", request.vm_name.as_str());
+                // Whatever happens next, the timeline must show what the
+                // stream already says (a crash may have cut it short).
+                self.record_request_timeline(tenant, request_id, &loaded.events)
+                    .await?;
+                let actor = Actor {
+                    tenant,
+                    user: request.decided_by.unwrap_or(request.requested_by),
+                    correlation: loaded
+                        .events
+                        .last()
+                        .map(|(m, _)| m.correlation_id)
+                        .unwrap_or_else(|| CorrelationId::from_uuid(self.ids.new_uuid())),
+                };
+                match request.status {
+                    VmRequestStatus::Approved => {}
+                    VmRequestStatus::Provisioning if !started_here => {
+                        // A previous run started and did not finish: resume.
+                        let vm_id = request.vm_id.ok_or(DomainError::Invalid(
+                            "a provisioning request without a VM id".into(),
+                        ))?;
+                        info!(%vm_id, "resuming an interrupted provisioning");
+                        break 'claim (request, actor, vm_id);
+                    }
+                    VmRequestStatus::Provisioning => {
+                        return Ok(ProvisionOutcome::Skipped {
+                            status: request.status,
+                            reason: "another caller started provisioning this request just now"
+                                .into(),
+                        });
+                    }
+                    status => {
+                        let reason = skip_reason(&request);
+                        info!(%status, "nothing to provision: {reason}");
+                        return Ok(ProvisionOutcome::Skipped { status, reason });
+                    }
+                }
+                let vm_id = VmId::from_uuid(self.ids.new_uuid());
+                let events = VmRequest::handle(
+                    Some(&request),
+                    &VmRequestCommand::StartProvisioning { vm_id },
+                )?;
+                match self.append(actor, &stream, &loaded, events).await? {
+                    Some(written) => {
+                        self.record_request_timeline(tenant, request_id, &written)
+                            .await?;
+                        let request = written
+                            .iter()
+                            .try_fold(request, |s, (_, e)| VmRequest::apply(Some(s), e))
+                            .ok_or(ServiceError::RequestNotFound(request_id))?;
+                        break 'claim (request, actor, vm_id);
+                    }
+                    // Someone else changed the request: look again. If they
+                    // started provisioning, we must not.
+                    None => started_here = true,
+                }
+            }
+            return Err(ServiceError::TooManyConflicts { stream });
+        };
+        tracing::Span::current().record("vm_id", tracing::field::display(vm_id));
+        let config = self.tenant(tenant)?.clone();
+        let spec = VmSpec::for_request(
+            &config,
+            request_id,
+            vm_id,
+            &request.vm_name,
+            &request.project_prefix,
+            request.resources,
+        );
+        let vm = self.ensure_vm_started(actor, &request, &spec).await?;
+        match vm.status {
+            VmStatus::Provisioning => {}
+            // A previous run recorded the outcome on the VM stream but not on
+            // the request: finish that.
+            VmStatus::Failed => {
+                let failure =
+                    vm.failure
+                        .clone()
+                        .unwrap_or_else(|| crate::vm::VmProvisioningFailed {
+                            error_code: "Unknown".into(),
+                            message: "provisioning failed".into(),
+                            retryable: false,
+                        });
+                return self
+                    .finish_failed(actor, request_id, vm_id, failure, None)
+                    .await;
+            }
+            _ => {
+                let result = VmProvisioningResult {
+                    vmware_vm_id: vm.vmware_vm_id.clone().ok_or(
+                        ServiceError::VmNotProvisioned {
+                            vm_id,
+                            status: vm.status,
+                        },
+                    )?,
+                    ip_address: vm.ip_address,
+                    hostname: vm.hostname.clone().unwrap_or_else(|| vm.name.to_string()),
+                    warning_message: vm.warning_message.clone(),
+                };
+                return self.finish_ready(actor, request_id, vm_id, result).await;
+            }
+        }
+
+        match self.create_vm_with_retries(&spec).await {
+            Ok(result) => {
+                let at = self.clock.now();
+                let vm = self
+                    .execute_vm(
+                        actor,
+                        vm_id,
+                        VmCommand::RecordProvisioned {
+                            result: result.clone(),
+                            at,
+                        },
+                    )
+                    .await?;
+                // If another run recorded first, report what it recorded.
+                let result = VmProvisioningResult {
+                    vmware_vm_id: vm.vmware_vm_id.clone().unwrap_or(result.vmware_vm_id),
+                    ip_address: vm.ip_address,
+                    hostname: vm.hostname.clone().unwrap_or(result.hostname),
+                    warning_message: vm.warning_message.clone(),
+                };
+                self.finish_ready(actor, request_id, vm_id, result).await
+            }
+            Err(error) => {
+                warn!(error = %error, code = error.code(), "provisioning failed");
+                let failure = crate::vm::VmProvisioningFailed {
+                    error_code: error.code().to_owned(),
+                    message: user_message(&error, &spec),
+                    retryable: error.is_retryable(),
+                };
+                self.execute_vm(
+                    actor,
+                    vm_id,
+                    VmCommand::RecordFailed {
+                        error_code: failure.error_code.clone(),
+                        message: failure.message.clone(),
+                        retryable: failure.retryable,
+                    },
+                )
+                .await?;
+                self.finish_failed(actor, request_id, vm_id, failure, Some(error))
+                    .await
+            }
+        }
+    }
+
+    /// Makes sure the VM stream exists (a crash may have happened between the
+    /// request's and the VM's start events) and returns the VM.
+    async fn ensure_vm_started(
+        &self,
+        actor: Actor,
+        request: &VmRequest,
+        spec: &VmSpec,
+    ) -> Result<Vm, ServiceError> {
+        let started = VmProvisioningStarted {
+            vm_id: spec.vm_id,
+            request_id: request.id,
+            tenant_id: request.tenant_id,
+            name: request.vm_name.clone(),
+            resources: request.resources,
+            folder_path: spec.folder_path.clone(),
+        };
+        let stream = vm_stream(spec.vm_id);
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let loaded = self.load::<Vm>(actor.tenant, &stream).await?;
+            if let Some(vm) = loaded.state {
+                return Ok(vm);
+            }
+            let events = Vm::handle(None, &VmCommand::StartProvisioning(started.clone()))?;
+            if let Some(written) = self.append(actor, &stream, &loaded, events).await? {
+                return written
+                    .iter()
+                    .fold(None, |s, (_, e)| Vm::apply(s, e))
+                    .ok_or(ServiceError::VmNotFound(spec.vm_id));
+            }
+        }
+        Err(ServiceError::TooManyConflicts { stream })
+    }
+
+    /// Applies a command to the VM; when a concurrent run already recorded
+    /// the outcome, returns the VM as that run left it.
+    async fn execute_vm(
+        &self,
+        actor: Actor,
+        vm_id: VmId,
+        command: VmCommand,
+    ) -> Result<Vm, ServiceError> {
+        let stream = vm_stream(vm_id);
+        match self.execute::<Vm>(actor, &stream, &command).await {
+            Ok((vm, _)) => Ok(vm),
+            Err(ServiceError::Domain(DomainError::InvalidTransition { .. })) => self
+                .load::<Vm>(actor.tenant, &stream)
+                .await?
+                .state
+                .ok_or(ServiceError::VmNotFound(vm_id)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn create_vm_with_retries(
+        &self,
+        spec: &VmSpec,
+    ) -> Result<VmProvisioningResult, VsphereError> {
+        let mut attempt = 1;
+        loop {
+            match self.vsphere.create_vm(spec).await {
+                Ok(result) => return Ok(result),
+                Err(error) if error.is_retryable() && attempt < self.max_vsphere_attempts => {
+                    attempt += 1;
+                    warn!(%error, attempt, "create_vm failed with a retryable error");
+                    // The failed call may have created the VM; create_vm adopts
+                    // a VM carrying our id, but say what we found.
+                    match self.vsphere.find_vm(spec).await {
+                        Ok(Some(found)) if found.dvmm_vm_id == Some(spec.vm_id) => {
+                            info!(vmware_vm_id = %found.vmware_vm_id, "the failed call created the VM; adopting it");
+                        }
+                        Ok(_) => {}
+                        Err(error) => debug!(%error, "find_vm failed too; retrying create_vm"),
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn finish_ready(
+        &self,
+        actor: Actor,
+        request_id: VmRequestId,
+        vm_id: VmId,
+        result: VmProvisioningResult,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        let written = self
+            .execute_request_outcome(
+                actor,
+                request_id,
+                VmRequestCommand::MarkReady(result.clone()),
+            )
+            .await?;
+        self.record_request_timeline(actor.tenant, request_id, &written)
+            .await?;
+        info!(
+            vmware_vm_id = %result.vmware_vm_id,
+            ip = ?result.ip_address,
+            "VM ready"
+        );
+        Ok(ProvisionOutcome::Ready { vm_id, result })
+    }
+
+    async fn finish_failed(
+        &self,
+        actor: Actor,
+        request_id: VmRequestId,
+        vm_id: VmId,
+        failure: crate::vm::VmProvisioningFailed,
+        error: Option<VsphereError>,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        let written = self
+            .execute_request_outcome(
+                actor,
+                request_id,
+                VmRequestCommand::MarkFailed {
+                    error_code: failure.error_code.clone(),
+                    message: failure.message.clone(),
+                    retryable: failure.retryable,
+                },
+            )
+            .await?;
+        self.record_request_timeline(actor.tenant, request_id, &written)
+            .await?;
+        let error = error.unwrap_or(VsphereError::TaskFailed {
+            fault: failure.error_code,
+            message: failure.message,
+        });
+        Ok(ProvisionOutcome::Failed { vm_id, error })
+    }
+
+    /// Records the outcome on the request; a concurrent run that recorded it
+    /// first is fine (nothing more is written).
+    async fn execute_request_outcome(
+        &self,
+        actor: Actor,
+        request_id: VmRequestId,
+        command: VmRequestCommand,
+    ) -> Result<Vec<(EventMetadata, VmRequestEvent)>, ServiceError> {
+        match self
+            .execute::<VmRequest>(actor, &request_stream(request_id), &command)
+            .await
+        {
+            Ok((_, written)) => Ok(written),
+            Err(ServiceError::Domain(DomainError::InvalidTransition { .. })) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads a provisioned VM's live guest facts from vSphere (the user
+    /// "refreshes to get the IP later") and records them when they changed.
+    ///
+    /// # Errors
+    /// [`ServiceError::VmNotFound`], [`ServiceError::VmNotProvisioned`],
+    /// [`ServiceError::Vsphere`], or a store failure.
+    pub async fn refresh_guest_info(
+        &self,
+        tenant: TenantId,
+        vm_id: VmId,
+    ) -> Result<Vm, ServiceError> {
+        let span = info_span!("refresh_guest_info", tenant = %tenant, vm_id = %vm_id);
+        async {
+            let config = self.tenant(tenant)?.clone();
+            let stream = vm_stream(vm_id);
+            let loaded = self.load::<Vm>(tenant, &stream).await?;
+            let vm = loaded.state.ok_or(ServiceError::VmNotFound(vm_id))?;
+            let vmware_vm_id = vm
+                .vmware_vm_id
+                .clone()
+                .ok_or(ServiceError::VmNotProvisioned {
+                    vm_id,
+                    status: vm.status,
+                })?;
+            let info = self.vsphere.get_vm(&config.vcenter, &vmware_vm_id).await?;
+            let user = loaded
+                .events
+                .last()
+                .map(|(m, _)| m.user_id)
+                .unwrap_or_else(|| UserId::from_uuid(self.ids.new_uuid()));
+            let actor = self.actor(tenant, user);
+            let command = VmCommand::RefreshGuestInfo {
+                ip_address: info.ip_address,
+                hostname: info.hostname,
+                power_state: info.power_state,
+            };
+            let (vm, written) = self.execute::<Vm>(actor, &stream, &command).await?;
+            for (metadata, event) in &written {
+                if let VmEvent::VmGuestInfoRefreshed(e) = event {
+                    let details = match e.ip_address {
+                        Some(ip) => format!("Guest info refreshed - IP: {ip}"),
+                        None => "Guest info refreshed (IP still pending)".to_owned(),
+                    };
+                    self.timeline
+                        .record(TimelineEntry {
+                            event_id: metadata.event_id,
+                            tenant_id: tenant,
+                            request_id: vm.request_id,
+                            entry_type: TimelineEntryType::GuestInfoRefreshed,
+                            details,
+                            occurred_at: metadata.occurred_at,
+                        })
+                        .await?;
+                }
+            }
+            Ok(vm)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn record_request_timeline(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        events: &[(EventMetadata, VmRequestEvent)],
+    ) -> Result<(), ServiceError> {
+        for (metadata, event) in events {
+            let (entry_type, details) = timeline_entry_for(event);
+            self.timeline
+                .record(TimelineEntry {
+                    event_id: metadata.event_id,
+                    tenant_id: tenant,
+                    request_id,
+                    entry_type,
+                    details,
+                    occurred_at: metadata.occurred_at,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The stream of a request.
+pub fn request_stream(id: VmRequestId) -> StreamId {
+    StreamId::new(VmRequest::STREAM_TYPE, id)
+}
+
+/// The stream of a VM.
+pub fn vm_stream(id: VmId) -> StreamId {
+    StreamId::new(Vm::STREAM_TYPE, id)
+}
+
+fn skip_reason(request: &VmRequest) -> String {
+    match request.status {
+        VmRequestStatus::Pending => "the request is not approved yet".into(),
+        VmRequestStatus::Ready => "the VM is already provisioned".into(),
+        VmRequestStatus::Rejected => "the request was rejected".into(),
+        VmRequestStatus::Cancelled => "the request was cancelled".into(),
+        VmRequestStatus::Failed => "provisioning already failed; file a new request".into(),
+        VmRequestStatus::Approved | VmRequestStatus::Provisioning => {
+            "the request is being provisioned".into()
+        }
+    }
+}
+
+/// The timeline entry a request event produces.
+pub fn timeline_entry_for(event: &VmRequestEvent) -> (TimelineEntryType, String) {
+    match event {
+        VmRequestEvent::VmRequestCreated(e) => (
+            TimelineEntryType::Created,
+            format!(
+                "Request created: {} ({}: {} vCPU, {} MiB, {} GiB)",
+                e.vm_name, e.size, e.resources.cpu, e.resources.memory_mib, e.resources.disk_gib
+            ),
+        ),
+        VmRequestEvent::VmRequestApproved(e) => (
+            TimelineEntryType::Approved,
+            format!("Approved by {}", e.approved_by),
+        ),
+        VmRequestEvent::VmRequestRejected(e) => (
+            TimelineEntryType::Rejected,
+            format!("Rejected: {}", e.reason),
+        ),
+        VmRequestEvent::VmRequestCancelled(e) => (
+            TimelineEntryType::Cancelled,
+            match &e.reason {
+                Some(reason) => format!("Cancelled: {reason}"),
+                None => "Cancelled".to_owned(),
+            },
+        ),
+        VmRequestEvent::VmRequestProvisioningStarted(_) => (
+            TimelineEntryType::ProvisioningStarted,
+            "Provisioning started".to_owned(),
+        ),
+        VmRequestEvent::VmRequestReady(e) => (
+            TimelineEntryType::VmReady,
+            match e.ip_address {
+                Some(ip) => format!("VM ready - IP: {ip}"),
+                None => "VM ready (IP pending)".to_owned(),
+            },
+        ),
+        VmRequestEvent::VmRequestProvisioningFailed(e) => (
+            TimelineEntryType::ProvisioningFailed,
+            format!(
+                "Provisioning failed: {} {}",
+                e.message,
+                if e.retryable {
+                    "(temporary problem: retrying may help)"
+                } else {
+                    "(retrying will not help until this is fixed)"
+                }
+            ),
+        ),
+    }
+}
+
+/// A failure message a user (or their platform team) can act on.
+pub fn user_message(error: &VsphereError, spec: &VmSpec) -> String {
+    match error {
+        VsphereError::NotFound { kind, name } => format!(
+            "the {kind} {name:?} configured for this tenant does not exist in vCenter; ask the platform team to fix the tenant configuration"
+        ),
+        VsphereError::DuplicateName { name, location } => format!(
+            "a VM named {name:?} that dvmm did not create already exists in folder {location:?}; choose another name"
+        ),
+        VsphereError::InsufficientResources { message } => format!(
+            "not enough capacity for {} vCPU / {} MiB / {} GiB ({message}); choose a smaller size or ask the platform team for capacity",
+            spec.resources.cpu, spec.resources.memory_mib, spec.resources.disk_gib
+        ),
+        VsphereError::InvalidLogin { .. } => {
+            "vCenter refused dvmm's credentials for this tenant; ask the platform team to update them".into()
+        }
+        VsphereError::Tls { message } => format!(
+            "vCenter's certificate was not trusted ({message}); ask the platform team to check the tenant's TLS settings"
+        ),
+        other => other.to_string(),
+    }
+}

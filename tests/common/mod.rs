@@ -1,0 +1,49 @@
+//! Shared test setup: a tenant configured for the simulator's default inventory.
+#![allow(dead_code)]
+
+use dvmm::core::config::{Secret, Timeouts, VcenterEndpoint};
+use dvmm::core::spec::SizeTable;
+use dvmm::{NewVmRequest, ProjectId, TenantConfig, TenantId, UserId, VmSize};
+use uuid::Uuid;
+
+pub fn tenant_config(slug: &str, ip_wait_secs: u64) -> TenantConfig {
+    TenantConfig {
+        tenant_id: TenantId::from_uuid(Uuid::new_v4()),
+        slug: slug.into(),
+        vcenter: VcenterEndpoint {
+            url: "https://vc.test.invalid/sdk".into(),
+            username: "svc".into(),
+            password: Secret::new("pw"),
+            insecure: false,
+            thumbprint: None,
+        },
+        datacenter: "DC0".into(),
+        cluster: "DC0_C0".into(),
+        resource_pool: None,
+        datastore: "LocalDS_0".into(),
+        template: "ubuntu-22.04-template".into(),
+        network: "VM Network".into(),
+        folder_root: None,
+        sizes: SizeTable::default(),
+        timeouts: Timeouts {
+            ip_wait_secs,
+            ..Timeouts::default()
+        },
+    }
+}
+
+pub fn new_request(tenant: &TenantConfig, name: &str) -> NewVmRequest {
+    NewVmRequest {
+        tenant_id: tenant.tenant_id,
+        project_id: ProjectId::from_uuid(Uuid::new_v4()),
+        project_prefix: "web".into(),
+        requested_name: name.into(),
+        size: VmSize::M,
+        requested_by: UserId::from_uuid(Uuid::new_v4()),
+        justification: "test".into(),
+    }
+}
+
+pub fn user() -> UserId {
+    UserId::from_uuid(Uuid::new_v4())
+}
