@@ -47,7 +47,7 @@ pub enum NameError {
     },
     /// The part or the whole name is longer than a DNS label may be.
     #[error(
-        "{part} {value:?} is {len} characters long; a VM name must be at most {max} characters"
+        "{part} {value:?} is {len} characters long, but at most {max} are allowed here (the whole VM name is a DNS label of at most {MAX_LABEL_LEN} characters)"
     )]
     TooLong {
         /// Which part.
@@ -320,7 +320,7 @@ impl VmResources {
                 ),
             });
         }
-        if self.memory_mib % 4 != 0 {
+        if !self.memory_mib.is_multiple_of(4) {
             return Err(ResourceError {
                 field: field("memory_mib"),
                 reason: format!("must be a multiple of 4 MiB, got {}", self.memory_mib),
