@@ -244,6 +244,10 @@ where
             eprintln!("provisioning failed: {error}");
             ExitCode::from(1)
         }
+        ProvisionOutcome::Deferred { error, .. } => {
+            eprintln!("provisioning interrupted by a temporary failure: {error}");
+            ExitCode::from(1)
+        }
         ProvisionOutcome::Skipped { reason, .. } => {
             eprintln!("nothing provisioned: {reason}");
             ExitCode::from(1)

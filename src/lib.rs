@@ -16,7 +16,9 @@ pub use dvmm_core::{
 pub mod store {
     /// In-memory event store and timeline (always available).
     pub use dvmm_store_memory as memory;
-    pub use dvmm_store_memory::{MemoryEventStore, MemoryTimeline};
+    pub use dvmm_store_memory::{
+        MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue,
+    };
 
     /// PostgreSQL event store and timeline (feature `postgres`).
     #[cfg(feature = "postgres")]
@@ -27,3 +29,16 @@ pub mod store {
 /// (feature `vsphere`, on by default).
 #[cfg(feature = "vsphere")]
 pub use dvmm_vsphere as vsphere;
+
+pub use dvmm_core::runner::{ProvisioningRunner, RunnerConfig, RunnerReport};
+
+/// [`dvmm_core::runner::Timer`] on tokio's clock, for the
+/// [`ProvisioningRunner`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TokioTimer;
+
+impl dvmm_core::runner::Timer for TokioTimer {
+    fn sleep(&self, duration: std::time::Duration) -> impl Future<Output = ()> + Send {
+        tokio::time::sleep(duration)
+    }
+}

@@ -8,6 +8,7 @@ pub mod event;
 pub mod ids;
 pub mod ports;
 pub mod provisioning;
+pub mod runner;
 pub mod spec;
 #[cfg(feature = "testing")]
 pub mod testing;

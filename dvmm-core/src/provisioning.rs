@@ -101,6 +101,11 @@ impl Tenants {
         self.by_id.insert(config.tenant_id, Arc::new(config));
     }
 
+    /// Every registered tenant id.
+    pub fn ids(&self) -> impl Iterator<Item = TenantId> + '_ {
+        self.by_id.keys().copied()
+    }
+
     /// A tenant's configuration.
     pub fn get(&self, tenant: TenantId) -> Option<&Arc<TenantConfig>> {
         self.by_id.get(&tenant)
@@ -142,6 +147,15 @@ pub enum ProvisionOutcome {
         /// dvmm's VM.
         vm_id: VmId,
         /// Why.
+        error: VsphereError,
+    },
+    /// A retryable vSphere failure was not recorded (only from
+    /// [`ProvisioningService::provision_attempt`]): the request stays in
+    /// `Provisioning`; run the command again later to resume.
+    Deferred {
+        /// dvmm's VM.
+        vm_id: VmId,
+        /// The retryable failure.
         error: VsphereError,
     },
     /// Nothing was done: the request is not `Approved` (already provisioned,
@@ -591,7 +605,32 @@ where
             vm_name = tracing::field::Empty,
             vm_id = tracing::field::Empty,
         );
-        self.provision_inner(tenant, request_id)
+        self.provision_inner(tenant, request_id, true)
+            .instrument(span)
+            .await
+    }
+
+    /// Like [`ProvisioningService::provision`], but a *retryable* vSphere
+    /// failure is not recorded: the request stays in `Provisioning` and the
+    /// call returns [`ProvisionOutcome::Deferred`], so a background runner
+    /// can try again later (with backoff) and resume where this attempt
+    /// stopped. Non-retryable failures are recorded as usual.
+    ///
+    /// # Errors
+    /// As [`ProvisioningService::provision`].
+    pub async fn provision_attempt(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        let span = info_span!(
+            "provision",
+            request_id = %request_id,
+            tenant = %tenant,
+            vm_name = tracing::field::Empty,
+            vm_id = tracing::field::Empty,
+        );
+        self.provision_inner(tenant, request_id, false)
             .instrument(span)
             .await
     }
@@ -600,6 +639,7 @@ where
         &self,
         tenant: TenantId,
         request_id: VmRequestId,
+        record_retryable_failure: bool,
     ) -> Result<ProvisionOutcome, ServiceError> {
         let stream = request_stream(request_id);
         let mut started_here = false;
@@ -733,6 +773,10 @@ where
                     warning_message: vm.warning_message.clone(),
                 };
                 self.finish_ready(actor, request_id, vm_id, result).await
+            }
+            Err(error) if error.is_retryable() && !record_retryable_failure => {
+                warn!(error = %error, code = error.code(), "provisioning attempt failed; left for a retry");
+                Ok(ProvisionOutcome::Deferred { vm_id, error })
             }
             Err(error) => {
                 warn!(error = %error, code = error.code(), "provisioning failed");

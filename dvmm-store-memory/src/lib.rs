@@ -2,10 +2,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use dvmm_core::event::{NewEvent, StoredEvent, StreamId};
 use dvmm_core::ids::{EventId, TenantId, VmRequestId};
 use dvmm_core::ports::{AppendOutcome, EventStore, StoreError, TimelineSink};
+use dvmm_core::runner::{CheckpointStore, Job, WorkQueue};
 use dvmm_core::timeline::TimelineEntry;
 
 #[derive(Default)]
@@ -227,5 +229,206 @@ impl TimelineSink for MemoryTimeline {
             .unwrap_or_default();
         list.sort_by_key(|e| e.occurred_at);
         Ok(list)
+    }
+}
+
+/// An in-memory [`WorkQueue`] for one process: jobs in arrival order, leases
+/// measured with [`std::time::Instant`].
+#[derive(Default, Debug)]
+pub struct MemoryWorkQueue {
+    jobs: Mutex<QueueState>,
+}
+
+#[derive(Default, Debug)]
+struct QueueState {
+    order: Vec<VmRequestId>,
+    jobs: HashMap<VmRequestId, QueuedJob>,
+    done: usize,
+}
+
+#[derive(Debug)]
+struct QueuedJob {
+    tenant_id: TenantId,
+    attempts: u32,
+    state: JobState,
+}
+
+#[derive(Debug, PartialEq)]
+enum JobState {
+    Queued { not_before: Instant },
+    Leased { worker: String, until: Instant },
+    Done,
+}
+
+impl MemoryWorkQueue {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Jobs not done yet (queued or leased).
+    pub fn pending(&self) -> usize {
+        let state = self.lock();
+        state.jobs.len() - state.done
+    }
+}
+
+impl WorkQueue for MemoryWorkQueue {
+    async fn enqueue(&self, tenant: TenantId, request_id: VmRequestId) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if !state.jobs.contains_key(&request_id) {
+            state.order.push(request_id);
+            state.jobs.insert(
+                request_id,
+                QueuedJob {
+                    tenant_id: tenant,
+                    attempts: 0,
+                    state: JobState::Queued {
+                        not_before: Instant::now(),
+                    },
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Job>, StoreError> {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut claimed = Vec::new();
+        // Done jobs are dropped from the scan order as they are met.
+        let mut keep = Vec::with_capacity(state.order.len());
+        for id in state.order.drain(..) {
+            let Some(job) = state.jobs.get_mut(&id) else {
+                continue;
+            };
+            let runnable = match &job.state {
+                JobState::Queued { not_before } => *not_before <= now,
+                JobState::Leased { until, .. } => *until <= now,
+                JobState::Done => continue,
+            };
+            if runnable && claimed.len() < max {
+                job.state = JobState::Leased {
+                    worker: worker.to_owned(),
+                    until: now + lease,
+                };
+                claimed.push(Job {
+                    tenant_id: job.tenant_id,
+                    request_id: id,
+                    attempts: job.attempts,
+                });
+            }
+            keep.push(id);
+        }
+        state.order = keep;
+        Ok(claimed)
+    }
+
+    async fn renew(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.lock();
+        Ok(match state.jobs.get_mut(&request_id) {
+            Some(QueuedJob {
+                state:
+                    JobState::Leased {
+                        worker: holder,
+                        until,
+                    },
+                ..
+            }) if holder == worker => {
+                *until = Instant::now() + lease;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn complete(&self, worker: &str, request_id: VmRequestId) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let finished = match state.jobs.get_mut(&request_id) {
+            Some(job) if matches!(&job.state, JobState::Leased { worker: w, .. } if w == worker) => {
+                job.state = JobState::Done;
+                true
+            }
+            _ => false,
+        };
+        if finished {
+            state.done += 1;
+        }
+        Ok(())
+    }
+
+    async fn retry_later(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if let Some(job) = state.jobs.get_mut(&request_id)
+            && matches!(&job.state, JobState::Leased { worker: w, .. } if w == worker)
+        {
+            job.attempts += 1;
+            job.state = JobState::Queued {
+                not_before: Instant::now() + delay,
+            };
+        }
+        Ok(())
+    }
+
+    async fn release(&self, worker: &str, request_id: VmRequestId) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if let Some(job) = state.jobs.get_mut(&request_id)
+            && matches!(&job.state, JobState::Leased { worker: w, .. } if w == worker)
+        {
+            job.state = JobState::Queued {
+                not_before: Instant::now(),
+            };
+        }
+        Ok(())
+    }
+}
+
+/// An in-memory [`CheckpointStore`].
+#[derive(Default, Debug)]
+pub struct MemoryCheckpoints {
+    positions: Mutex<HashMap<(String, TenantId), u64>>,
+}
+
+impl MemoryCheckpoints {
+    /// No checkpoints.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl CheckpointStore for MemoryCheckpoints {
+    async fn load(&self, name: &str, tenant: TenantId) -> Result<u64, StoreError> {
+        let positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(positions
+            .get(&(name.to_owned(), tenant))
+            .copied()
+            .unwrap_or(0))
+    }
+
+    async fn save(&self, name: &str, tenant: TenantId, position: u64) -> Result<(), StoreError> {
+        let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = positions.entry((name.to_owned(), tenant)).or_insert(0);
+        *slot = (*slot).max(position);
+        Ok(())
     }
 }

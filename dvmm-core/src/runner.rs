@@ -1,0 +1,549 @@
+//! The background provisioning runner: turns every `VmRequestApproved` into
+//! a provisioning, across restarts and across worker processes.
+//!
+//! - A *feed* follows each tenant's events from a stored checkpoint and puts
+//!   every approved request into a [`WorkQueue`]; the checkpoint advances only
+//!   after the queue has the work, so nothing is skipped.
+//! - Workers *claim* jobs with a lease, run [`ProvisioningService::provision_attempt`]
+//!   (up to `concurrency` at once on one task), renew the leases while the
+//!   work runs and complete the job once its outcome is recorded. A worker
+//!   that dies stops renewing; its lease expires and another worker claims
+//!   the job and resumes the request, adopting the VM already created.
+//! - Retryable vSphere failures are retried with exponential backoff and
+//!   jitter up to `max_attempts`; the last attempt records the failure.
+//! - Shutdown stops claiming, lets in-flight work finish until a deadline, then
+//!   cancels and releases what is left for another worker.
+//!
+//! The runner is runtime-agnostic: waiting goes through the [`Timer`] port.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::{AbortHandle, Abortable, Aborted};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tracing::{debug, info, warn};
+
+use crate::Aggregate;
+use crate::clock::{Clock, IdGenerator};
+use crate::event::DomainEvent;
+use crate::ids::{TenantId, VmRequestId};
+use crate::ports::{EventStore, StoreError, TimelineSink, VspherePort};
+use crate::provisioning::{ProvisionOutcome, ProvisioningService, ServiceError};
+use crate::vm_request::{VmRequest, VmRequestEvent, VmRequestStatus};
+
+/// One approved request to provision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    /// Tenant.
+    pub tenant_id: TenantId,
+    /// The request.
+    pub request_id: VmRequestId,
+    /// Attempts that ended in a retry so far.
+    pub attempts: u32,
+}
+
+/// Durable list of provisioning jobs with leases. Every method is
+/// idempotent where it can be, and a lease names its worker so a worker can
+/// never complete or renew a job another worker has taken over.
+pub trait WorkQueue: Send + Sync {
+    /// Adds a job unless one for this request exists (queued, leased or done).
+    fn enqueue(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Claims up to `max` runnable jobs (queued and due, or leased with an
+    /// expired lease) for `worker`, leased for `lease`.
+    fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<Job>, StoreError>> + Send;
+
+    /// Extends `worker`'s lease; `false` when the worker no longer holds it.
+    fn renew(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Marks the job done (only if `worker` holds it).
+    fn complete(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Gives the job back with one more attempt counted, runnable after `delay`.
+    fn retry_later(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        delay: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Gives the job back at once, without counting an attempt (shutdown).
+    fn release(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Where the feed remembers how far it has read each tenant's events.
+pub trait CheckpointStore: Send + Sync {
+    /// The saved position (0 if none).
+    fn load(
+        &self,
+        name: &str,
+        tenant: TenantId,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Saves a position; a position lower than the saved one is ignored.
+    fn save(
+        &self,
+        name: &str,
+        tenant: TenantId,
+        position: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Waiting, supplied by the host's async runtime.
+pub trait Timer: Send + Sync {
+    /// Completes after `duration`.
+    fn sleep(&self, duration: Duration) -> impl Future<Output = ()> + Send;
+}
+
+impl<T: WorkQueue + ?Sized> WorkQueue for Arc<T> {
+    fn enqueue(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).enqueue(tenant, request_id)
+    }
+    fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<Job>, StoreError>> + Send {
+        (**self).claim(worker, max, lease)
+    }
+    fn renew(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        (**self).renew(worker, request_id, lease)
+    }
+    fn complete(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).complete(worker, request_id)
+    }
+    fn retry_later(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        delay: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).retry_later(worker, request_id, delay)
+    }
+    fn release(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).release(worker, request_id)
+    }
+}
+
+impl<T: CheckpointStore + ?Sized> CheckpointStore for Arc<T> {
+    fn load(
+        &self,
+        name: &str,
+        tenant: TenantId,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        (**self).load(name, tenant)
+    }
+    fn save(
+        &self,
+        name: &str,
+        tenant: TenantId,
+        position: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).save(name, tenant, position)
+    }
+}
+
+/// How a runner behaves.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// Checkpoint name, shared by all workers of one deployment.
+    pub name: String,
+    /// This worker's id (unique per process).
+    pub worker_id: String,
+    /// Provisionings run at once by this worker (default 8: vCenter limits
+    /// concurrent provisioning operations per host).
+    pub concurrency: usize,
+    /// How long a claim lasts without renewal (default 30 s).
+    pub lease: Duration,
+    /// How often to look for new work and renew leases (default 250 ms).
+    pub poll_interval: Duration,
+    /// Attempts before a retryable failure is recorded (default 5).
+    pub max_attempts: u32,
+    /// First retry delay (default 1 s); doubles per attempt, with jitter.
+    pub backoff_base: Duration,
+    /// Longest retry delay (default 60 s).
+    pub backoff_max: Duration,
+    /// How long shutdown waits for in-flight work (default 30 s).
+    pub shutdown_deadline: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            name: "provisioning".into(),
+            worker_id: format!("worker-{}", uuid::Uuid::new_v4()),
+            concurrency: 8,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(250),
+            max_attempts: 5,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            shutdown_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RunnerConfig {
+    /// The delay before retry number `attempt` (1-based): exponential, capped,
+    /// with full jitter in [delay/2, delay].
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .backoff_base
+            .saturating_mul(
+                1u32.checked_shl(attempt.saturating_sub(1))
+                    .unwrap_or(u32::MAX),
+            )
+            .min(self.backoff_max);
+        let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as u32;
+        exp / 2 + exp / 2 * jitter / 1000
+    }
+}
+
+/// What a runner did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunnerReport {
+    /// Requests that ended `Ready`.
+    pub ready: u64,
+    /// Requests whose failure was recorded.
+    pub failed: u64,
+    /// Jobs that needed nothing (already provisioned, rejected, …).
+    pub skipped: u64,
+    /// Attempts that will be retried later.
+    pub retried: u64,
+    /// Jobs given back at shutdown or after a lost lease.
+    pub released: u64,
+}
+
+/// The background runner. See the [module docs](self).
+pub struct ProvisioningRunner<S, V, T, C, I, Q, K, W> {
+    service: Arc<ProvisioningService<S, V, T, C, I>>,
+    queue: Q,
+    checkpoints: K,
+    timer: W,
+    config: RunnerConfig,
+}
+
+impl<S, V, T, C, I, Q, K, W> fmt::Debug for ProvisioningRunner<S, V, T, C, I, Q, K, W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProvisioningRunner")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+type JobResult = (Job, Result<Result<ProvisionOutcome, ServiceError>, Aborted>);
+
+impl<S, V, T, C, I, Q, K, W> ProvisioningRunner<S, V, T, C, I, Q, K, W>
+where
+    S: EventStore,
+    V: VspherePort,
+    T: TimelineSink,
+    C: Clock,
+    I: IdGenerator,
+    Q: WorkQueue,
+    K: CheckpointStore,
+    W: Timer,
+{
+    /// A runner for `service`.
+    pub fn new(
+        service: Arc<ProvisioningService<S, V, T, C, I>>,
+        queue: Q,
+        checkpoints: K,
+        timer: W,
+        config: RunnerConfig,
+    ) -> Self {
+        Self {
+            service,
+            queue,
+            checkpoints,
+            timer,
+            config,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RunnerConfig {
+        &self.config
+    }
+
+    /// Reads new events of every tenant and queues the approved requests.
+    /// Returns how many jobs were offered to the queue.
+    ///
+    /// # Errors
+    /// A store or decode failure (the checkpoint stays where it was).
+    pub async fn feed(&self) -> Result<usize, ServiceError> {
+        let mut offered = 0;
+        let tenants: Vec<TenantId> = self.service.tenants().ids().collect();
+        for tenant in tenants {
+            let mut after = self.checkpoints.load(&self.config.name, tenant).await?;
+            loop {
+                let page = self.service.store().read_all(tenant, after, 500).await?;
+                let Some(last) = page.last() else { break };
+                let last = last.position;
+                for stored in &page {
+                    if stored.stream_id.stream_type == VmRequest::STREAM_TYPE
+                        && stored.event_type == "VmRequestApproved"
+                        && let VmRequestEvent::VmRequestApproved(_) =
+                            VmRequestEvent::decode(stored)?
+                    {
+                        let request_id = stored.stream_id.id.parse().map_err(|_| {
+                            ServiceError::Domain(crate::DomainError::Invalid(format!(
+                                "stream id {} is not a request id",
+                                stored.stream_id
+                            )))
+                        })?;
+                        self.queue.enqueue(tenant, request_id).await?;
+                        offered += 1;
+                    }
+                }
+                self.checkpoints
+                    .save(&self.config.name, tenant, last)
+                    .await?;
+                after = last;
+            }
+        }
+        Ok(offered)
+    }
+
+    /// Runs until `shutdown` completes, then drains in-flight work until the
+    /// deadline and releases what is left.
+    ///
+    /// # Errors
+    /// Only when the queue itself fails while shutting down; failures while
+    /// running are logged and retried on the next tick.
+    pub async fn run(
+        &self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<RunnerReport, ServiceError> {
+        let mut report = RunnerReport::default();
+        let mut inflight: FuturesUnordered<_> = FuturesUnordered::new();
+        let mut handles: HashMap<VmRequestId, AbortHandle> = HashMap::new();
+        let mut shutdown = pin!(shutdown.fuse());
+        let mut stopping = false;
+        let worker = self.config.worker_id.clone();
+        info!(worker = %worker, concurrency = self.config.concurrency, "provisioning runner started");
+        loop {
+            if !stopping {
+                if let Err(error) = self.feed().await {
+                    warn!(%error, "feeding the work queue failed; will retry");
+                }
+                let free = self.config.concurrency.saturating_sub(inflight.len());
+                if free > 0 {
+                    match self.queue.claim(&worker, free, self.config.lease).await {
+                        Ok(jobs) => {
+                            for job in jobs {
+                                let (handle, registration) = AbortHandle::new_pair();
+                                handles.insert(job.request_id, handle);
+                                inflight.push(self.run_job(job, registration));
+                            }
+                        }
+                        Err(error) => warn!(%error, "claiming work failed; will retry"),
+                    }
+                }
+            }
+            if stopping && inflight.is_empty() {
+                break;
+            }
+            let next_done = async {
+                if inflight.is_empty() {
+                    futures::future::pending::<Option<JobResult>>().await
+                } else {
+                    inflight.next().await
+                }
+            };
+            futures::select_biased! {
+                done = next_done.fuse() => {
+                    if let Some((job, result)) = done {
+                        handles.remove(&job.request_id);
+                        self.settle(&worker, job, result, &mut report).await;
+                    }
+                }
+                _ = shutdown.as_mut() => {
+                    info!(in_flight = inflight.len(), "shutdown requested: no new claims");
+                    stopping = true;
+                    self.drain(&worker, &mut inflight, &mut handles, &mut report).await?;
+                }
+                _ = self.timer.sleep(self.config.poll_interval).fuse() => {
+                    self.renew_leases(&worker, &mut handles).await;
+                }
+            }
+        }
+        info!(?report, "provisioning runner stopped");
+        Ok(report)
+    }
+
+    fn run_job(
+        &self,
+        job: Job,
+        registration: futures::future::AbortRegistration,
+    ) -> impl Future<Output = JobResult> + Send + '_ {
+        let last_attempt = job.attempts + 1 >= self.config.max_attempts;
+        let work = async move {
+            if last_attempt {
+                self.service.provision(job.tenant_id, job.request_id).await
+            } else {
+                self.service
+                    .provision_attempt(job.tenant_id, job.request_id)
+                    .await
+            }
+        };
+        let work = Abortable::new(work, registration);
+        async move { (job, work.await) }
+    }
+
+    async fn settle(
+        &self,
+        worker: &str,
+        job: Job,
+        result: Result<Result<ProvisionOutcome, ServiceError>, Aborted>,
+        report: &mut RunnerReport,
+    ) {
+        let id = job.request_id;
+        let queue_result = match result {
+            Err(Aborted) => {
+                // Lost the lease: another worker owns the job now.
+                report.released += 1;
+                Ok(())
+            }
+            Ok(Ok(ProvisionOutcome::Ready { .. })) => {
+                report.ready += 1;
+                self.queue.complete(worker, id).await
+            }
+            Ok(Ok(ProvisionOutcome::Failed { .. })) => {
+                report.failed += 1;
+                self.queue.complete(worker, id).await
+            }
+            Ok(Ok(ProvisionOutcome::Skipped {
+                status: VmRequestStatus::Provisioning,
+                reason,
+            })) => {
+                // Someone outside the queue is provisioning it; look again later
+                // in case they die.
+                debug!(request_id = %id, %reason, "provisioning by another caller; checking later");
+                report.retried += 1;
+                self.queue
+                    .retry_later(worker, id, self.config.backoff(job.attempts + 1))
+                    .await
+            }
+            Ok(Ok(ProvisionOutcome::Skipped { .. })) => {
+                report.skipped += 1;
+                self.queue.complete(worker, id).await
+            }
+            Ok(Ok(ProvisionOutcome::Deferred { error, .. })) => {
+                let delay = self.config.backoff(job.attempts + 1);
+                info!(request_id = %id, %error, attempt = job.attempts + 1, ?delay, "retryable failure; retrying later");
+                report.retried += 1;
+                self.queue.retry_later(worker, id, delay).await
+            }
+            Ok(Err(error)) => {
+                let delay = self.config.backoff(job.attempts + 1);
+                warn!(request_id = %id, %error, ?delay, "provisioning command failed; retrying later");
+                report.retried += 1;
+                self.queue.retry_later(worker, id, delay).await
+            }
+        };
+        if let Err(error) = queue_result {
+            // The lease will expire and the job will be claimed again; the
+            // service's idempotency makes that harmless.
+            warn!(request_id = %id, %error, "could not update the work queue");
+        }
+    }
+
+    async fn renew_leases(&self, worker: &str, handles: &mut HashMap<VmRequestId, AbortHandle>) {
+        let mut lost = Vec::new();
+        for id in handles.keys() {
+            match self.queue.renew(worker, *id, self.config.lease).await {
+                Ok(true) => {}
+                Ok(false) => lost.push(*id),
+                Err(error) => debug!(request_id = %id, %error, "lease renewal failed; will retry"),
+            }
+        }
+        for id in lost {
+            warn!(request_id = %id, "lease lost; abandoning this attempt");
+            if let Some(handle) = handles.remove(&id) {
+                handle.abort();
+            }
+        }
+    }
+
+    async fn drain<F>(
+        &self,
+        worker: &str,
+        inflight: &mut FuturesUnordered<F>,
+        handles: &mut HashMap<VmRequestId, AbortHandle>,
+        report: &mut RunnerReport,
+    ) -> Result<(), ServiceError>
+    where
+        F: Future<Output = JobResult>,
+    {
+        let mut deadline = pin!(self.timer.sleep(self.config.shutdown_deadline).fuse());
+        while !inflight.is_empty() {
+            futures::select_biased! {
+                done = inflight.next().fuse() => {
+                    if let Some((job, result)) = done {
+                        handles.remove(&job.request_id);
+                        self.settle(worker, job, result, report).await;
+                    }
+                }
+                _ = self.timer.sleep(self.config.poll_interval).fuse() => {
+                    self.renew_leases(worker, handles).await;
+                }
+                _ = deadline.as_mut() => break,
+            }
+        }
+        // Whatever is still running is cancelled (safe: a rerun resumes it)
+        // and handed back at once.
+        inflight.clear();
+        for (id, handle) in handles.drain() {
+            handle.abort();
+            self.queue.release(worker, id).await?;
+            report.released += 1;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,435 @@
+//! Crash safety on the simulator: the provisioning flow is interrupted at
+//! every await point in turn (its future is dropped, as when a process dies)
+//! and rerun; the result is always one VM, one `VmProvisioned`, a `Ready`
+//! request and one "VM ready" timeline entry.
+
+mod common;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use common::{new_request, tenant_config, user};
+use dvmm::core::config::VcenterEndpoint;
+use dvmm::core::spec::VmGuestInfo;
+use dvmm::store::{MemoryEventStore, MemoryTimeline};
+use dvmm::vsphere::sim::{Fault, FaultRule, Operation, Simulator, Trigger};
+use dvmm::{
+    AppendOutcome, EventStore, NewEvent, ProvisionOutcome, ProvisioningService, StoreError,
+    StoredEvent, StreamId, TenantConfig, TenantId, Tenants, TimelineEntry, TimelineEntryType,
+    TimelineSink, VmProvisioningResult, VmRequestId, VmRequestStatus, VmSpec, VmwareVmId,
+    VsphereError, VspherePort,
+};
+
+/// Returns `Pending` once, so every port call becomes a point where the
+/// caller's future can be dropped, both before and after the call's effect.
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+}
+
+fn pause() -> YieldOnce {
+    YieldOnce(false)
+}
+
+/// Wraps a port so each call yields before and after it runs.
+struct Stepping<T>(T);
+
+impl<T: EventStore> EventStore for Stepping<T> {
+    async fn append(
+        &self,
+        tenant: TenantId,
+        stream: &StreamId,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, StoreError> {
+        pause().await;
+        let result = self
+            .0
+            .append(tenant, stream, expected_version, events)
+            .await;
+        pause().await;
+        result
+    }
+    async fn load(
+        &self,
+        tenant: TenantId,
+        stream: &StreamId,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        pause().await;
+        self.0.load(tenant, stream).await
+    }
+    async fn read_all(
+        &self,
+        tenant: TenantId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.0.read_all(tenant, after, limit).await
+    }
+}
+
+impl<T: TimelineSink> TimelineSink for Stepping<T> {
+    async fn record(&self, entry: TimelineEntry) -> Result<(), StoreError> {
+        pause().await;
+        let result = self.0.record(entry).await;
+        pause().await;
+        result
+    }
+    async fn list(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
+        self.0.list(tenant, request_id).await
+    }
+}
+
+impl<T: VspherePort> VspherePort for Stepping<T> {
+    async fn create_vm(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
+        pause().await;
+        let result = self.0.create_vm(spec).await;
+        pause().await;
+        result
+    }
+    async fn get_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+    ) -> Result<VmGuestInfo, VsphereError> {
+        self.0.get_vm(endpoint, id).await
+    }
+    async fn find_vm(&self, spec: &VmSpec) -> Result<Option<VmGuestInfo>, VsphereError> {
+        pause().await;
+        let result = self.0.find_vm(spec).await;
+        pause().await;
+        result
+    }
+}
+
+type World = (
+    ProvisioningService<
+        Stepping<Arc<MemoryEventStore>>,
+        Stepping<Simulator>,
+        Stepping<Arc<MemoryTimeline>>,
+    >,
+    Arc<MemoryEventStore>,
+    Arc<MemoryTimeline>,
+    Simulator,
+    TenantConfig,
+);
+
+fn world() -> World {
+    let tenant = tenant_config("acme", 5);
+    let store = Arc::new(MemoryEventStore::new());
+    let timeline = Arc::new(MemoryTimeline::new());
+    let sim = Simulator::default();
+    let service = ProvisioningService::new(
+        Stepping(store.clone()),
+        Stepping(sim.clone()),
+        Stepping(timeline.clone()),
+        Tenants::new().with(tenant.clone()),
+    );
+    (service, store, timeline, sim, tenant)
+}
+
+async fn assert_exactly_one_vm(world: &World, request: VmRequestId) {
+    let (service, store, timeline, sim, tenant) = world;
+    let vms = sim.vms();
+    assert_eq!(vms.len(), 1, "exactly one VM in vSphere: {vms:?}");
+    assert_eq!(vms[0].name, "web-app01");
+    let events = store.read_all(tenant.tenant_id, 0, 1000).await.unwrap();
+    let count = |t: &str| events.iter().filter(|e| e.event_type == t).count();
+    assert_eq!(count("VmProvisioned"), 1, "exactly one VmProvisioned");
+    assert_eq!(count("VmRequestReady"), 1);
+    assert_eq!(count("VmRequestProvisioningStarted"), 1);
+    assert_eq!(count("VmProvisioningStarted"), 1);
+    let request = service
+        .request(tenant.tenant_id, request)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(request.status, VmRequestStatus::Ready);
+    assert_eq!(
+        request.vm_id, vms[0].dvmm_vm_id,
+        "the VM carries the request's VM id"
+    );
+    let entries = timeline.list(tenant.tenant_id, request.id).await.unwrap();
+    let of = |t: TimelineEntryType| entries.iter().filter(|e| e.entry_type == t).count();
+    assert_eq!(
+        of(TimelineEntryType::VmReady),
+        1,
+        "exactly one VM ready entry"
+    );
+    assert_eq!(of(TimelineEntryType::ProvisioningStarted), 1);
+    assert_eq!(of(TimelineEntryType::Created), 1);
+    assert_eq!(of(TimelineEntryType::Approved), 1);
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.details.starts_with("VM ready - IP: 10.0.0."))
+    );
+}
+
+#[tokio::test]
+async fn interrupting_provisioning_at_every_step_then_rerunning_gives_one_vm() {
+    let mut interruptions = 0;
+    for stop_after in 1.. {
+        let world = world();
+        let (service, _, _, _, tenant) = &world;
+        let request = service.submit(new_request(tenant, "app01")).await.unwrap();
+        service
+            .approve(tenant.tenant_id, request, user())
+            .await
+            .unwrap();
+
+        let mut run = Box::pin(service.provision(tenant.tenant_id, request));
+        let mut polls = 0;
+        let finished = loop {
+            match futures::poll!(run.as_mut()) {
+                Poll::Ready(outcome) => {
+                    outcome.unwrap();
+                    break true;
+                }
+                Poll::Pending => {
+                    polls += 1;
+                    if polls == stop_after {
+                        break false;
+                    }
+                }
+            }
+        };
+        drop(run); // the "crash"
+        let outcome = service.provision(tenant.tenant_id, request).await.unwrap();
+        if finished {
+            assert!(matches!(
+                outcome,
+                ProvisionOutcome::Skipped {
+                    status: VmRequestStatus::Ready,
+                    ..
+                }
+            ));
+        } else {
+            interruptions += 1;
+            // A crash after the last append leaves only the timeline to
+            // finish; the rerun then reports the request as already done.
+            assert!(
+                matches!(
+                    outcome,
+                    ProvisionOutcome::Ready { .. }
+                        | ProvisionOutcome::Skipped {
+                            status: VmRequestStatus::Ready,
+                            ..
+                        }
+                ),
+                "after a crash at step {stop_after}: {outcome:?}"
+            );
+        }
+        assert_exactly_one_vm(&world, request).await;
+        if finished {
+            break;
+        }
+    }
+    assert!(
+        interruptions >= 20,
+        "the flow has many steps; only {interruptions} were interrupted"
+    );
+}
+
+#[tokio::test]
+async fn a_clone_that_succeeded_behind_a_failed_call_is_adopted() {
+    let world = world();
+    let (service, _, _, sim, tenant) = &world;
+    sim.add_fault(FaultRule::new(
+        Operation::CreateVm,
+        Trigger::Times(1),
+        Fault::CreatedButCallFailed,
+    ));
+    let request = service.submit(new_request(tenant, "app01")).await.unwrap();
+    service
+        .approve(tenant.tenant_id, request, user())
+        .await
+        .unwrap();
+    let outcome = service.provision(tenant.tenant_id, request).await.unwrap();
+    assert!(
+        matches!(outcome, ProvisionOutcome::Ready { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(sim.call_count(Operation::CreateVm), 2);
+    assert_exactly_one_vm(&world, request).await;
+}
+
+#[tokio::test]
+async fn a_crash_after_a_created_but_failed_call_is_adopted_on_rerun() {
+    let world = world();
+    let (service, _, _, sim, tenant) = &world;
+    // Every call fails after creating: the service gives up (retryable) ...
+    sim.add_fault(FaultRule::new(
+        Operation::CreateVm,
+        Trigger::Times(1),
+        Fault::CreatedButCallFailed,
+    ));
+    let request = service.submit(new_request(tenant, "app01")).await.unwrap();
+    service
+        .approve(tenant.tenant_id, request, user())
+        .await
+        .unwrap();
+    let outcome = service
+        .provision_attempt(tenant.tenant_id, request)
+        .await
+        .unwrap();
+    // ... unless its own retry adopts it, which it does.
+    assert!(
+        matches!(outcome, ProvisionOutcome::Ready { .. }),
+        "{outcome:?}"
+    );
+    assert_exactly_one_vm(&world, request).await;
+}
+
+#[tokio::test]
+async fn a_vm_of_the_same_name_that_dvmm_did_not_create_is_never_adopted() {
+    let world = world();
+    let (service, store, _, sim, tenant) = &world;
+    sim.insert_foreign_vm("acme/web", "web-app01");
+    let request = service.submit(new_request(tenant, "app01")).await.unwrap();
+    service
+        .approve(tenant.tenant_id, request, user())
+        .await
+        .unwrap();
+    let outcome = service.provision(tenant.tenant_id, request).await.unwrap();
+    assert!(
+        matches!(
+            outcome,
+            ProvisionOutcome::Failed {
+                error: VsphereError::DuplicateName { .. },
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(sim.vms().len(), 1, "no second VM was created");
+    assert!(
+        sim.vms()[0].dvmm_vm_id.is_none(),
+        "the foreign VM is untouched"
+    );
+    let events = store.read_all(tenant.tenant_id, 0, 100).await.unwrap();
+    assert!(!events.iter().any(|e| e.event_type == "VmProvisioned"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_commands_for_one_request_make_one_vm() {
+    let tenant = tenant_config("acme", 5);
+    let store = Arc::new(MemoryEventStore::new());
+    let timeline = Arc::new(MemoryTimeline::new());
+    let sim = Simulator::default();
+    let service = Arc::new(ProvisioningService::new(
+        store.clone(),
+        sim.clone(),
+        timeline.clone(),
+        Tenants::new().with(tenant.clone()),
+    ));
+    let request = service.submit(new_request(&tenant, "app01")).await.unwrap();
+    service
+        .approve(tenant.tenant_id, request, user())
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let service = service.clone();
+            let tenant_id = tenant.tenant_id;
+            tokio::spawn(async move { service.provision(tenant_id, request).await })
+        })
+        .collect();
+    let mut ready = 0;
+    for task in tasks {
+        match task.await.unwrap().unwrap() {
+            ProvisionOutcome::Ready { .. } => ready += 1,
+            ProvisionOutcome::Skipped { .. } => {}
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert!(ready >= 1);
+    assert_eq!(sim.vms().len(), 1, "exactly one clone");
+    let events = store.read_all(tenant.tenant_id, 0, 1000).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type == "VmProvisioned")
+            .count(),
+        1
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type == "VmRequestReady")
+            .count(),
+        1
+    );
+    let entries = timeline.list(tenant.tenant_id, request).await.unwrap();
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.entry_type == TimelineEntryType::VmReady)
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guest_that_never_reports_an_ip_is_ready_with_ip_pending_after_the_timeout() {
+    let tenant = tenant_config("acme", 120);
+    let sim = Simulator::default();
+    sim.set_ip_mode(dvmm::vsphere::sim::IpMode::Never);
+    let timeline = Arc::new(MemoryTimeline::new());
+    let service = ProvisioningService::new(
+        Arc::new(MemoryEventStore::new()),
+        sim.clone(),
+        timeline.clone(),
+        Tenants::new().with(tenant.clone()),
+    );
+    let request = service.submit(new_request(&tenant, "app01")).await.unwrap();
+    service
+        .approve(tenant.tenant_id, request, user())
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let outcome = service.provision(tenant.tenant_id, request).await.unwrap();
+    assert_eq!(
+        started.elapsed().as_secs(),
+        120,
+        "waited the configured 2 minutes"
+    );
+    let ProvisionOutcome::Ready { vm_id, result } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(result.ip_address, None);
+    assert_eq!(
+        result.warning_message.as_deref(),
+        Some("IP detection timed out")
+    );
+    let entries = timeline.list(tenant.tenant_id, request).await.unwrap();
+    assert_eq!(entries.last().unwrap().details, "VM ready (IP pending)");
+    // Later the guest reports an IP and the user refreshes.
+    sim.set_guest_ip(&result.vmware_vm_id, Some("10.0.0.250".parse().unwrap()));
+    let vm = service
+        .refresh_guest_info(tenant.tenant_id, vm_id)
+        .await
+        .unwrap();
+    assert_eq!(vm.ip_address, Some("10.0.0.250".parse().unwrap()));
+    let entries = timeline.list(tenant.tenant_id, request).await.unwrap();
+    assert_eq!(
+        entries.last().unwrap().details,
+        "Guest info refreshed - IP: 10.0.0.250"
+    );
+}
