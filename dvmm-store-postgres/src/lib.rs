@@ -1,1 +1,16 @@
-//! placeholder
+#![doc = include_str!("../README.md")]
+
+mod error;
+mod event_store;
+mod schema;
+mod tenant;
+mod timeline;
+
+pub use error::{Error, Result};
+pub use event_store::{APPEND_LOCK_KEY, PgEventStore};
+pub use schema::{APP_ROLE, MIGRATOR, create_app_login, migrate, verify_app_role};
+pub use timeline::PgTimeline;
+
+/// The driver, re-exported so hosts build pools and options with the same
+/// sqlx version as the store.
+pub use sqlx;

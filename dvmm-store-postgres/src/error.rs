@@ -1,0 +1,142 @@
+//! The crate's setup error and the mapping of database errors onto the
+//! port's [`StoreError`].
+
+use dvmm_core::ports::StoreError;
+
+/// Setting up the store failed (connecting, migrating, creating roles).
+///
+/// Errors of the ports themselves are [`StoreError`]s.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be reached or refused the login.
+    #[error("failed to connect to PostgreSQL: {source}")]
+    Connect {
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("failed to apply the dvmm migrations: {source}")]
+    Migrate {
+        /// The migrator's error.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    /// The dvmm tables do not exist in the connection's schema.
+    #[error(
+        "the dvmm tables are missing in this database: run dvmm_store_postgres::migrate with an admin connection first"
+    )]
+    NotMigrated,
+    /// The connection's role would not be held back by row-level security.
+    #[error(
+        "role {role:?} {reason}; connect as a login role that is a member of dvmm_app instead (see create_app_login)"
+    )]
+    UnsafeRole {
+        /// The role the connection uses.
+        role: String,
+        /// Why it is unsafe.
+        reason: &'static str,
+    },
+    /// A role name that is not a plain lowercase SQL identifier.
+    #[error(
+        "invalid role name {name:?}: use 1-63 characters of a-z, 0-9 and _, not starting with a digit"
+    )]
+    InvalidRoleName {
+        /// The refused name.
+        name: String,
+    },
+    /// A setup statement failed.
+    #[error("failed to {operation}: {source}")]
+    Database {
+        /// What was being done.
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// `pub type Result<T> = Result<T, Error>` for setup calls.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// SQLSTATE of `unique_violation`.
+pub(crate) const UNIQUE_VIOLATION: &str = "23505";
+
+/// The SQLSTATE of a database error, if it is one.
+pub(crate) fn sqlstate(error: &sqlx::Error) -> Option<String> {
+    match error {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+/// Whether trying again (on a fresh connection) may succeed.
+pub(crate) fn is_retryable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 53: insufficient resources (too many
+            // connections, out of memory); 57P0x: server shutting down,
+            // restarting or not yet accepting connections; 40001/40P01:
+            // serialization failure and deadlock.
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P0")
+                || code == "40001"
+                || code == "40P01"
+        }),
+        _ => false,
+    }
+}
+
+/// Maps a driver error to [`StoreError::Backend`].
+pub(crate) fn backend(operation: &'static str, error: sqlx::Error) -> StoreError {
+    let retryable = is_retryable(&error);
+    StoreError::Backend {
+        operation,
+        message: error.to_string(),
+        retryable,
+        source: Some(Box::new(error)),
+    }
+}
+
+/// A stored row that cannot be turned back into a port type: the data (or
+/// the schema) is broken, so retrying cannot help.
+pub(crate) fn corrupt(operation: &'static str, message: String) -> StoreError {
+    StoreError::Backend {
+        operation,
+        message,
+        retryable: false,
+        source: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_and_pool_timeouts_are_retryable_configuration_is_not() {
+        let io = sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ));
+        assert!(is_retryable(&io));
+        assert!(is_retryable(&sqlx::Error::PoolTimedOut));
+        assert!(!is_retryable(&sqlx::Error::PoolClosed));
+        assert!(!is_retryable(&sqlx::Error::RowNotFound));
+        let e = backend("append", sqlx::Error::PoolTimedOut);
+        assert!(e.is_retryable());
+        assert!(e.to_string().contains("append"), "{e}");
+    }
+
+    #[test]
+    fn corrupt_rows_are_not_retryable() {
+        let e = corrupt("load", "bad metadata".into());
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("bad metadata"));
+    }
+}

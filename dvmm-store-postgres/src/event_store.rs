@@ -1,0 +1,464 @@
+//! [`PgEventStore`]: the [`EventStore`] port on PostgreSQL.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use dvmm_core::event::{EventMetadata, NewEvent, StoredEvent, StreamId};
+use dvmm_core::ids::TenantId;
+use dvmm_core::ports::{AppendOutcome, EventStore, StoreError};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::error::{Error, Result, UNIQUE_VIOLATION, backend, corrupt, sqlstate};
+use crate::schema::verify_app_role;
+use crate::timeline::PgTimeline;
+
+/// Key of the transaction-scoped advisory lock that serializes position
+/// assignment (the bytes spell `dvmm_evt`); `dvmm_append` in the migrations
+/// takes it.
+pub const APPEND_LOCK_KEY: i64 = 0x6476_6d6d_5f65_7674;
+
+/// An [`EventStore`] on PostgreSQL.
+///
+/// Cheap to clone (it is a handle to a connection pool). Every call runs in
+/// its own transaction scoped to the caller's tenant, see the crate docs for
+/// the ordering and isolation designs.
+#[derive(Clone)]
+pub struct PgEventStore {
+    pool: PgPool,
+}
+
+impl fmt::Debug for PgEventStore {
+    // The pool's connect options hold the password: never print them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgEventStore")
+            .field("connections", &self.pool.size())
+            .field("idle", &self.pool.num_idle())
+            .finish()
+    }
+}
+
+impl PgEventStore {
+    /// Wraps an existing pool. No check is made that the pool's role is held
+    /// to row-level security; call [`crate::verify_app_role`] for that.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Connects to `url` (e.g. `postgres://app:secret@db/dvmm`) with a pool
+    /// of up to 10 connections and checks that the role is held to the
+    /// tenant policies.
+    ///
+    /// # Errors
+    /// [`Error::Connect`] when the database cannot be reached,
+    /// [`Error::NotMigrated`] or [`Error::UnsafeRole`] from the role check.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options: PgConnectOptions = url.parse().map_err(|source| Error::Connect { source })?;
+        Self::connect_with(Self::default_pool_options(), options).await
+    }
+
+    /// Connects with explicit pool and connection options and checks that
+    /// the role is held to the tenant policies.
+    ///
+    /// # Errors
+    /// As [`PgEventStore::connect`].
+    pub async fn connect_with(pool: PgPoolOptions, options: PgConnectOptions) -> Result<Self> {
+        let pool = pool
+            .connect_with(options)
+            .await
+            .map_err(|source| Error::Connect { source })?;
+        verify_app_role(&pool).await?;
+        Ok(Self::new(pool))
+    }
+
+    /// The pool options [`PgEventStore::connect`] uses: 10 connections, and a
+    /// 10 s limit on waiting for one (which also bounds how long a call waits
+    /// for a restarting server before it fails with a retryable error).
+    pub fn default_pool_options() -> PgPoolOptions {
+        PgPoolOptions::new()
+            .max_connections(10)
+            .acquire_timeout(Duration::from_secs(10))
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A [`PgTimeline`] sharing this store's pool.
+    pub fn timeline(&self) -> PgTimeline {
+        PgTimeline::new(self.pool.clone())
+    }
+}
+
+/// PostgreSQL `text` cannot hold NUL, so such ids cannot name a stored stream.
+fn has_nul(stream: &StreamId) -> bool {
+    stream.stream_type.contains('\0') || stream.id.contains('\0')
+}
+
+fn invalid(stream: &StreamId, reason: impl Into<String>) -> StoreError {
+    StoreError::InvalidAppend {
+        stream: stream.clone(),
+        reason: reason.into(),
+    }
+}
+
+/// Refuses batches that can never be stored, before touching the database.
+fn check_batch(tenant: TenantId, stream: &StreamId, events: &[NewEvent]) -> Result<(), StoreError> {
+    if has_nul(stream) {
+        return Err(invalid(stream, "the stream id contains a NUL character"));
+    }
+    if let Some(bad) = events.iter().find(|e| e.metadata.tenant_id != tenant) {
+        return Err(invalid(
+            stream,
+            format!(
+                "event {} belongs to tenant {}, not {tenant}",
+                bad.metadata.event_id, bad.metadata.tenant_id
+            ),
+        ));
+    }
+    let mut ids = HashSet::with_capacity(events.len());
+    if let Some(dup) = events.iter().find(|e| !ids.insert(e.metadata.event_id)) {
+        return Err(invalid(
+            stream,
+            format!("the batch repeats event id {}", dup.metadata.event_id),
+        ));
+    }
+    if let Some(bad) = events.iter().find(|e| e.event_type.contains('\0')) {
+        return Err(invalid(
+            stream,
+            format!(
+                "event {} has a NUL character in its type",
+                bad.metadata.event_id
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn to_u64(value: i64, what: &str, operation: &'static str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| corrupt(operation, format!("negative {what} {value} stored")))
+}
+
+/// A batch as the column arrays `dvmm_append` takes.
+struct Columns {
+    ids: Vec<Uuid>,
+    types: Vec<String>,
+    schema_versions: Vec<i64>,
+    payloads: Vec<serde_json::Value>,
+    metadata: Vec<serde_json::Value>,
+}
+
+impl Columns {
+    fn new(events: Vec<NewEvent>) -> Self {
+        let n = events.len();
+        let mut columns = Columns {
+            ids: Vec::with_capacity(n),
+            types: Vec::with_capacity(n),
+            schema_versions: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
+        };
+        for event in events {
+            columns.ids.push(event.metadata.event_id.as_uuid());
+            columns.metadata.push(metadata_json(&event.metadata));
+            columns.types.push(event.event_type);
+            columns
+                .schema_versions
+                .push(i64::from(event.schema_version));
+            columns.payloads.push(event.payload);
+        }
+        columns
+    }
+}
+
+/// What `dvmm_append` answered.
+struct AppendRow {
+    outcome: String,
+    stream_version: i64,
+    last_position: Option<i64>,
+}
+
+/// One call of the migration's `dvmm_append`: checks, position lock, insert
+/// and (implicit) commit in a single round trip.
+async fn call_append(
+    pool: &PgPool,
+    tenant: TenantId,
+    stream: &StreamId,
+    expected: i64,
+    columns: &Columns,
+) -> Result<AppendRow, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT outcome, stream_version, last_position \
+           FROM dvmm_append($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(tenant.as_uuid())
+    .bind(&stream.stream_type)
+    .bind(&stream.id)
+    .bind(expected)
+    .bind(&columns.ids)
+    .bind(&columns.types)
+    .bind(&columns.schema_versions)
+    .bind(&columns.payloads)
+    .bind(&columns.metadata)
+    .fetch_one(pool)
+    .await?;
+    Ok(AppendRow {
+        outcome: row.try_get(0)?,
+        stream_version: row.try_get(1)?,
+        last_position: row.try_get(2)?,
+    })
+}
+
+fn metadata_json(metadata: &EventMetadata) -> serde_json::Value {
+    // EventMetadata is plain ids, an optional id and a timestamp: it always
+    // serializes; Null would be refused by the NOT NULL column anyway.
+    serde_json::to_value(metadata).unwrap_or(serde_json::Value::Null)
+}
+
+const EVENT_COLUMNS: &str = "position, stream_type, stream_id, version, event_type, \
+                             schema_version, payload, metadata";
+
+fn stored_event(row: &PgRow, operation: &'static str) -> Result<StoredEvent, StoreError> {
+    let get = |e| backend(operation, e);
+    let position: i64 = row.try_get("position").map_err(get)?;
+    let version: i64 = row.try_get("version").map_err(get)?;
+    let schema_version: i64 = row.try_get("schema_version").map_err(get)?;
+    // Straight from the column's bytes into the struct, without building a
+    // JSON tree first: this is most of the client's work in `load`.
+    let metadata: Json<EventMetadata> = row.try_get("metadata").map_err(|e| {
+        corrupt(
+            operation,
+            format!("the metadata of the event at position {position} is malformed: {e}"),
+        )
+    })?;
+    let metadata = metadata.0;
+    Ok(StoredEvent {
+        position: to_u64(position, "position", operation)?,
+        stream_id: StreamId {
+            stream_type: row.try_get("stream_type").map_err(get)?,
+            id: row.try_get("stream_id").map_err(get)?,
+        },
+        version: to_u64(version, "version", operation)?,
+        event_type: row.try_get("event_type").map_err(get)?,
+        schema_version: u32::try_from(schema_version).map_err(|_| {
+            corrupt(
+                operation,
+                format!("schema version {schema_version} at position {position} is out of range"),
+            )
+        })?,
+        payload: row.try_get("payload").map_err(get)?,
+        metadata,
+    })
+}
+
+impl EventStore for PgEventStore {
+    async fn append(
+        &self,
+        tenant: TenantId,
+        stream: &StreamId,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, StoreError> {
+        check_batch(tenant, stream, &events)?;
+        let columns = Columns::new(events);
+        // An expected version beyond bigint cannot match any stream.
+        let expected = i64::try_from(expected_version).unwrap_or(-1);
+        let mut result = call_append(&self.pool, tenant, stream, expected, &columns).await;
+        if result.as_ref().is_err_and(is_unique_violation) {
+            // Lost a race on a unique key; nothing was written. Asking again
+            // tells a racing retry of this very batch (already applied) from
+            // a writer that took the version (conflict).
+            result = call_append(&self.pool, tenant, stream, expected, &columns).await;
+        }
+        match result {
+            Ok(row) => {
+                let version = to_u64(row.stream_version, "version", "append")?;
+                match row.outcome.as_str() {
+                    "appended" => Ok(AppendOutcome::Appended {
+                        new_version: version,
+                        last_position: to_u64(
+                            row.last_position.unwrap_or(0),
+                            "position",
+                            "append",
+                        )?,
+                    }),
+                    "already_applied" => Ok(AppendOutcome::AlreadyApplied {
+                        stream_version: version,
+                    }),
+                    "conflict" => {
+                        tracing::debug!(%stream, expected_version, found = version, "append conflict");
+                        Err(StoreError::Conflict {
+                            stream: stream.clone(),
+                            expected: expected_version,
+                            actual: Some(version),
+                        })
+                    }
+                    other => Err(corrupt(
+                        "append",
+                        format!("dvmm_append answered an unknown outcome {other:?}"),
+                    )),
+                }
+            }
+            Err(e) if is_unique_violation(&e) => {
+                let constraint = e
+                    .as_database_error()
+                    .and_then(|db| db.constraint())
+                    .unwrap_or_default();
+                if constraint == "dvmm_events_event_id_key" {
+                    Err(invalid(
+                        stream,
+                        "an event id of the batch is already stored in another stream",
+                    ))
+                } else {
+                    // The version is free for this tenant but the key is taken:
+                    // another tenant's stream. Say nothing about it.
+                    Err(StoreError::Conflict {
+                        stream: stream.clone(),
+                        expected: expected_version,
+                        actual: None,
+                    })
+                }
+            }
+            // Class 22, data exception: e.g. a `\u0000` in a JSON string,
+            // which JSONB cannot store.
+            Err(e) if sqlstate(&e).is_some_and(|c| c.starts_with("22")) => Err(invalid(
+                stream,
+                format!("PostgreSQL cannot store this batch: {e}"),
+            )),
+            Err(e) if crate::error::is_retryable(&e) => {
+                tracing::warn!(%stream, error = %e, "append failed; it may or may not have been applied");
+                Err(StoreError::Backend {
+                    operation: "append",
+                    message: format!(
+                        "{e}; if the request reached the server the append may have been applied: \
+                         retry with the same events to find out"
+                    ),
+                    retryable: true,
+                    source: Some(Box::new(e)),
+                })
+            }
+            Err(e) => Err(backend("append", e)),
+        }
+    }
+
+    async fn load(
+        &self,
+        tenant: TenantId,
+        stream: &StreamId,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if has_nul(stream) {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM dvmm_load($1, $2, $3) ORDER BY version"
+        ))
+        .bind(tenant.as_uuid())
+        .bind(&stream.stream_type)
+        .bind(&stream.id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| backend("load", e))?;
+        rows.iter().map(|row| stored_event(row, "load")).collect()
+    }
+
+    async fn read_all(
+        &self,
+        tenant: TenantId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let Ok(after) = i64::try_from(after) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM dvmm_read_all($1, $2, $3) ORDER BY position"
+        ))
+        .bind(tenant.as_uuid())
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| backend("read all events", e))?;
+        rows.iter()
+            .map(|row| stored_event(row, "read all events"))
+            .collect()
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    sqlstate(e).as_deref() == Some(UNIQUE_VIOLATION)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+    use dvmm_core::ids::{CorrelationId, EventId, UserId};
+
+    fn event(tenant: TenantId) -> NewEvent {
+        NewEvent {
+            event_type: "Test".into(),
+            schema_version: 1,
+            payload: serde_json::json!({}),
+            metadata: EventMetadata {
+                event_id: EventId::from_uuid(Uuid::new_v4()),
+                tenant_id: tenant,
+                user_id: UserId::from_uuid(Uuid::new_v4()),
+                correlation_id: CorrelationId::from_uuid(Uuid::new_v4()),
+                causation_id: None,
+                occurred_at: Utc.timestamp_opt(0, 0).single().unwrap_or_default(),
+            },
+        }
+    }
+
+    #[test]
+    fn batches_that_cannot_be_stored_are_refused_up_front() {
+        let tenant = TenantId::from_uuid(Uuid::new_v4());
+        let stream = StreamId::new("VmRequest", Uuid::new_v4());
+        assert!(check_batch(tenant, &stream, &[event(tenant), event(tenant)]).is_ok());
+
+        let other = TenantId::from_uuid(Uuid::new_v4());
+        let err = check_batch(tenant, &stream, &[event(tenant), event(other)]).unwrap_err();
+        assert!(matches!(err, StoreError::InvalidAppend { .. }), "{err:?}");
+
+        let e = event(tenant);
+        let err = check_batch(tenant, &stream, &[e.clone(), e]).unwrap_err();
+        assert!(err.to_string().contains("repeats"), "{err}");
+
+        let nul = StreamId::new("VmRequest", "a\0b");
+        assert!(check_batch(tenant, &nul, &[]).is_err());
+        let mut bad_type = event(tenant);
+        bad_type.event_type = "x\0".into();
+        assert!(check_batch(tenant, &stream, &[bad_type]).is_err());
+    }
+
+    #[test]
+    fn metadata_serializes_to_an_object() {
+        let e = event(TenantId::from_uuid(Uuid::new_v4()));
+        let json = metadata_json(&e.metadata);
+        assert!(json.is_object());
+        let back: EventMetadata = serde_json::from_value(json).unwrap();
+        assert_eq!(back, e.metadata);
+    }
+
+    #[test]
+    fn the_append_function_takes_the_documented_lock() {
+        let sql: String = crate::MIGRATOR.iter().map(|m| m.sql.to_string()).collect();
+        assert!(sql.contains(&format!("pg_advisory_xact_lock({APPEND_LOCK_KEY})")));
+    }
+
+    #[test]
+    fn negative_numbers_from_the_database_are_corruption() {
+        assert_eq!(to_u64(5, "version", "load").unwrap(), 5);
+        let err = to_u64(-1, "version", "load").unwrap_err();
+        assert!(!err.is_retryable());
+    }
+}

@@ -1,0 +1,163 @@
+//! Migrations and roles.
+//!
+//! The schema is owned by an admin role that runs [`migrate`]; the
+//! application connects as a login role that is a member of [`APP_ROLE`]
+//! (created by the migrations, see [`create_app_login`]) and therefore is
+//! held to the row-level security policies.
+
+use dvmm_core::config::Secret;
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+
+use crate::error::{Error, Result};
+
+/// The NOLOGIN group role the migrations create. Its members may `SELECT`
+/// and `INSERT` on the dvmm tables, nothing else, and only for the tenant
+/// named by the transaction setting `dvmm.tenant_id`.
+pub const APP_ROLE: &str = "dvmm_app";
+
+/// The embedded migrations (`migrations/*.sql`).
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Applies the pending migrations, creating the tables, row-level security
+/// policies and the [`APP_ROLE`] group role.
+///
+/// `admin` must connect as the role that owns (or will own) the tables and
+/// may create roles, e.g. the database owner or a superuser. Several processes
+/// may call this at the same time: the migrator serializes them with an
+/// advisory lock on the database, and creating the cluster-wide role tolerates
+/// losing a race with another database's migration.
+///
+/// # Errors
+/// [`Error::Migrate`] when a migration fails or the recorded migrations do
+/// not match the embedded ones.
+pub async fn migrate(admin: &PgPool) -> Result<()> {
+    MIGRATOR
+        .run(admin)
+        .await
+        .map_err(|source| Error::Migrate { source })
+}
+
+/// Whether `name` is safe to use as an unquoted role name.
+fn is_plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z' | '_'))
+        && name.len() <= 63
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+}
+
+/// Creates (or updates) the login role `role` with `password` as a member of
+/// [`APP_ROLE`], for the application's runtime connections. Run it with an
+/// admin connection after [`migrate`]; it is idempotent.
+///
+/// The password never appears in statement text (it is passed as a bound
+/// parameter and formatted into the DDL inside the server), so it is not
+/// written to sqlx's statement log or to `pg_stat_activity`.
+///
+/// # Errors
+/// [`Error::InvalidRoleName`] unless `role` is a plain lowercase identifier;
+/// [`Error::Database`] when the admin connection may not create roles.
+pub async fn create_app_login(admin: &PgPool, role: &str, password: &Secret) -> Result<()> {
+    if !is_plain_identifier(role) {
+        return Err(Error::InvalidRoleName {
+            name: role.to_owned(),
+        });
+    }
+    let operation = "create the application login role";
+    let db = |source| Error::Database { operation, source };
+    let mut tx = admin.begin().await.map_err(db)?;
+    sqlx::query(
+        "SELECT set_config('dvmm.new_role', $1, true), set_config('dvmm.new_password', $2, true)",
+    )
+    .bind(role)
+    .bind(password.expose())
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    sqlx::query(
+        r#"DO $$
+        DECLARE
+            role_name text := current_setting('dvmm.new_role');
+            secret text := current_setting('dvmm.new_password');
+        BEGIN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I LOGIN PASSWORD %L', role_name, secret);
+            EXCEPTION
+                WHEN duplicate_object OR unique_violation THEN
+                    EXECUTE format('ALTER ROLE %I LOGIN PASSWORD %L', role_name, secret);
+            END;
+            EXECUTE format('GRANT dvmm_app TO %I', role_name);
+        END
+        $$"#,
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    tx.commit().await.map_err(db)
+}
+
+/// Checks that the pool's role is held to the row-level security policies:
+/// not a superuser, no `BYPASSRLS`, not the owner of the tables (nor a
+/// member of the owning role).
+///
+/// # Errors
+/// [`Error::NotMigrated`] when the tables do not exist, [`Error::UnsafeRole`]
+/// when the role escapes the policies, [`Error::Database`] when the check
+/// itself fails.
+pub async fn verify_app_role(pool: &PgPool) -> Result<()> {
+    let row: (String, Option<bool>, Option<bool>, Option<bool>) = sqlx::query_as(
+        "SELECT current_user::text, \
+                (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), \
+                (SELECT rolbypassrls FROM pg_roles WHERE rolname = current_user), \
+                (SELECT pg_has_role(current_user, c.relowner, 'MEMBER') \
+                   FROM pg_class c WHERE c.oid = to_regclass('dvmm_events'))",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(|source| Error::Database {
+        operation: "check the connection's role",
+        source,
+    })?;
+    let (role, superuser, bypass, owner) = row;
+    let reason = match (superuser, bypass, owner) {
+        (_, _, None) => return Err(Error::NotMigrated),
+        (Some(true), _, _) => "is a superuser, which bypasses row-level security",
+        (_, Some(true), _) => "has BYPASSRLS",
+        (_, _, Some(true)) => "owns the dvmm tables",
+        _ => return Ok(()),
+    };
+    Err(Error::UnsafeRole { role, reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_names_are_plain_identifiers() {
+        for ok in ["dvmm_app_login", "_x", "a1"] {
+            assert!(is_plain_identifier(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "Upper",
+            "a-b",
+            "a b",
+            "x\"; DROP",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_plain_identifier(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn migrations_are_embedded() {
+        assert!(MIGRATOR.iter().count() >= 1);
+        assert!(
+            MIGRATOR
+                .iter()
+                .any(|m| m.sql.contains("FORCE ROW LEVEL SECURITY"))
+        );
+    }
+}

@@ -1,0 +1,353 @@
+//! SOAP benchmarks: decode of a large RetrievePropertiesEx answer, encode of a
+//! full CloneVM_Task request, and end-to-end provisionings/s against vcsim.
+//!
+//! The decode input is recorded at bench time from `vcsim -vm 500` (1,000
+//! VMs) and cached under `target/bench-data/`; benches that need vcsim are
+//! skipped with a message when it is missing. See the crate README.
+
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Vcsim, fast_options};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use dvmm_core::config::VcenterEndpoint;
+use dvmm_core::ports::VspherePort;
+use dvmm_vsphere::methods::{self, CloneSpec, ConfigSpec};
+use dvmm_vsphere::session::Session;
+use dvmm_vsphere::soap::{Envelope, Response, read_response};
+use dvmm_vsphere::types::{
+    MoRef, NetworkBacking, PowerState, VmProperties, object_contents, object_contents_owned,
+};
+use dvmm_vsphere::{SoapOptions, SoapVsphere};
+use futures::StreamExt;
+
+fn bench_data_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data")
+}
+
+/// The raw answer to "name, config.hardware, guest, runtime, summary of every
+/// VM" from `vcsim -vm 500`, recorded once.
+fn large_response(rt: &tokio::runtime::Runtime) -> Option<Vec<u8>> {
+    let path = bench_data_dir().join("vcsim-vm500-RetrievePropertiesEx.xml");
+    if let Ok(bytes) = std::fs::read(&path) {
+        return Some(bytes);
+    }
+    let sim = Vcsim::start(&["-vm", "500", "-tls=false"])?;
+    let url = sim.url.clone();
+    let bytes = rt.block_on(async move {
+        let http = reqwest::Client::builder()
+            .cookie_store(true)
+            .build()
+            .unwrap();
+        let post = |body: String| {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                http.post(&url)
+                    .header("Content-Type", "text/xml; charset=utf-8")
+                    .header("SOAPAction", "urn:vim25/6.5")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap()
+                    .to_vec()
+            }
+        };
+        let mut login = Envelope::new("Login");
+        login
+            .moref("_this", "SessionManager", "SessionManager")
+            .text("userName", "user")
+            .text("password", "pass");
+        post(login.finish()).await;
+        let mut find = Envelope::new("FindByInventoryPath");
+        find.moref("_this", "SearchIndex", "SearchIndex")
+            .text("inventoryPath", "DC0/vm");
+        let found = post(find.finish()).await;
+        let Ok(Response::Ok(node)) = read_response(&found) else {
+            panic!("no VM folder")
+        };
+        let folder = MoRef::from_node(node.child("returnval").unwrap()).unwrap();
+        let mut env = Envelope::new("RetrievePropertiesEx");
+        env.moref("_this", "PropertyCollector", "propertyCollector")
+            .open("specSet")
+            .open("propSet")
+            .text("type", "VirtualMachine");
+        for p in ["name", "config.hardware", "guest", "runtime", "summary"] {
+            env.text("pathSet", p);
+        }
+        env.close("propSet")
+            .open("objectSet")
+            .moref("obj", &folder.kind, &folder.value)
+            .text("skip", "true")
+            .open_typed("selectSet", "TraversalSpec")
+            .text("name", "tree")
+            .text("type", "Folder")
+            .text("path", "childEntity")
+            .text("skip", "false")
+            .open("selectSet")
+            .text("name", "tree")
+            .close("selectSet")
+            .close("selectSet")
+            .close("objectSet")
+            .close("specSet")
+            .open("options")
+            .close("options");
+        post(env.finish()).await
+    });
+    drop(sim);
+    std::fs::create_dir_all(bench_data_dir()).ok()?;
+    std::fs::write(&path, &bytes).ok()?;
+    Some(bytes)
+}
+
+fn decode_all(bytes: &[u8]) -> usize {
+    let Ok(Response::Ok(node)) = read_response(bytes) else {
+        panic!("not a response")
+    };
+    object_contents_owned(node)
+        .into_iter()
+        .map(VmProperties::from_content_owned)
+        .filter(|vm| vm.hardware.num_cpu.is_some() && vm.runtime.power_state.is_some())
+        .count()
+}
+
+fn decode(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Some(bytes) = large_response(&rt) else {
+        eprintln!("decode bench skipped: vcsim missing");
+        return;
+    };
+    let vms = decode_all(&bytes);
+    eprintln!("decode input: {} bytes, {vms} VMs", bytes.len());
+    let mut group = c.benchmark_group("decode");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Bytes(bytes.len() as u64));
+    group.bench_function("RetrievePropertiesEx_1000_vms", |b| {
+        b.iter(|| decode_all(&bytes))
+    });
+    group.finish();
+}
+
+fn encode(c: &mut Criterion) {
+    let fixture = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/RetrievePropertiesEx-vm.xml"
+    ))
+    .unwrap();
+    let Ok(Response::Ok(node)) = read_response(&fixture) else {
+        panic!("fixture")
+    };
+    let vm = VmProperties::from_content(&object_contents(&node)[0]);
+    let net = NetworkBacking::Distributed {
+        switch_uuid: "fea97929-4b2d-5972-b146-930c6d0b4014".into(),
+        portgroup_key: "dvportgroup-13".into(),
+    };
+    let spec = CloneSpec {
+        datastore: MoRef::new("Datastore", "datastore-56"),
+        pool: MoRef::new("ResourcePool", "resgroup-26"),
+        config: ConfigSpec {
+            num_cpus: Some(4),
+            memory_mb: Some(8192),
+            device_changes: vec![
+                (
+                    "edit",
+                    vm.hardware
+                        .first_disk()
+                        .unwrap()
+                        .with_capacity_kib(80 << 20),
+                ),
+                (
+                    "edit",
+                    vm.hardware.nics().next().unwrap().with_backing(&net),
+                ),
+            ],
+            extra_config: vec![(
+                "dvmm.vmId".into(),
+                "0d3c1f8e-1b7a-4a53-9d7e-2c4b9f0a1e55".into(),
+            )],
+        },
+    };
+    let (template, folder) = (
+        MoRef::new("VirtualMachine", "vm-63"),
+        MoRef::new("Folder", "folder-68"),
+    );
+    let size = {
+        let mut env = Envelope::new("CloneVM_Task");
+        methods::write_clone(&mut env, &template, &folder, "web-app01", &spec);
+        env.finish().len()
+    };
+    let mut group = c.benchmark_group("encode");
+    group.throughput(Throughput::Bytes(size as u64));
+    group.bench_function("CloneVM_Task", |b| {
+        b.iter(|| {
+            let mut env = Envelope::new("CloneVM_Task");
+            methods::write_clone(&mut env, &template, &folder, "web-app01", &spec);
+            env.finish()
+        })
+    });
+    group.finish();
+}
+
+/// Plays the guest of every VM in `folder`: one private collector watches the
+/// power state of the folder's VMs; each VM that powers on gets VMware Tools
+/// and an IP through vcsim's `SET.guest.*` keys.
+async fn guest_player(session: Arc<Session>, folder_path: String, stop: Arc<AtomicU64>) {
+    let folder = loop {
+        if let Some(f) = common::find(&session, &folder_path).await {
+            break f;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let pc = methods::create_property_collector(&session).await.unwrap();
+    session
+        .call("CreateFilter", false, Duration::ZERO, |_, env| {
+            env.moref("_this", &pc.kind, &pc.value)
+                .open("spec")
+                .open("propSet")
+                .text("type", "VirtualMachine")
+                .text("pathSet", "runtime.powerState")
+                .close("propSet")
+                .open("objectSet")
+                .moref("obj", &folder.kind, &folder.value)
+                .text("skip", "true")
+                .open_typed("selectSet", "TraversalSpec")
+                .text("name", "children")
+                .text("type", "Folder")
+                .text("path", "childEntity")
+                .text("skip", "false")
+                .close("selectSet")
+                .close("objectSet")
+                .close("spec")
+                .text("partialUpdates", "false");
+        })
+        .await
+        .unwrap();
+    let mut version = String::new();
+    let mut served = std::collections::HashSet::new();
+    let mut n = 0u32;
+    while stop.load(Ordering::Relaxed) == 0 {
+        let Ok(updates) = methods::wait_for_updates(&session, &pc, &version, 1).await else {
+            break;
+        };
+        if let Some(v) = updates.version {
+            version = v;
+        }
+        for change in updates.changes {
+            let on = change.val.as_ref().and_then(|v| PowerState::parse(&v.text))
+                == Some(PowerState::PoweredOn);
+            if on && served.insert(change.obj.clone()) {
+                n += 1;
+                let ip = format!("10.1.{}.{}", n / 250, n % 250 + 1);
+                let session = session.clone();
+                tokio::spawn(async move {
+                    let set = ConfigSpec {
+                        extra_config: vec![
+                            (
+                                "SET.guest.toolsRunningStatus".into(),
+                                "guestToolsRunning".into(),
+                            ),
+                            ("SET.guest.ipAddress".into(), ip),
+                        ],
+                        ..ConfigSpec::default()
+                    };
+                    let _ = methods::reconfig_vm(&session, &change.obj, &set).await;
+                });
+            }
+        }
+    }
+    let _ = methods::destroy_property_collector(&session, &pc).await;
+}
+
+fn end_to_end(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some(sim) = Vcsim::start(&[]) else {
+        eprintln!("end-to-end bench skipped: vcsim missing");
+        return;
+    };
+    let endpoint: VcenterEndpoint = sim.endpoint("user", "pass");
+    let counter = AtomicU64::new(0);
+    let mut group = c.benchmark_group("provision");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(8));
+    for concurrency in [1usize, 16, 32] {
+        // One iteration is `concurrency` VMs, so every sample keeps the
+        // requested number of provisionings in flight.
+        group.throughput(Throughput::Elements(concurrency as u64));
+        let vsphere = SoapVsphere::new(SoapOptions {
+            wait_max_seconds: 30,
+            ..fast_options()
+        });
+        let mut total_vms = 0u64;
+        let requests_before = vsphere.request_count();
+        group.bench_with_input(
+            BenchmarkId::new("vcsim", concurrency),
+            &concurrency,
+            |b, &conc| {
+                b.iter_custom(|iters| {
+                    let run = counter.fetch_add(1, Ordering::Relaxed);
+                    let folder = format!("bench/c{conc}r{run}");
+                    let vms = iters * conc as u64;
+                    total_vms += vms;
+                    rt.block_on(async {
+                        let (_observer, own) = common::observer(&endpoint);
+                        let stop = Arc::new(AtomicU64::new(0));
+                        let player = tokio::spawn(guest_player(
+                            own,
+                            format!("DC0/vm/{folder}"),
+                            stop.clone(),
+                        ));
+                        let started = Instant::now();
+                        let results: Vec<_> = futures::stream::iter(0..vms)
+                            .map(|i| {
+                                let mut spec = common::spec(
+                                    endpoint.clone(),
+                                    &folder,
+                                    &format!("vm-{i}"),
+                                    "VM Network",
+                                );
+                                spec.ip_wait_timeout = Duration::from_secs(20);
+                                let vsphere = vsphere.clone();
+                                async move { vsphere.create_vm(&spec).await }
+                            })
+                            .buffer_unordered(conc)
+                            .collect()
+                            .await;
+                        let elapsed = started.elapsed();
+                        stop.store(1, Ordering::Relaxed);
+                        let _ = player.await;
+                        for r in results {
+                            let r = r.expect("provisioning");
+                            assert!(r.ip_address.is_some(), "guest IP");
+                        }
+                        elapsed
+                    })
+                })
+            },
+        );
+        let per_vm = (vsphere.request_count() - requests_before) as f64 / total_vms.max(1) as f64;
+        eprintln!(
+            "provision/vcsim/{concurrency}: {total_vms} VMs, {per_vm:.1} SOAP requests per VM (one session, incl. login and inventory lookups)"
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decode, encode, end_to_end);
+criterion_main!(benches);

@@ -1,0 +1,736 @@
+//! [`SoapVsphere`]: the [`VspherePort`] implementation over vim25 SOAP.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dvmm_core::config::VcenterEndpoint;
+use dvmm_core::ids::{VmId, VmwareVmId};
+use dvmm_core::ports::{VsphereError, VspherePort};
+use dvmm_core::spec::{IP_TIMEOUT_WARNING, VmGuestInfo, VmProvisioningResult, VmSpec};
+use rand::Rng;
+use tracing::Instrument;
+
+use crate::methods::{self, CloneSpec, ConfigSpec};
+use crate::session::{Session, SessionPool, SoapOptions};
+use crate::types::{GuestInfo, Hardware, MoRef, NetworkBacking, PowerState, VmProperties};
+use crate::wait;
+
+/// The extraConfig key that carries dvmm's VM id inside the vSphere VM.
+pub const VM_ID_KEY: &str = "dvmm.vmId";
+
+/// Inventory resolved once per session and reused.
+#[derive(Clone, Debug)]
+pub(crate) enum Cached {
+    Ref(MoRef),
+    Network(NetworkBacking),
+    Template(MoRef, Hardware),
+}
+
+/// Properties read back from a VM before deciding what to change.
+const VM_CONFIG_PATHS: &[&str] = &[
+    "config.hardware",
+    "config.extraConfig",
+    "runtime.powerState",
+];
+
+/// Properties of the guest wait and of `get_vm`.
+const GUEST_PATHS: &[&str] = &["guest.toolsRunningStatus", "guest.ipAddress", "guest.net"];
+
+const INFO_PATHS: &[&str] = &[
+    "name",
+    "runtime.powerState",
+    "guest.toolsRunningStatus",
+    "guest.ipAddress",
+    "guest.hostName",
+    "guest.net",
+    "config.extraConfig",
+];
+
+/// The vim25 SOAP client as a [`VspherePort`].
+///
+/// Cheap to construct and to clone (clones share sessions). Sessions are
+/// opened lazily, one per distinct vCenter URL, user and TLS policy, and
+/// shared by every provisioning; call [`SoapVsphere::shutdown`] to log them
+/// out.
+///
+/// ```no_run
+/// use dvmm_core::ports::VspherePort;
+/// use dvmm_vsphere::{SoapOptions, SoapVsphere};
+/// # async fn run(spec: dvmm_core::spec::VmSpec) -> Result<(), dvmm_core::ports::VsphereError> {
+/// let vsphere = SoapVsphere::new(SoapOptions::default());
+/// let result = vsphere.create_vm(&spec).await?;
+/// println!("{} is at {:?}", result.vmware_vm_id, result.ip_address);
+/// vsphere.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct SoapVsphere {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    options: Arc<SoapOptions>,
+    pool: SessionPool,
+    requests: Arc<AtomicU64>,
+}
+
+impl SoapVsphere {
+    /// A client with these options. Nothing is connected yet.
+    pub fn new(options: SoapOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                options: Arc::new(options),
+                pool: SessionPool::default(),
+                requests: Arc::new(AtomicU64::new(0)),
+            }),
+        }
+    }
+
+    /// SOAP requests sent so far (all sessions, including logins and retries).
+    pub fn request_count(&self) -> u64 {
+        self.inner.requests.load(Ordering::Relaxed)
+    }
+
+    /// Logs out every session. The client stays usable: the next call logs
+    /// in again.
+    pub async fn shutdown(&self) {
+        for session in self.inner.pool.drain() {
+            if let Err(e) = session.logout().await {
+                tracing::warn!(url = %session.url(), error = %e, "logout failed");
+            }
+        }
+    }
+
+    /// The shared session of an endpoint, for low-level calls with
+    /// [`crate::methods`] (opened lazily: nothing is sent yet).
+    ///
+    /// # Errors
+    /// [`VsphereError::Tls`] when the endpoint's thumbprint is malformed.
+    pub fn session_for(&self, endpoint: &VcenterEndpoint) -> Result<Arc<Session>, VsphereError> {
+        self.session(endpoint)
+    }
+
+    fn session(&self, endpoint: &VcenterEndpoint) -> Result<Arc<Session>, VsphereError> {
+        self.inner
+            .pool
+            .get(endpoint, &self.inner.options, &self.inner.requests)
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.inner.options.retry_base_delay.as_secs_f64();
+        let full = (base * 2f64.powi(attempt as i32))
+            .min(self.inner.options.max_retry_delay.as_secs_f64());
+        Duration::from_secs_f64(full / 2.0 + rand::thread_rng().gen_range(0.0..=full / 2.0))
+    }
+}
+
+/// Escapes one inventory path component (`/` and `%` are special there).
+fn escape_component(name: &str) -> String {
+    name.replace('%', "%25").replace('/', "%2f")
+}
+
+fn folder_components(path: &str) -> Vec<&str> {
+    path.split('/')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+fn vm_path(spec: &VmSpec) -> String {
+    let mut path = format!("{}/vm", escape_component(&spec.datacenter));
+    for c in folder_components(&spec.folder_path) {
+        path.push('/');
+        path.push_str(&escape_component(c));
+    }
+    path.push('/');
+    path.push_str(&escape_component(spec.name.as_str()));
+    path
+}
+
+fn cache_get(session: &Session, key: &str) -> Option<Cached> {
+    session
+        .cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(key)
+        .cloned()
+}
+
+fn cache_put(session: &Session, key: String, value: Cached) {
+    session
+        .cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, value);
+}
+
+fn cache_clear(session: &Session) {
+    session
+        .cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+}
+
+fn not_found(kind: &str, name: impl Into<String>) -> VsphereError {
+    VsphereError::NotFound {
+        kind: kind.into(),
+        name: name.into(),
+    }
+}
+
+/// Looks up an inventory path, caching hits.
+async fn lookup(session: &Session, path: &str) -> Result<Option<MoRef>, VsphereError> {
+    let key = format!("path:{path}");
+    if let Some(Cached::Ref(r)) = cache_get(session, &key) {
+        return Ok(Some(r));
+    }
+    let found = methods::find_by_inventory_path(session, path).await?;
+    if let Some(r) = &found {
+        cache_put(session, key, Cached::Ref(r.clone()));
+    }
+    Ok(found)
+}
+
+#[derive(Clone, Debug)]
+struct Inventory {
+    vm_folder: MoRef,
+    pool: MoRef,
+    datastore: MoRef,
+    network: NetworkBacking,
+    template: MoRef,
+    template_hardware: Hardware,
+}
+
+async fn resolve(session: &Arc<Session>, spec: &VmSpec) -> Result<Inventory, VsphereError> {
+    let dc = escape_component(&spec.datacenter);
+    if lookup(session, &dc).await?.is_none() {
+        return Err(not_found("datacenter", &spec.datacenter));
+    }
+    let vm_folder = lookup(session, &format!("{dc}/vm"))
+        .await?
+        .ok_or_else(|| not_found("VM folder of datacenter", &spec.datacenter))?;
+    let compute = format!("{dc}/host/{}", escape_component(&spec.cluster));
+    let mut pool_path = format!("{compute}/Resources");
+    if let Some(rp) = spec
+        .resource_pool
+        .as_deref()
+        .filter(|p| !p.trim().is_empty())
+    {
+        for c in folder_components(rp) {
+            pool_path.push('/');
+            pool_path.push_str(&escape_component(c));
+        }
+    }
+    let pool = match lookup(session, &pool_path).await? {
+        Some(p) => p,
+        None if lookup(session, &compute).await?.is_none() => {
+            return Err(not_found("cluster or host", &spec.cluster));
+        }
+        None => {
+            return Err(not_found(
+                "resource pool",
+                spec.resource_pool
+                    .clone()
+                    .unwrap_or_else(|| "Resources".into()),
+            ));
+        }
+    };
+    let datastore = lookup(
+        session,
+        &format!("{dc}/datastore/{}", escape_component(&spec.datastore)),
+    )
+    .await?
+    .ok_or_else(|| not_found("datastore", &spec.datastore))?;
+    let network = resolve_network(session, &dc, &spec.network).await?;
+    let (template, template_hardware) =
+        resolve_template(session, &dc, &vm_folder, &spec.template).await?;
+    Ok(Inventory {
+        vm_folder,
+        pool,
+        datastore,
+        network,
+        template,
+        template_hardware,
+    })
+}
+
+async fn resolve_network(
+    session: &Session,
+    dc: &str,
+    name: &str,
+) -> Result<NetworkBacking, VsphereError> {
+    let key = format!("network:{dc}|{name}");
+    if let Some(Cached::Network(n)) = cache_get(session, &key) {
+        return Ok(n);
+    }
+    let net = lookup(session, &format!("{dc}/network/{}", escape_component(name)))
+        .await?
+        .ok_or_else(|| not_found("network", name))?;
+    let backing = match net.kind.as_str() {
+        "Network" => NetworkBacking::Standard {
+            name: name.to_owned(),
+            network: net,
+        },
+        "DistributedVirtualPortgroup" => {
+            let pg = methods::retrieve_properties(
+                session,
+                "DistributedVirtualPortgroup",
+                &["config.key", "config.distributedVirtualSwitch"],
+                std::slice::from_ref(&net),
+            )
+            .await?;
+            let pg = pg.first().ok_or_else(|| not_found("network", name))?;
+            let key_text = pg
+                .prop("config.key")
+                .map(|v| v.text.clone())
+                .unwrap_or_else(|| net.value.clone());
+            let dvs = pg
+                .prop("config.distributedVirtualSwitch")
+                .and_then(MoRef::from_node)
+                .ok_or_else(|| VsphereError::Protocol {
+                    message: format!("distributed port group {name:?} names no switch"),
+                })?;
+            let sw = methods::retrieve_properties(
+                session,
+                &dvs.kind,
+                &["uuid"],
+                std::slice::from_ref(&dvs),
+            )
+            .await?;
+            let uuid = sw
+                .first()
+                .and_then(|s| s.prop("uuid"))
+                .map(|u| u.text.clone())
+                .ok_or_else(|| VsphereError::Protocol {
+                    message: format!("distributed switch {dvs} has no uuid"),
+                })?;
+            NetworkBacking::Distributed {
+                switch_uuid: uuid,
+                portgroup_key: key_text,
+            }
+        }
+        other => {
+            return Err(not_found(
+                &format!("standard or distributed port group (found {other})"),
+                name,
+            ));
+        }
+    };
+    cache_put(session, key, Cached::Network(backing.clone()));
+    Ok(backing)
+}
+
+async fn resolve_template(
+    session: &Session,
+    dc: &str,
+    vm_folder: &MoRef,
+    template: &str,
+) -> Result<(MoRef, Hardware), VsphereError> {
+    let key = format!("template:{dc}|{template}");
+    if let Some(Cached::Template(r, hw)) = cache_get(session, &key) {
+        return Ok((r, hw));
+    }
+    let found = if let Some(absolute) = template.strip_prefix('/') {
+        methods::find_by_inventory_path(session, absolute).await?
+    } else {
+        match methods::find_by_inventory_path(session, &format!("{dc}/vm/{template}")).await? {
+            Some(r) => Some(r),
+            None if !template.contains('/') => {
+                methods::find_vms_named_below(session, vm_folder, template)
+                    .await?
+                    .into_iter()
+                    .next()
+            }
+            None => None,
+        }
+    };
+    let template_ref = found
+        .filter(|r| r.kind == "VirtualMachine")
+        .ok_or_else(|| not_found("template", template))?;
+    let contents = methods::retrieve_properties(
+        session,
+        "VirtualMachine",
+        &["config.hardware"],
+        std::slice::from_ref(&template_ref),
+    )
+    .await?;
+    let hardware = contents
+        .first()
+        .map(|c| VmProperties::from_content(c).hardware)
+        .unwrap_or_default();
+    cache_put(
+        session,
+        key,
+        Cached::Template(template_ref.clone(), hardware.clone()),
+    );
+    Ok((template_ref, hardware))
+}
+
+/// Makes sure `{vm folder}/{folder_path}` exists; racing creators both win
+/// (`DuplicateName` means someone else just made it).
+async fn ensure_folder(
+    session: &Session,
+    spec: &VmSpec,
+    vm_folder: &MoRef,
+) -> Result<MoRef, VsphereError> {
+    let mut parent = vm_folder.clone();
+    let mut path = format!("{}/vm", escape_component(&spec.datacenter));
+    for component in folder_components(&spec.folder_path) {
+        path.push('/');
+        path.push_str(&escape_component(component));
+        if let Some(existing) = lookup(session, &path).await? {
+            parent = existing;
+            continue;
+        }
+        parent =
+            match methods::create_folder(session, &parent, component).await {
+                Ok(created) => {
+                    tracing::info!(folder = %path, "created folder");
+                    created
+                }
+                Err(VsphereError::DuplicateName { .. }) => lookup(session, &path)
+                    .await?
+                    .ok_or_else(|| VsphereError::Protocol {
+                        message: format!("folder {path} exists but cannot be found"),
+                    })?,
+                Err(e) => return Err(e),
+            };
+        cache_put(session, format!("path:{path}"), Cached::Ref(parent.clone()));
+    }
+    Ok(parent)
+}
+
+async fn read_vm(
+    session: &Session,
+    vm: &MoRef,
+    paths: &[&str],
+) -> Result<VmProperties, VsphereError> {
+    let contents =
+        methods::retrieve_properties(session, "VirtualMachine", paths, std::slice::from_ref(vm))
+            .await?;
+    let content = contents
+        .into_iter()
+        .find(|c| c.obj.as_ref() == Some(vm))
+        .ok_or_else(|| not_found("VM", &vm.value))?;
+    if let Some(missing) = content
+        .missing
+        .iter()
+        .find(|m| m.fault.kind == "ManagedObjectNotFound")
+    {
+        return Err(not_found("VM", format!("{} ({})", vm.value, missing.path)));
+    }
+    Ok(VmProperties::from_content_owned(content))
+}
+
+fn carries(props: &VmProperties, vm_id: VmId) -> bool {
+    props
+        .extra(VM_ID_KEY)
+        .and_then(|v| v.trim().parse::<VmId>().ok())
+        == Some(vm_id)
+}
+
+fn duplicate(spec: &VmSpec) -> VsphereError {
+    VsphereError::DuplicateName {
+        name: spec.name.as_str().to_owned(),
+        location: format!("{}/vm/{}", spec.datacenter, spec.folder_path),
+    }
+}
+
+/// The VM named like the spec in its folder, if one exists: adopted when it
+/// carries the spec's VM id, else `DuplicateName`.
+async fn existing_vm(session: &Session, spec: &VmSpec) -> Result<Option<MoRef>, VsphereError> {
+    let Some(vm) = methods::find_by_inventory_path(session, &vm_path(spec)).await? else {
+        return Ok(None);
+    };
+    if vm.kind != "VirtualMachine" {
+        return Err(duplicate(spec));
+    }
+    let props = read_vm(session, &vm, &["config.extraConfig"]).await?;
+    if carries(&props, spec.vm_id) {
+        tracing::info!(vm = %vm, "adopting the VM this request created earlier");
+        Ok(Some(vm))
+    } else {
+        Err(duplicate(spec))
+    }
+}
+
+fn kib_of(gib: u64) -> u64 {
+    gib.saturating_mul(1024 * 1024)
+}
+
+/// What must change for `hardware` to match the spec (never shrinking the
+/// disk; devices edited as read).
+fn reconcile(spec: &VmSpec, inv: &Inventory, props: &VmProperties, in_clone: bool) -> ConfigSpec {
+    let mut change = ConfigSpec::default();
+    let hw = &props.hardware;
+    if in_clone || hw.num_cpu != Some(spec.resources.cpu) {
+        change.num_cpus = Some(spec.resources.cpu);
+    }
+    if in_clone || hw.memory_mb != Some(spec.resources.memory_mib) {
+        change.memory_mb = Some(spec.resources.memory_mib);
+    }
+    let wanted_kib = kib_of(spec.resources.disk_gib);
+    if let Some(disk) = hw.first_disk()
+        && disk.capacity_kib().is_some_and(|kib| kib < wanted_kib)
+    {
+        change
+            .device_changes
+            .push(("edit", disk.with_capacity_kib(wanted_kib)));
+    }
+    if let Some(nic) = hw.nics().next()
+        && !inv.network.matches(nic.0.child("backing"))
+    {
+        change
+            .device_changes
+            .push(("edit", nic.with_backing(&inv.network)));
+    }
+    if in_clone || !carries(props, spec.vm_id) {
+        change
+            .extra_config
+            .push((VM_ID_KEY.to_owned(), spec.vm_id.to_string()));
+    }
+    change
+}
+
+fn result_of(vm: &MoRef, spec: &VmSpec, ip: Option<IpAddr>) -> VmProvisioningResult {
+    VmProvisioningResult {
+        vmware_vm_id: VmwareVmId::new(vm.value.clone()),
+        warning_message: ip.is_none().then(|| IP_TIMEOUT_WARNING.to_owned()),
+        ip_address: ip,
+        hostname: spec.hostname.as_str().to_owned(),
+    }
+}
+
+impl SoapVsphere {
+    async fn clone_new(
+        &self,
+        session: &Arc<Session>,
+        spec: &VmSpec,
+        inv: &Inventory,
+        folder: &MoRef,
+    ) -> Result<MoRef, VsphereError> {
+        let template_props = VmProperties {
+            hardware: inv.template_hardware.clone(),
+            ..VmProperties::default()
+        };
+        let clone_spec = CloneSpec {
+            datastore: inv.datastore.clone(),
+            pool: inv.pool.clone(),
+            config: reconcile(spec, inv, &template_props, true),
+        };
+        let mut attempt = 0;
+        loop {
+            let task = match methods::clone_vm(
+                session,
+                &inv.template,
+                folder,
+                spec.name.as_str(),
+                &clone_spec,
+            )
+            .await
+            {
+                Ok(task) => task,
+                Err(e) if e.is_retryable() && attempt < self.inner.options.max_retries => {
+                    // The answer was lost, not necessarily the clone: retry
+                    // only when no VM of that name appeared.
+                    tracing::warn!(error = %e, "CloneVM_Task failed in transit; checking for the VM");
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                    attempt += 1;
+                    match existing_vm(session, spec).await {
+                        Ok(Some(vm)) => return Ok(vm),
+                        Ok(None) => continue,
+                        Err(VsphereError::CircuitOpen { .. }) => return Err(e),
+                        Err(other) => return Err(other),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            tracing::info!(task = %task.value, "clone started");
+            return match wait::wait_for_task(session, &task, "CloneVM_Task").await {
+                Ok(result) => result.as_ref().and_then(MoRef::from_node).ok_or_else(|| {
+                    VsphereError::Protocol {
+                        message: format!("clone task {} finished without a VM", task.value),
+                    }
+                }),
+                Err(VsphereError::DuplicateName { .. }) => existing_vm(session, spec)
+                    .await?
+                    .ok_or_else(|| duplicate(spec)),
+                Err(e) => Err(e),
+            };
+        }
+    }
+
+    async fn run_task(
+        &self,
+        session: &Arc<Session>,
+        task: Result<MoRef, VsphereError>,
+        operation: &str,
+    ) -> Result<(), VsphereError> {
+        let task = task?;
+        tracing::info!(task = %task.value, operation, "task started");
+        wait::wait_for_task(session, &task, operation)
+            .await
+            .map(|_| ())
+    }
+
+    async fn create(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
+        let session = self.session(&spec.endpoint)?;
+        let inv = match resolve(&session, spec).await {
+            Ok(inv) => inv,
+            Err(VsphereError::NotFound { .. }) => {
+                // A cached reference may have gone stale; look again once.
+                cache_clear(&session);
+                resolve(&session, spec).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let folder = ensure_folder(&session, spec, &inv.vm_folder).await?;
+        let vm = match existing_vm(&session, spec).await? {
+            Some(vm) => vm,
+            None => self.clone_new(&session, spec, &inv, &folder).await?,
+        };
+        tracing::Span::current().record("vmware_vm_id", vm.value.as_str());
+        let props = read_vm(&session, &vm, VM_CONFIG_PATHS).await?;
+        if props.runtime.power_state != Some(PowerState::PoweredOn) {
+            let change = reconcile(spec, &inv, &props, false);
+            if !change.is_empty() {
+                self.run_task(
+                    &session,
+                    methods::reconfig_vm(&session, &vm, &change).await,
+                    "ReconfigVM_Task",
+                )
+                .await?;
+            }
+            let nics = props.hardware.nics().count();
+            self.run_task(
+                &session,
+                methods::customize_vm(
+                    &session,
+                    &vm,
+                    spec.hostname.as_str(),
+                    &self.inner.options.guest_domain,
+                    nics,
+                )
+                .await,
+                "CustomizeVM_Task",
+            )
+            .await?;
+            let powered = self
+                .run_task(
+                    &session,
+                    methods::power_on_vm(&session, &vm).await,
+                    "PowerOnVM_Task",
+                )
+                .await;
+            if let Err(e) = powered {
+                // Someone (or a lost answer's retry) powered it on meanwhile:
+                // that is the goal, not a failure.
+                let already_on = matches!(e, VsphereError::InvalidPowerState { .. })
+                    && read_vm(&session, &vm, &["runtime.powerState"])
+                        .await?
+                        .runtime
+                        .power_state
+                        == Some(PowerState::PoweredOn);
+                if !already_on {
+                    return Err(e);
+                }
+            }
+        }
+        let mut guest = GuestInfo::default();
+        let up = wait::wait_until(
+            session.clone(),
+            vm.clone(),
+            GUEST_PATHS,
+            spec.ip_wait_timeout,
+            &mut guest,
+            |g, path, val| g.apply(path, val),
+            |g| g.tools_running() && g.usable_ipv4().is_some(),
+        )
+        .await?;
+        let ip = if up {
+            guest.usable_ipv4().map(IpAddr::V4)
+        } else {
+            tracing::warn!(timeout = ?spec.ip_wait_timeout, "no guest IP in time");
+            None
+        };
+        Ok(result_of(&vm, spec, ip))
+    }
+
+    async fn info(&self, session: &Session, vm: &MoRef) -> Result<VmGuestInfo, VsphereError> {
+        let props = read_vm(session, vm, INFO_PATHS).await?;
+        Ok(VmGuestInfo {
+            vmware_vm_id: VmwareVmId::new(vm.value.clone()),
+            name: props.name.clone().unwrap_or_default(),
+            dvmm_vm_id: props.extra(VM_ID_KEY).and_then(|v| v.trim().parse().ok()),
+            power_state: props
+                .runtime
+                .power_state
+                .unwrap_or(PowerState::PoweredOff)
+                .into(),
+            tools_running: props.guest.tools_running(),
+            ip_address: props.guest.usable_ipv4().map(IpAddr::V4),
+            hostname: props.guest.host_name.clone(),
+        })
+    }
+}
+
+impl VspherePort for SoapVsphere {
+    async fn create_vm(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
+        let span = tracing::info_span!(
+            "create_vm",
+            vm = %spec.name,
+            tenant = %spec.tenant_id,
+            request = %spec.request_id,
+            vm_id = %spec.vm_id,
+            vmware_vm_id = tracing::field::Empty,
+        );
+        let result = self.create(spec).instrument(span.clone()).await;
+        match &result {
+            Ok(r) => tracing::info!(parent: &span, ip = ?r.ip_address, "VM provisioned"),
+            Err(e) => {
+                tracing::warn!(parent: &span, error = %e, "VM provisioning failed");
+                // A cached reference (template, pool, folder) may be stale:
+                // the next attempt resolves the inventory afresh.
+                if matches!(e, VsphereError::NotFound { .. })
+                    && let Ok(session) = self.session(&spec.endpoint)
+                {
+                    cache_clear(&session);
+                }
+            }
+        }
+        result
+    }
+
+    async fn get_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+    ) -> Result<VmGuestInfo, VsphereError> {
+        let session = self.session(endpoint)?;
+        let vm = MoRef::new("VirtualMachine", id.as_str());
+        self.info(&session, &vm).await
+    }
+
+    async fn find_vm(&self, spec: &VmSpec) -> Result<Option<VmGuestInfo>, VsphereError> {
+        let session = self.session(&spec.endpoint)?;
+        match methods::find_by_inventory_path(&session, &vm_path(spec)).await? {
+            Some(vm) if vm.kind == "VirtualMachine" => Ok(Some(self.info(&session, &vm).await?)),
+            _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inventory_paths_escape_components() {
+        assert_eq!(escape_component("a/b%c"), "a%2fb%25c");
+        assert_eq!(folder_components("/acme//web/"), vec!["acme", "web"]);
+    }
+}

@@ -1,0 +1,456 @@
+//! One function per vim25 call the adapter makes. Each writes its request in
+//! the element order of the vim25 schema and decodes the answer into
+//! [`crate::types`].
+
+use std::time::Duration;
+
+use dvmm_core::ports::VsphereError;
+
+use crate::session::{Session, this};
+use crate::soap::{Envelope, Node};
+use crate::types::{Device, MoRef, ObjectContent, object_contents, object_contents_owned};
+
+fn protocol(method: &str, what: &str) -> VsphereError {
+    VsphereError::Protocol {
+        message: format!("{method} answered without {what}"),
+    }
+}
+
+fn returned_moref(method: &str, node: &Node) -> Result<MoRef, VsphereError> {
+    node.child("returnval")
+        .and_then(MoRef::from_node)
+        .ok_or_else(|| protocol(method, "a managed object reference"))
+}
+
+/// Writes a `PropertyFilterSpec` body (`propSet` then `objectSet`).
+fn filter_spec(env: &mut Envelope, kind: &str, paths: &[&str], objects: &[MoRef]) {
+    env.open("propSet").text("type", kind);
+    for path in paths {
+        env.text("pathSet", path);
+    }
+    env.close("propSet");
+    for obj in objects {
+        env.open("objectSet")
+            .moref("obj", &obj.kind, &obj.value)
+            .close("objectSet");
+    }
+}
+
+/// `PropertyCollector.RetrievePropertiesEx` of `paths` on `objects` (all of
+/// type `kind`). Read-only, so retried on transient failures.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn retrieve_properties(
+    session: &Session,
+    kind: &str,
+    paths: &[&str],
+    objects: &[MoRef],
+) -> Result<Vec<ObjectContent>, VsphereError> {
+    let node = session
+        .call("RetrievePropertiesEx", true, Duration::ZERO, |sc, env| {
+            this(env, &sc.property_collector);
+            env.open("specSet");
+            filter_spec(env, kind, paths, objects);
+            env.close("specSet").open("options").close("options");
+        })
+        .await?;
+    Ok(object_contents_owned(node))
+}
+
+/// `RetrievePropertiesEx` of the `name` of every VM below `folder`
+/// (recursively through sub-folders): finds a VM or template by name.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn find_vms_named_below(
+    session: &Session,
+    folder: &MoRef,
+    name: &str,
+) -> Result<Vec<MoRef>, VsphereError> {
+    let node = session
+        .call("RetrievePropertiesEx", true, Duration::ZERO, |sc, env| {
+            this(env, &sc.property_collector);
+            env.open("specSet")
+                .open("propSet")
+                .text("type", "VirtualMachine")
+                .text("pathSet", "name")
+                .close("propSet")
+                .open("objectSet")
+                .moref("obj", &folder.kind, &folder.value)
+                .text("skip", "true")
+                .open_typed("selectSet", "TraversalSpec")
+                .text("name", "folderTree")
+                .text("type", "Folder")
+                .text("path", "childEntity")
+                .text("skip", "false")
+                .open("selectSet")
+                .text("name", "folderTree")
+                .close("selectSet")
+                .close("selectSet")
+                .close("objectSet")
+                .close("specSet")
+                .open("options")
+                .close("options");
+        })
+        .await?;
+    Ok(object_contents(&node)
+        .into_iter()
+        .filter(|o| o.prop("name").is_some_and(|n| n.text == name))
+        .filter_map(|o| o.obj)
+        .collect())
+}
+
+/// `SearchIndex.FindByInventoryPath`: `None` when nothing is there.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn find_by_inventory_path(
+    session: &Session,
+    path: &str,
+) -> Result<Option<MoRef>, VsphereError> {
+    let node = session
+        .call("FindByInventoryPath", true, Duration::ZERO, |sc, env| {
+            this(env, &sc.search_index);
+            env.text("inventoryPath", path);
+        })
+        .await?;
+    Ok(node.child("returnval").and_then(MoRef::from_node))
+}
+
+/// `Folder.CreateFolder`. `DuplicateName` when it already exists.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn create_folder(
+    session: &Session,
+    parent: &MoRef,
+    name: &str,
+) -> Result<MoRef, VsphereError> {
+    let node = session
+        .call("CreateFolder", false, Duration::ZERO, |_, env| {
+            this(env, parent);
+            env.text("name", name);
+        })
+        .await?;
+    returned_moref("CreateFolder", &node)
+}
+
+/// A `VirtualMachineConfigSpec` with the parts the adapter sets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfigSpec {
+    /// `numCPUs`.
+    pub num_cpus: Option<u32>,
+    /// `memoryMB`.
+    pub memory_mb: Option<u64>,
+    /// `deviceChange` entries: operation (`edit`, `add`, …) and device.
+    pub device_changes: Vec<(&'static str, Device)>,
+    /// `extraConfig` key/value pairs.
+    pub extra_config: Vec<(String, String)>,
+}
+
+impl ConfigSpec {
+    /// Whether there is nothing to change.
+    pub fn is_empty(&self) -> bool {
+        self.num_cpus.is_none()
+            && self.memory_mb.is_none()
+            && self.device_changes.is_empty()
+            && self.extra_config.is_empty()
+    }
+
+    /// Writes the spec's content (without the enclosing element).
+    pub fn write(&self, env: &mut Envelope) {
+        if let Some(cpus) = self.num_cpus {
+            env.text("numCPUs", &cpus.to_string());
+        }
+        if let Some(mb) = self.memory_mb {
+            env.text("memoryMB", &mb.to_string());
+        }
+        for (op, device) in &self.device_changes {
+            env.open("deviceChange").text("operation", op);
+            env.node_as("device", &device.0);
+            env.close("deviceChange");
+        }
+        for (key, value) in &self.extra_config {
+            env.open("extraConfig")
+                .text("key", key)
+                .typed_text("value", "xsd:string", value)
+                .close("extraConfig");
+        }
+    }
+}
+
+/// Where and how to clone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloneSpec {
+    /// Target datastore.
+    pub datastore: MoRef,
+    /// Target resource pool.
+    pub pool: MoRef,
+    /// Configuration applied while cloning.
+    pub config: ConfigSpec,
+}
+
+/// Writes the whole `CloneVM_Task` request (also used by the benchmarks).
+pub fn write_clone(
+    env: &mut Envelope,
+    template: &MoRef,
+    folder: &MoRef,
+    name: &str,
+    spec: &CloneSpec,
+) {
+    this(env, template);
+    env.moref("folder", &folder.kind, &folder.value)
+        .text("name", name)
+        .open("spec")
+        .open("location")
+        .moref("datastore", &spec.datastore.kind, &spec.datastore.value)
+        .moref("pool", &spec.pool.kind, &spec.pool.value)
+        .close("location")
+        .text("template", "false")
+        .open("config");
+    spec.config.write(env);
+    env.close("config").text("powerOn", "false").close("spec");
+}
+
+/// `VirtualMachine.CloneVM_Task`, powered off. Never retried here: a lost
+/// answer may still have created the VM (the adapter checks first).
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn clone_vm(
+    session: &Session,
+    template: &MoRef,
+    folder: &MoRef,
+    name: &str,
+    spec: &CloneSpec,
+) -> Result<MoRef, VsphereError> {
+    let node = session
+        .call("CloneVM_Task", false, Duration::ZERO, |_, env| {
+            write_clone(env, template, folder, name, spec);
+        })
+        .await?;
+    returned_moref("CloneVM_Task", &node)
+}
+
+/// `VirtualMachine.ReconfigVM_Task`. The spec holds absolute values, so a
+/// retry after a lost answer does no harm.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn reconfig_vm(
+    session: &Session,
+    vm: &MoRef,
+    spec: &ConfigSpec,
+) -> Result<MoRef, VsphereError> {
+    let node = session
+        .call("ReconfigVM_Task", true, Duration::ZERO, |_, env| {
+            this(env, vm);
+            env.open("spec");
+            spec.write(env);
+            env.close("spec");
+        })
+        .await?;
+    returned_moref("ReconfigVM_Task", &node)
+}
+
+/// `VirtualMachine.CustomizeVM_Task` with `CustomizationLinuxPrep`, a fixed
+/// hostname and DHCP on each of `nics` adapters.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn customize_vm(
+    session: &Session,
+    vm: &MoRef,
+    hostname: &str,
+    domain: &str,
+    nics: usize,
+) -> Result<MoRef, VsphereError> {
+    let node = session
+        .call("CustomizeVM_Task", true, Duration::ZERO, |_, env| {
+            this(env, vm);
+            write_customization(env, hostname, domain, nics);
+        })
+        .await?;
+    returned_moref("CustomizeVM_Task", &node)
+}
+
+/// Writes a `spec` element of type `CustomizationSpec`.
+pub fn write_customization(env: &mut Envelope, hostname: &str, domain: &str, nics: usize) {
+    env.open("spec")
+        .open_typed("identity", "CustomizationLinuxPrep")
+        .open_typed("hostName", "CustomizationFixedName")
+        .text("name", hostname)
+        .close("hostName")
+        .text("domain", domain)
+        .close("identity")
+        .open("globalIPSettings")
+        .close("globalIPSettings");
+    for _ in 0..nics.max(1) {
+        env.open("nicSettingMap")
+            .open("adapter")
+            .open_typed("ip", "CustomizationDhcpIpGenerator")
+            .close("ip")
+            .close("adapter")
+            .close("nicSettingMap");
+    }
+    env.close("spec");
+}
+
+/// `VirtualMachine.PowerOnVM_Task`.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn power_on_vm(session: &Session, vm: &MoRef) -> Result<MoRef, VsphereError> {
+    let node = session
+        .call("PowerOnVM_Task", false, Duration::ZERO, |_, env| {
+            this(env, vm);
+        })
+        .await?;
+    returned_moref("PowerOnVM_Task", &node)
+}
+
+/// `PropertyCollector.CreatePropertyCollector`: a private collector.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn create_property_collector(session: &Session) -> Result<MoRef, VsphereError> {
+    let node = session
+        .call(
+            "CreatePropertyCollector",
+            true,
+            Duration::ZERO,
+            |sc, env| {
+                this(env, &sc.property_collector);
+            },
+        )
+        .await?;
+    returned_moref("CreatePropertyCollector", &node)
+}
+
+/// `PropertyCollector.CreateFilter` on one object.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn create_filter(
+    session: &Session,
+    collector: &MoRef,
+    obj: &MoRef,
+    paths: &[&str],
+) -> Result<MoRef, VsphereError> {
+    let node = session
+        .call("CreateFilter", false, Duration::ZERO, |_, env| {
+            this(env, collector);
+            env.open("spec");
+            filter_spec(env, &obj.kind, paths, std::slice::from_ref(obj));
+            env.close("spec").text("partialUpdates", "false");
+        })
+        .await?;
+    returned_moref("CreateFilter", &node)
+}
+
+/// One property change of an update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The object.
+    pub obj: MoRef,
+    /// Property path.
+    pub path: String,
+    /// New value; `None` when removed or unset.
+    pub val: Option<Node>,
+}
+
+/// A decoded `UpdateSet`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpdateSet {
+    /// The version to pass to the next wait.
+    pub version: Option<String>,
+    /// Changes in order.
+    pub changes: Vec<Change>,
+}
+
+/// Decodes a `WaitForUpdatesExResponse`.
+pub fn decode_updates(node: &Node) -> UpdateSet {
+    let Some(set) = node.child("returnval") else {
+        return UpdateSet::default();
+    };
+    let mut out = UpdateSet {
+        version: set.child_text("version").map(str::to_owned),
+        changes: Vec::new(),
+    };
+    for filter in set.children_named("filterSet") {
+        for object in filter.children_named("objectSet") {
+            let Some(obj) = object.child("obj").and_then(MoRef::from_node) else {
+                continue;
+            };
+            for change in object.children_named("changeSet") {
+                let Some(path) = change.child_text("name") else {
+                    continue;
+                };
+                let removed = matches!(
+                    change.child_text("op"),
+                    Some("remove") | Some("indirectRemove")
+                );
+                out.changes.push(Change {
+                    obj: obj.clone(),
+                    path: path.to_owned(),
+                    val: if removed {
+                        None
+                    } else {
+                        change.child("val").cloned()
+                    },
+                });
+            }
+        }
+    }
+    out
+}
+
+/// `PropertyCollector.WaitForUpdatesEx`, waiting at most `max_wait_seconds`
+/// on the server. An empty version asks for the current state at once.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn wait_for_updates(
+    session: &Session,
+    collector: &MoRef,
+    version: &str,
+    max_wait_seconds: u32,
+) -> Result<UpdateSet, VsphereError> {
+    let node = session
+        .call(
+            "WaitForUpdatesEx",
+            true,
+            Duration::from_secs(u64::from(max_wait_seconds)),
+            |_, env| {
+                this(env, collector);
+                env.text("version", version)
+                    .open("options")
+                    .text("maxWaitSeconds", &max_wait_seconds.to_string())
+                    .close("options");
+            },
+        )
+        .await?;
+    Ok(decode_updates(&node))
+}
+
+/// `PropertyCollector.DestroyPropertyCollector` (destroys its filters).
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn destroy_property_collector(
+    session: &Session,
+    collector: &MoRef,
+) -> Result<(), VsphereError> {
+    session
+        .call(
+            "DestroyPropertyCollector",
+            false,
+            Duration::ZERO,
+            |_, env| {
+                this(env, collector);
+            },
+        )
+        .await
+        .map(|_| ())
+}

@@ -1,0 +1,210 @@
+//! Test harness: a vcsim per test on a free port, specs for its default
+//! inventory, and a "guest" that reports tools and an IP once a VM runs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dvmm_core::config::{Secret, VcenterEndpoint};
+use dvmm_core::ids::{TenantId, VmId, VmRequestId};
+use dvmm_core::spec::{VmName, VmResources, VmSpec};
+use dvmm_vsphere::methods::{self, ConfigSpec};
+use dvmm_vsphere::session::Session;
+use dvmm_vsphere::types::{MoRef, PowerState, VmProperties};
+use dvmm_vsphere::{SoapOptions, SoapVsphere};
+
+/// A running vcsim, killed on drop.
+pub struct Vcsim {
+    child: Child,
+    /// `https://127.0.0.1:PORT/sdk`.
+    pub url: String,
+}
+
+fn vcsim_bin() -> PathBuf {
+    match std::env::var_os("VCSIM_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/vcsim/bin/vcsim"),
+    }
+}
+
+fn required() -> bool {
+    std::env::var("DVMM_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+impl Vcsim {
+    /// Starts vcsim with extra flags; `None` (test skipped) when the binary
+    /// is missing, unless `DVMM_REQUIRE_SERVICES=1`.
+    pub fn start(args: &[&str]) -> Option<Vcsim> {
+        let bin = vcsim_bin();
+        if !bin.exists() {
+            let msg = format!(
+                "vcsim not found at {} (run scripts/build-vcsim.sh or set VCSIM_BIN)",
+                bin.display()
+            );
+            if required() {
+                panic!("{msg}");
+            }
+            eprintln!("SKIPPED: {msg}");
+            return None;
+        }
+        let mut child = Command::new(&bin)
+            .args(["-l", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("GOVC_URL=").nth(1) {
+                    let url = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let _ = tx.send(url);
+                }
+            }
+        });
+        let govc_url = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("vcsim printed no GOVC_URL");
+        // https://user:pass@127.0.0.1:PORT/sdk → drop the credentials.
+        let (scheme, rest) = govc_url.split_once("://").expect("URL scheme");
+        let host = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+        Some(Vcsim {
+            child,
+            url: format!("{scheme}://{host}"),
+        })
+    }
+
+    /// Kills the simulator now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// An endpoint with these credentials, TLS verification off.
+    pub fn endpoint(&self, user: &str, password: &str) -> VcenterEndpoint {
+        VcenterEndpoint {
+            url: self.url.clone(),
+            username: user.into(),
+            password: Secret::new(password),
+            insecure: true,
+            thumbprint: None,
+        }
+    }
+}
+
+impl Drop for Vcsim {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Options that keep failing tests fast.
+pub fn fast_options() -> SoapOptions {
+    SoapOptions {
+        request_timeout: Duration::from_secs(10),
+        task_timeout: Duration::from_secs(30),
+        retry_base_delay: Duration::from_millis(20),
+        max_retry_delay: Duration::from_millis(100),
+        wait_max_seconds: 5,
+        ..SoapOptions::default()
+    }
+}
+
+/// A spec for vcsim's default inventory.
+pub fn spec(endpoint: VcenterEndpoint, folder: &str, name: &str, network: &str) -> VmSpec {
+    let name = VmName::parse(name).expect("valid VM name");
+    VmSpec {
+        tenant_id: TenantId::from_uuid(uuid::Uuid::new_v4()),
+        request_id: VmRequestId::from_uuid(uuid::Uuid::new_v4()),
+        vm_id: VmId::from_uuid(uuid::Uuid::new_v4()),
+        hostname: name.clone(),
+        name,
+        resources: VmResources {
+            cpu: 2,
+            memory_mib: 4096,
+            disk_gib: 40,
+        },
+        template: "DC0_C0_RP0_VM0".into(),
+        network: network.into(),
+        folder_path: folder.into(),
+        datacenter: "DC0".into(),
+        cluster: "DC0_C0".into(),
+        resource_pool: None,
+        datastore: "LocalDS_0".into(),
+        ip_wait_timeout: Duration::from_secs(20),
+        endpoint,
+    }
+}
+
+/// The VM at an inventory path, if any.
+pub async fn find(session: &Session, path: &str) -> Option<MoRef> {
+    methods::find_by_inventory_path(session, path)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Reads VM properties with the test's own session.
+pub async fn read(session: &Session, vm: &MoRef, paths: &[&str]) -> VmProperties {
+    let contents =
+        methods::retrieve_properties(session, "VirtualMachine", paths, std::slice::from_ref(vm))
+            .await
+            .expect("RetrievePropertiesEx");
+    VmProperties::from_content(contents.first().expect("the VM"))
+}
+
+/// Plays the guest: once the VM at `path` is powered on, reports VMware
+/// Tools running and `ip` through vcsim's `SET.guest.*` extraConfig keys.
+pub fn play_guest(
+    session: Arc<Session>,
+    path: String,
+    ip: &'static str,
+) -> tokio::task::JoinHandle<MoRef> {
+    tokio::spawn(async move {
+        let vm = loop {
+            if let Some(vm) = find(&session, &path).await {
+                break vm;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        loop {
+            let props = read(&session, &vm, &["runtime.powerState"]).await;
+            if props.runtime.power_state == Some(PowerState::PoweredOn) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let change = ConfigSpec {
+            extra_config: vec![
+                (
+                    "SET.guest.toolsRunningStatus".into(),
+                    "guestToolsRunning".into(),
+                ),
+                ("SET.guest.ipAddress".into(), ip.into()),
+            ],
+            ..ConfigSpec::default()
+        };
+        let task = methods::reconfig_vm(&session, &vm, &change)
+            .await
+            .expect("guest reconfigure");
+        let _ = task;
+        vm
+    })
+}
+
+/// A second client with its own session (the "test's own" view).
+pub fn observer(endpoint: &VcenterEndpoint) -> (SoapVsphere, Arc<Session>) {
+    let client = SoapVsphere::new(fast_options());
+    let session = client.session_for(endpoint).expect("session");
+    (client, session)
+}

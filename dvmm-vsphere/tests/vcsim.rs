@@ -1,0 +1,382 @@
+//! The SOAP adapter against govmomi's vcsim, one simulator per test.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use common::{Vcsim, fast_options, find, observer, play_guest, read, spec};
+use dvmm_core::ports::{VsphereError, VspherePort};
+use dvmm_core::spec::IP_TIMEOUT_WARNING;
+use dvmm_vsphere::SoapVsphere;
+use dvmm_vsphere::methods::{self, ConfigSpec};
+use dvmm_vsphere::types::{MoRef, PowerState};
+
+fn kib(gib: u64) -> u64 {
+    gib * 1024 * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisions_a_vm_on_a_standard_port_group_end_to_end() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let spec = spec(endpoint.clone(), "acme/web", "web-app01", "VM Network");
+    let (_observer, own) = observer(&endpoint);
+    let guest = play_guest(own.clone(), "DC0/vm/acme/web/web-app01".into(), "10.0.0.42");
+
+    let vsphere = SoapVsphere::new(fast_options());
+    let result = vsphere.create_vm(&spec).await.expect("create_vm");
+    let vm = guest.await.expect("guest player");
+
+    assert_eq!(result.vmware_vm_id.as_str(), vm.value);
+    assert_eq!(
+        result.ip_address,
+        Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 42)))
+    );
+    assert_eq!(result.hostname, "web-app01");
+    assert_eq!(result.warning_message, None);
+
+    // The test's own view of what was built.
+    let props = read(
+        &own,
+        &vm,
+        &[
+            "name",
+            "parent",
+            "config.hardware",
+            "runtime.powerState",
+            "guest",
+            "config.extraConfig",
+        ],
+    )
+    .await;
+    assert_eq!(props.name.as_deref(), Some("web-app01"));
+    let folder = find(&own, "DC0/vm/acme/web")
+        .await
+        .expect("folder acme/web");
+    assert_eq!(props.parent.as_ref(), Some(&folder));
+    assert_eq!(props.hardware.num_cpu, Some(2));
+    assert_eq!(props.hardware.memory_mb, Some(4096));
+    let disk = props.hardware.first_disk().expect("a disk");
+    assert_eq!(disk.capacity_kib(), Some(kib(40)));
+    let nic = props.hardware.nics().next().expect("a NIC");
+    let backing = nic.0.child("backing").expect("NIC backing");
+    assert_eq!(
+        backing.xsi_type.as_deref(),
+        Some("VirtualEthernetCardNetworkBackingInfo")
+    );
+    assert_eq!(backing.child_text("deviceName"), Some("VM Network"));
+    assert_eq!(props.runtime.power_state, Some(PowerState::PoweredOn));
+    assert_eq!(props.guest.host_name.as_deref(), Some("web-app01"));
+    assert_eq!(
+        props.extra(dvmm_vsphere::VM_ID_KEY),
+        Some(spec.vm_id.to_string().as_str())
+    );
+
+    // find_vm / get_vm see the same VM, and a rerun adopts it.
+    let found = vsphere.find_vm(&spec).await.unwrap().expect("find_vm");
+    assert_eq!(found.vmware_vm_id, result.vmware_vm_id);
+    assert_eq!(found.dvmm_vm_id, Some(spec.vm_id));
+    assert_eq!(found.ip_address, result.ip_address);
+    let again = vsphere.create_vm(&spec).await.expect("idempotent rerun");
+    assert_eq!(again.vmware_vm_id, result.vmware_vm_id);
+    let info = vsphere
+        .get_vm(&endpoint, &result.vmware_vm_id)
+        .await
+        .unwrap();
+    assert!(info.tools_running);
+    assert_eq!(info.name, "web-app01");
+
+    // shutdown() logs the client's session out: only the observer's is left.
+    let sessions = || async {
+        let sm = own.content().await.unwrap().session_manager;
+        let contents = methods::retrieve_properties(
+            &own,
+            "SessionManager",
+            &["sessionList"],
+            std::slice::from_ref(&sm),
+        )
+        .await
+        .unwrap();
+        contents[0]
+            .prop("sessionList")
+            .map_or(0, |l| l.children.len())
+    };
+    assert_eq!(sessions().await, 2);
+    vsphere.shutdown().await;
+    assert_eq!(sessions().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_port_group_gets_a_dvport_backing_and_ip_timeout_warns() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let mut spec = spec(endpoint.clone(), "acme/db", "db-main", "DC0_DVPG0");
+    spec.ip_wait_timeout = Duration::from_millis(700);
+    let vsphere = SoapVsphere::new(fast_options());
+    let started = std::time::Instant::now();
+    let result = vsphere.create_vm(&spec).await.expect("create_vm");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(result.ip_address, None);
+    assert_eq!(result.warning_message.as_deref(), Some(IP_TIMEOUT_WARNING));
+
+    let (_o, own) = observer(&endpoint);
+    let vm = MoRef::new("VirtualMachine", result.vmware_vm_id.as_str());
+    let props = read(&own, &vm, &["config.hardware", "runtime.powerState"]).await;
+    let backing = props
+        .hardware
+        .nics()
+        .next()
+        .unwrap()
+        .0
+        .child("backing")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        backing.xsi_type.as_deref(),
+        Some("VirtualEthernetCardDistributedVirtualPortBackingInfo")
+    );
+    assert!(
+        backing
+            .path("port.portgroupKey")
+            .is_some_and(|k| k.text.starts_with("dvportgroup-"))
+    );
+    assert_eq!(props.runtime.power_state, Some(PowerState::PoweredOn));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_invalid_login() {
+    let Some(sim) = Vcsim::start(&["-username", "alice", "-password", "right"]) else {
+        return;
+    };
+    let vsphere = SoapVsphere::new(fast_options());
+    let spec = spec(
+        sim.endpoint("alice", "wrong"),
+        "acme/web",
+        "web-x",
+        "VM Network",
+    );
+    let err = vsphere.create_vm(&spec).await.unwrap_err();
+    assert_eq!(
+        err,
+        VsphereError::InvalidLogin {
+            username: "alice".into()
+        }
+    );
+    assert!(!err.is_retryable());
+    assert!(!format!("{err} {err:?}").contains("wrong"));
+    let ok = SoapVsphere::new(fast_options());
+    let spec = common::spec(
+        sim.endpoint("alice", "right"),
+        "acme/web",
+        "web-x",
+        "VM Network",
+    );
+    assert!(ok.find_vm(&spec).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_inventory_is_named_in_not_found() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let vsphere = SoapVsphere::new(fast_options());
+    let base = spec(sim.endpoint("u", "p"), "acme/web", "web-nf", "VM Network");
+    type Edit = Box<dyn Fn(&mut dvmm_core::spec::VmSpec)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("datacenter", Box::new(|s| s.datacenter = "DC9".into())),
+        ("cluster or host", Box::new(|s| s.cluster = "C9".into())),
+        ("datastore", Box::new(|s| s.datastore = "DS9".into())),
+        ("network", Box::new(|s| s.network = "NET9".into())),
+        ("template", Box::new(|s| s.template = "tpl9".into())),
+    ];
+    let missing = dvmm_core::ids::VmwareVmId::new("vm-99999");
+    match vsphere.get_vm(&base.endpoint, &missing).await {
+        Err(VsphereError::NotFound { name, .. }) => assert!(name.contains("vm-99999"), "{name}"),
+        other => panic!("get_vm of a missing VM: {other:?}"),
+    }
+    for (kind, edit) in cases {
+        let mut s = base.clone();
+        edit(&mut s);
+        match vsphere.create_vm(&s).await {
+            Err(VsphereError::NotFound { kind: k, .. }) => assert_eq!(k, kind),
+            other => panic!("{kind}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_logged_out_behind_the_clients_back_logs_in_again() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let vsphere = SoapVsphere::new(fast_options());
+    let spec = spec(endpoint.clone(), "acme/web", "web-relog", "VM Network");
+    assert!(vsphere.find_vm(&spec).await.unwrap().is_none());
+
+    // The test's own session terminates every other session.
+    let (_o, own) = observer(&endpoint);
+    let sm = own.content().await.unwrap().session_manager;
+    let contents = methods::retrieve_properties(
+        &own,
+        "SessionManager",
+        &["sessionList", "currentSession"],
+        std::slice::from_ref(&sm),
+    )
+    .await
+    .unwrap();
+    let content = contents.first().unwrap();
+    let mine = content
+        .prop("currentSession")
+        .and_then(|s| s.child_text("key"))
+        .unwrap()
+        .to_owned();
+    let others: Vec<String> = content
+        .prop("sessionList")
+        .unwrap()
+        .children
+        .iter()
+        .filter_map(|s| s.child_text("key"))
+        .filter(|k| *k != mine)
+        .map(str::to_owned)
+        .collect();
+    assert!(!others.is_empty());
+    own.call("TerminateSession", false, Duration::ZERO, |_, env| {
+        env.moref("_this", &sm.kind, &sm.value);
+        for key in &others {
+            env.text("sessionId", key);
+        }
+    })
+    .await
+    .expect("TerminateSession");
+
+    let before = vsphere.request_count();
+    // RetrievePropertiesEx answers NotAuthenticated inside missingSet: the
+    // client must notice and log in again transparently.
+    let vm0 =
+        dvmm_core::ids::VmwareVmId::new(find(&own, "DC0/vm/DC0_C0_RP0_VM0").await.unwrap().value);
+    let info = vsphere
+        .get_vm(&endpoint, &vm0)
+        .await
+        .expect("get_vm after re-login");
+    assert_eq!(info.name, "DC0_C0_RP0_VM0");
+    assert!(
+        vsphere.request_count() - before >= 4,
+        "call, login pair, call again"
+    );
+    // A fault-form NotAuthenticated (FindByInventoryPath) also recovers.
+    own.call("TerminateSession", false, Duration::ZERO, |_, env| {
+        env.moref("_this", &sm.kind, &sm.value);
+        for key in &others {
+            env.text("sessionId", key);
+        }
+    })
+    .await
+    .ok();
+    assert!(vsphere.find_vm(&spec).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_vm_with_the_same_name_is_a_duplicate() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let mut first = spec(endpoint.clone(), "acme/web", "web-dup", "VM Network");
+    first.ip_wait_timeout = Duration::from_millis(300);
+    let vsphere = SoapVsphere::new(fast_options());
+    vsphere.create_vm(&first).await.expect("first VM");
+    let mut foreign = first.clone();
+    foreign.vm_id = dvmm_core::ids::VmId::from_uuid(uuid::Uuid::new_v4());
+    match vsphere.create_vm(&foreign).await {
+        Err(VsphereError::DuplicateName { name, .. }) => assert_eq!(name, "web-dup"),
+        other => panic!("{other:?}"),
+    }
+    let (_o, own) = observer(&endpoint);
+    let folder = find(&own, "DC0/vm/acme/web").await.unwrap();
+    let children = methods::retrieve_properties(&own, "Folder", &["childEntity"], &[folder])
+        .await
+        .unwrap();
+    assert_eq!(
+        children[0].prop("childEntity").unwrap().children.len(),
+        1,
+        "no second VM"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_provisionings_race_for_a_new_folder_and_both_succeed() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let mut a = spec(endpoint.clone(), "race/proj", "proj-a", "VM Network");
+    let mut b = spec(endpoint.clone(), "race/proj", "proj-b", "VM Network");
+    a.ip_wait_timeout = Duration::from_millis(300);
+    b.ip_wait_timeout = Duration::from_millis(300);
+    // Two clients: two sessions, no shared cache, a real race.
+    let (va, vb) = (
+        SoapVsphere::new(fast_options()),
+        SoapVsphere::new(fast_options()),
+    );
+    let (ra, rb) = tokio::join!(va.create_vm(&a), vb.create_vm(&b));
+    let (ra, rb) = (ra.expect("a"), rb.expect("b"));
+    assert_ne!(ra.vmware_vm_id, rb.vmware_vm_id);
+    let (_o, own) = observer(&endpoint);
+    let folder = find(&own, "DC0/vm/race/proj").await.unwrap();
+    let children = methods::retrieve_properties(&own, "Folder", &["childEntity"], &[folder])
+        .await
+        .unwrap();
+    assert_eq!(children[0].prop("childEntity").unwrap().children.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vcsim_killed_mid_provisioning_gives_transport_error_and_opens_the_breaker() {
+    let Some(mut sim) = Vcsim::start(&["-method-delay", "CloneVM_Task:600"]) else {
+        return;
+    };
+    let endpoint = sim.endpoint("user", "pass");
+    let spec = spec(endpoint.clone(), "acme/web", "web-kill", "VM Network");
+    let options = dvmm_vsphere::SoapOptions {
+        breaker_threshold: 3,
+        breaker_cooldown: Duration::from_secs(60),
+        ..fast_options()
+    };
+    let vsphere = SoapVsphere::new(options);
+    let task = {
+        let vsphere = vsphere.clone();
+        let spec = spec.clone();
+        tokio::spawn(async move { vsphere.create_vm(&spec).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.kill();
+    let err = task.await.expect("no panic").unwrap_err();
+    assert!(matches!(err, VsphereError::Transport { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    // Retries exhausted the threshold: the breaker now fails fast.
+    let started = std::time::Instant::now();
+    let err = vsphere.find_vm(&spec).await.unwrap_err();
+    assert!(matches!(err, VsphereError::CircuitOpen { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_millis(100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_wait_destroys_its_collector() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let (_c, session) = observer(&endpoint);
+    let vm = find(&session, "DC0/vm/DC0_C0_RP0_VM0").await.unwrap();
+    let mut wait =
+        dvmm_vsphere::wait::PropertyWait::open(session.clone(), vm, &["runtime.powerState"])
+            .await
+            .unwrap();
+    let first = wait.next(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(first[0].0, "runtime.powerState");
+    let collector = wait.collector().cloned().unwrap();
+    drop(wait);
+    // The destroy runs in the background; the collector soon disappears.
+    let mut gone = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let r = methods::wait_for_updates(&session, &collector, "", 1).await;
+        if matches!(r, Err(VsphereError::NotFound { .. })) {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "the collector still exists");
+    let _ = ConfigSpec::default();
+}

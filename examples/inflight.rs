@@ -1,0 +1,114 @@
+//! Memory check: N provisionings in flight at once on a simulator whose
+//! clone takes 1 s, through the full service and the memory store.
+//!
+//! ```text
+//! cargo build --release --example inflight
+//! /usr/bin/time -v target/release/examples/inflight 10000   # "Maximum resident set size"
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dvmm::core::config::{Secret, Timeouts, VcenterEndpoint};
+use dvmm::core::spec::SizeTable;
+use dvmm::store::{MemoryEventStore, MemoryTimeline};
+use dvmm::vsphere::sim::{Delays, Simulator, SimulatorConfig};
+use dvmm::{
+    NewVmRequest, ProjectId, ProvisionOutcome, ProvisioningService, TenantConfig, TenantId,
+    Tenants, UserId, VmSize,
+};
+use uuid::Uuid;
+
+#[tokio::main]
+async fn main() {
+    let n: usize = match std::env::args().nth(1).map(|a| a.parse()) {
+        None => 10_000,
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            eprintln!("usage: inflight [COUNT]: {e}");
+            std::process::exit(2);
+        }
+    };
+    let tenant = TenantConfig {
+        tenant_id: TenantId::from_uuid(Uuid::new_v4()),
+        slug: "acme".into(),
+        vcenter: VcenterEndpoint {
+            url: "https://simulator.invalid/sdk".into(),
+            username: "dvmm".into(),
+            password: Secret::new("simulator"),
+            insecure: false,
+            thumbprint: None,
+        },
+        datacenter: "DC0".into(),
+        cluster: "DC0_C0".into(),
+        resource_pool: None,
+        datastore: "LocalDS_0".into(),
+        template: "ubuntu-22.04-template".into(),
+        network: "VM Network".into(),
+        folder_root: None,
+        sizes: SizeTable::default(),
+        timeouts: Timeouts::default(),
+    };
+    let mut config = SimulatorConfig {
+        delays: Delays {
+            clone: Duration::from_secs(1),
+            ..Delays::default()
+        },
+        ..SimulatorConfig::default()
+    };
+    config.ip_pool.size = (n as u32).saturating_add(10);
+    // Room on the datastore for every disk.
+    if let Some(dc) = config.inventory.datacenter_mut("DC0") {
+        for ds in &mut dc.datastores {
+            ds.free_gib = u64::MAX / 4;
+        }
+    }
+    let service = Arc::new(ProvisioningService::new(
+        Arc::new(MemoryEventStore::new()),
+        Simulator::new(config),
+        Arc::new(MemoryTimeline::new()),
+        Tenants::new().with(tenant.clone()),
+    ));
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = service
+            .submit(NewVmRequest {
+                tenant_id: tenant.tenant_id,
+                project_id: ProjectId::from_uuid(Uuid::nil()),
+                project_prefix: "web".into(),
+                requested_name: format!("vm{i}"),
+                size: VmSize::S,
+                requested_by: UserId::from_uuid(Uuid::nil()),
+                justification: String::new(),
+            })
+            .await
+            .expect("submit");
+        service
+            .approve(tenant.tenant_id, id, UserId::from_uuid(Uuid::nil()))
+            .await
+            .expect("approve");
+        ids.push(id);
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = ids
+        .into_iter()
+        .map(|id| {
+            let service = service.clone();
+            let tenant_id = tenant.tenant_id;
+            tokio::spawn(async move { service.provision(tenant_id, id).await })
+        })
+        .collect();
+    let mut ready = 0;
+    for task in tasks {
+        if let Ok(Ok(ProvisionOutcome::Ready { .. })) = task.await {
+            ready += 1;
+        }
+    }
+    println!(
+        "in flight: {n}, ready: {ready}, elapsed: {} ms",
+        started.elapsed().as_millis()
+    );
+    if ready != n {
+        std::process::exit(1);
+    }
+}
