@@ -80,7 +80,10 @@ async fn full_flow(service: &Service, tenant: &TenantConfig, n: usize) {
         .approve(tenant.tenant_id, request_id, UserId::from_uuid(Uuid::nil()))
         .await
         .unwrap();
-    let outcome = service.provision(tenant.tenant_id, request_id).await.unwrap();
+    let outcome = service
+        .provision(tenant.tenant_id, request_id)
+        .await
+        .unwrap();
     assert!(matches!(outcome, ProvisionOutcome::Ready { .. }));
 }
 
@@ -89,7 +92,10 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(BATCH as u64));
     group.sample_size(20);
 
-    let current = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let multi = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -180,11 +180,11 @@ where
         tenant.slug, tenant.tenant_id
     );
     let mut printed = 0;
-    let print_new = |printed: &mut usize| {
+    let print_new = |printed: usize| {
         let timeline = service.timeline(tenant.tenant_id, request_id);
         async move {
             let entries = timeline.await.map_err(|e| e.to_string())?;
-            for entry in entries.iter().skip(*printed) {
+            for entry in entries.iter().skip(printed) {
                 println!(
                     "  {}  {:<20} {}",
                     entry.occurred_at.format("%H:%M:%S%.3f"),
@@ -192,27 +192,26 @@ where
                     entry.details
                 );
             }
-            *printed = entries.len();
-            Ok::<_, String>(())
+            Ok::<_, String>(entries.len())
         }
     };
     println!("timeline:");
-    print_new(&mut printed).await?;
+    printed = print_new(printed).await?;
     service
         .approve(tenant.tenant_id, request_id, approver)
         .await
         .map_err(|e| e.to_string())?;
-    print_new(&mut printed).await?;
+    printed = print_new(printed).await?;
 
     let provisioning = service.provision(tenant.tenant_id, request_id);
     tokio::pin!(provisioning);
     let outcome = loop {
         tokio::select! {
             outcome = &mut provisioning => break outcome.map_err(|e| e.to_string())?,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => print_new(&mut printed).await?,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => printed = print_new(printed).await?,
         }
     };
-    print_new(&mut printed).await?;
+    print_new(printed).await?;
 
     let code = match &outcome {
         ProvisionOutcome::Ready { vm_id, result } => {
