@@ -702,13 +702,9 @@ impl EventStore for ContendedStore {
     }
 }
 
-fn contended_service(
-    mock: MockVsphere,
-) -> (
-    ProvisioningService<Arc<ContendedStore>, MockPort, Arc<MemoryTimeline>>,
-    Arc<ContendedStore>,
-    TenantConfig,
-) {
+type ContendedService = ProvisioningService<Arc<ContendedStore>, MockPort, Arc<MemoryTimeline>>;
+
+fn contended_service(mock: MockVsphere) -> (ContendedService, Arc<ContendedStore>, TenantConfig) {
     let tenant = tenant_config("acme", 120);
     let store = Arc::new(ContendedStore::new());
     let service = ProvisioningService::new(
@@ -816,8 +812,8 @@ async fn a_store_failure_after_the_clone_is_an_error_and_a_rerun_adopts() {
         matches!(outcome, ProvisionOutcome::Ready { .. }),
         "{outcome:?}"
     );
-    let ids = ids.lock().unwrap();
-    assert_eq!(ids[0], ids[1], "the rerun asks for the same VM");
+    let asked = ids.lock().unwrap().clone();
+    assert_eq!(asked[0], asked[1], "the rerun asks for the same VM");
     let types: Vec<_> = store
         .inner
         .read_all(tenant.tenant_id, 0, 100)
