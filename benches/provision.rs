@@ -10,8 +10,6 @@
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use dvmm::core::config::{Secret, Timeouts, VcenterEndpoint};
-use dvmm::core::spec::SizeTable;
 use dvmm::store::{MemoryEventStore, MemoryTimeline};
 use dvmm::vsphere::sim::Simulator;
 use dvmm::{
@@ -23,26 +21,9 @@ use uuid::Uuid;
 const BATCH: usize = 1000;
 
 fn tenant() -> TenantConfig {
-    TenantConfig {
-        tenant_id: TenantId::from_uuid(Uuid::new_v4()),
-        slug: "acme".into(),
-        vcenter: VcenterEndpoint {
-            url: "https://vc.invalid/sdk".into(),
-            username: "bench".into(),
-            password: Secret::new("bench"),
-            insecure: false,
-            thumbprint: None,
-        },
-        datacenter: "DC0".into(),
-        cluster: "DC0_C0".into(),
-        resource_pool: None,
-        datastore: "LocalDS_0".into(),
-        template: "ubuntu-22.04-template".into(),
-        network: "VM Network".into(),
-        folder_root: None,
-        sizes: SizeTable::default(),
-        timeouts: Timeouts::default(),
-    }
+    Simulator::default()
+        .tenant_config(TenantId::from_uuid(Uuid::new_v4()), "acme")
+        .unwrap()
 }
 
 type Service = ProvisioningService<Arc<MemoryEventStore>, Simulator, Arc<MemoryTimeline>>;

@@ -9,13 +9,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dvmm::core::config::{Secret, Timeouts, VcenterEndpoint};
-use dvmm::core::spec::SizeTable;
 use dvmm::store::{MemoryEventStore, MemoryTimeline};
 use dvmm::vsphere::sim::{Delays, Simulator, SimulatorConfig};
 use dvmm::{
-    NewVmRequest, ProjectId, ProvisionOutcome, ProvisioningService, TenantConfig, TenantId,
-    Tenants, UserId, VmSize,
+    NewVmRequest, ProjectId, ProvisionOutcome, ProvisioningService, TenantId, Tenants, UserId,
+    VmSize,
 };
 use uuid::Uuid;
 
@@ -28,26 +26,6 @@ async fn main() {
             eprintln!("usage: inflight [COUNT]: {e}");
             std::process::exit(2);
         }
-    };
-    let tenant = TenantConfig {
-        tenant_id: TenantId::from_uuid(Uuid::new_v4()),
-        slug: "acme".into(),
-        vcenter: VcenterEndpoint {
-            url: "https://simulator.invalid/sdk".into(),
-            username: "dvmm".into(),
-            password: Secret::new("simulator"),
-            insecure: false,
-            thumbprint: None,
-        },
-        datacenter: "DC0".into(),
-        cluster: "DC0_C0".into(),
-        resource_pool: None,
-        datastore: "LocalDS_0".into(),
-        template: "ubuntu-22.04-template".into(),
-        network: "VM Network".into(),
-        folder_root: None,
-        sizes: SizeTable::default(),
-        timeouts: Timeouts::default(),
     };
     let mut config = SimulatorConfig {
         delays: Delays {
@@ -63,9 +41,13 @@ async fn main() {
             ds.free_gib = u64::MAX / 4;
         }
     }
+    let simulator = Simulator::new(config);
+    let tenant = simulator
+        .tenant_config(TenantId::from_uuid(Uuid::new_v4()), "acme")
+        .expect("the default inventory has a placement");
     let service = Arc::new(ProvisioningService::new(
         Arc::new(MemoryEventStore::new()),
-        Simulator::new(config),
+        simulator,
         Arc::new(MemoryTimeline::new()),
         Tenants::new().with(tenant.clone()),
     ));

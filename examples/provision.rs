@@ -12,8 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use dvmm::core::config::{Secret, Timeouts, VcenterEndpoint};
-use dvmm::core::spec::SizeTable;
 use dvmm::store::{MemoryEventStore, MemoryTimeline};
 use dvmm::vsphere::sim::{Delays, IpMode, Simulator, SimulatorConfig};
 use dvmm::{
@@ -79,30 +77,6 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     // Validate the name before anything else so bad input is reported plainly.
     dvmm::VmName::new(&args.project, &args.name).map_err(|e| e.to_string())?;
     let ip_timeout = args.ip_timeout_secs.unwrap_or(5);
-    let tenant = TenantConfig {
-        tenant_id: tenant_id_for(&args.tenant),
-        slug: args.tenant.clone(),
-        vcenter: VcenterEndpoint {
-            url: "https://simulator.invalid/sdk".into(),
-            username: "dvmm".into(),
-            password: Secret::new("simulator"),
-            insecure: false,
-            thumbprint: None,
-        },
-        datacenter: "DC0".into(),
-        cluster: "DC0_C0".into(),
-        resource_pool: None,
-        datastore: "LocalDS_0".into(),
-        template: "ubuntu-22.04-template".into(),
-        network: "VM Network".into(),
-        folder_root: None,
-        sizes: SizeTable::default(),
-        timeouts: Timeouts {
-            ip_wait_secs: ip_timeout,
-            ..Timeouts::default()
-        },
-    };
-    tenant.validate().map_err(|e| e.to_string())?;
     let simulator = Simulator::new(SimulatorConfig {
         delays: Delays {
             clone: Duration::from_millis(300),
@@ -117,6 +91,10 @@ async fn run(args: Args) -> Result<ExitCode, String> {
         },
         ..SimulatorConfig::default()
     });
+    let mut tenant = simulator
+        .tenant_config(tenant_id_for(&args.tenant), &args.tenant)
+        .map_err(|e| e.to_string())?;
+    tenant.timeouts.ip_wait_secs = ip_timeout;
     println!("vSphere: in-process simulator; store: in memory");
     let service = ProvisioningService::new(
         Arc::new(MemoryEventStore::new()),
