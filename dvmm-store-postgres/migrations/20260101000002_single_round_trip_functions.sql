@@ -31,13 +31,14 @@ DECLARE
 BEGIN
     PERFORM set_config('dvmm.tenant_id', p_tenant::text, true);
 
-    SELECT coalesce(max(e.version), 0) INTO v_current
+    -- One statement, one snapshot: under READ COMMITTED two statements
+    -- could straddle a racing writer's commit and see its events but not
+    -- its version.
+    SELECT coalesce(max(e.version), 0),
+           count(*) FILTER (WHERE e.event_id = ANY (p_event_ids))
+      INTO v_current, v_known
       FROM dvmm_events e
      WHERE e.stream_type = p_stream_type AND e.stream_id = p_stream_id AND e.tenant_id = p_tenant;
-    SELECT count(*) INTO v_known
-      FROM dvmm_events e
-     WHERE e.event_id = ANY (p_event_ids)
-       AND e.stream_type = p_stream_type AND e.stream_id = p_stream_id AND e.tenant_id = p_tenant;
 
     -- A retry after a lost acknowledgement carries the first attempt's
     -- expected version: recognise it before comparing versions.
