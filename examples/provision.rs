@@ -5,6 +5,14 @@
 //! cargo run --example provision -- --name db01 --size L
 //! cargo run --example provision -- --no-ip --ip-timeout-secs 3
 //! RUST_LOG=dvmm=debug cargo run --example provision  # with tracing output
+//!
+//! # a real vCenter (or govmomi's vcsim; see the README)
+//! cargo run --example provision -- --vcenter-url https://127.0.0.1:8989/sdk \
+//!     --username user --password pass --insecure --template DC0_H0_VM0
+//!
+//! # events and timeline in PostgreSQL (an owner/admin URL: the example
+//! # migrates, creates the application role and connects as it)
+//! cargo run --features postgres --example provision -- --database-url postgres://...
 //! ```
 
 use std::process::ExitCode;
@@ -12,8 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use dvmm::core::config::{Secret, Timeouts, VcenterEndpoint};
+use dvmm::core::spec::SizeTable;
 use dvmm::store::{MemoryEventStore, MemoryTimeline};
 use dvmm::vsphere::sim::{Delays, IpMode, Simulator, SimulatorConfig};
+use dvmm::vsphere::{SoapOptions, SoapVsphere};
 use dvmm::{
     EventStore, NewVmRequest, ProjectId, ProvisionOutcome, ProvisioningService, TenantConfig,
     TenantId, Tenants, TimelineSink, UserId, VmSize, VspherePort,
@@ -43,6 +54,40 @@ struct Args {
     /// Simulator only: the guest never reports an IP.
     #[arg(long)]
     no_ip: bool,
+    /// PostgreSQL URL of a role that may migrate (feature `postgres`); the
+    /// request, its events and timeline are stored there.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// vCenter (or vcsim) SDK URL; without it the in-process simulator is used.
+    #[arg(long)]
+    vcenter_url: Option<String>,
+    /// vCenter user.
+    #[arg(long, default_value = "administrator@vsphere.local")]
+    username: String,
+    /// vCenter password (or env DVMM_VCENTER_PASSWORD).
+    #[arg(long, env = "DVMM_VCENTER_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Skip TLS certificate verification.
+    #[arg(long)]
+    insecure: bool,
+    /// Accept exactly the certificate with this SHA-256 fingerprint.
+    #[arg(long)]
+    thumbprint: Option<String>,
+    /// Datacenter.
+    #[arg(long, default_value = "DC0")]
+    datacenter: String,
+    /// Cluster.
+    #[arg(long, default_value = "DC0_C0")]
+    cluster: String,
+    /// Datastore.
+    #[arg(long, default_value = "LocalDS_0")]
+    datastore: String,
+    /// Network (standard or distributed port group).
+    #[arg(long, default_value = "VM Network")]
+    network: String,
+    /// Template to clone (required with --vcenter-url).
+    #[arg(long)]
+    template: Option<String>,
 }
 
 fn tenant_id_for(slug: &str) -> TenantId {
@@ -76,7 +121,53 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     let size: VmSize = args.size.parse().map_err(|e| format!("{e}"))?;
     // Validate the name before anything else so bad input is reported plainly.
     dvmm::VmName::new(&args.project, &args.name).map_err(|e| e.to_string())?;
-    let ip_timeout = args.ip_timeout_secs.unwrap_or(5);
+    match args.vcenter_url.clone() {
+        Some(url) => run_on_vcenter(&args, size, url).await,
+        None => run_on_simulator(&args, size).await,
+    }
+}
+
+async fn run_on_vcenter(args: &Args, size: VmSize, url: String) -> Result<ExitCode, String> {
+    let password = args
+        .password
+        .clone()
+        .ok_or("--password (or DVMM_VCENTER_PASSWORD) is required with --vcenter-url")?;
+    let template = args
+        .template
+        .clone()
+        .ok_or("--template is required with --vcenter-url")?;
+    let tenant = TenantConfig {
+        tenant_id: tenant_id_for(&args.tenant),
+        slug: args.tenant.clone(),
+        vcenter: VcenterEndpoint {
+            url: url.clone(),
+            username: args.username.clone(),
+            password: Secret::new(password),
+            insecure: args.insecure,
+            thumbprint: args.thumbprint.clone(),
+        },
+        datacenter: args.datacenter.clone(),
+        cluster: args.cluster.clone(),
+        resource_pool: None,
+        datastore: args.datastore.clone(),
+        template,
+        network: args.network.clone(),
+        folder_root: None,
+        sizes: SizeTable::default(),
+        timeouts: Timeouts {
+            ip_wait_secs: args.ip_timeout_secs.unwrap_or(120),
+            ..Timeouts::default()
+        },
+    };
+    tenant.validate().map_err(|e| e.to_string())?;
+    println!("vSphere: {url} as {}", args.username);
+    let vsphere = SoapVsphere::new(SoapOptions::default());
+    let code = with_store(args, &tenant, vsphere.clone(), size).await;
+    vsphere.shutdown().await;
+    code
+}
+
+async fn run_on_simulator(args: &Args, size: VmSize) -> Result<ExitCode, String> {
     let simulator = Simulator::new(SimulatorConfig {
         delays: Delays {
             clone: Duration::from_millis(300),
@@ -94,15 +185,9 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     let mut tenant = simulator
         .tenant_config(tenant_id_for(&args.tenant), &args.tenant)
         .map_err(|e| e.to_string())?;
-    tenant.timeouts.ip_wait_secs = ip_timeout;
-    println!("vSphere: in-process simulator; store: in memory");
-    let service = ProvisioningService::new(
-        Arc::new(MemoryEventStore::new()),
-        simulator.clone(),
-        Arc::new(MemoryTimeline::new()),
-        Tenants::new().with(tenant.clone()),
-    );
-    let code = provision_one(&service, &tenant, &args, size).await?;
+    tenant.timeouts.ip_wait_secs = args.ip_timeout_secs.unwrap_or(5);
+    println!("vSphere: in-process simulator");
+    let code = with_store(args, &tenant, simulator.clone(), size).await?;
     if let Some(vm) = simulator
         .vms()
         .into_iter()
@@ -121,6 +206,89 @@ async fn run(args: Args) -> Result<ExitCode, String> {
         );
     }
     Ok(code)
+}
+
+/// Picks the store: PostgreSQL with `--database-url`, else memory.
+async fn with_store<V: VspherePort>(
+    args: &Args,
+    tenant: &TenantConfig,
+    vsphere: V,
+    size: VmSize,
+) -> Result<ExitCode, String> {
+    let tenants = Tenants::new().with(tenant.clone());
+    let Some(url) = &args.database_url else {
+        println!("store: in memory");
+        let service = ProvisioningService::new(
+            Arc::new(MemoryEventStore::new()),
+            vsphere,
+            Arc::new(MemoryTimeline::new()),
+            tenants,
+        );
+        return provision_one(&service, tenant, args, size).await;
+    };
+    #[cfg(feature = "postgres")]
+    {
+        let store = postgres::connect(url).await?;
+        let timeline = store.timeline();
+        let service = ProvisioningService::new(store, vsphere, timeline, tenants);
+        let earlier = service
+            .list_requests(tenant.tenant_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!(
+            "store: PostgreSQL; {} earlier request(s) of tenant {}:",
+            earlier.len(),
+            tenant.slug
+        );
+        for request in &earlier {
+            println!(
+                "  {}  {:<14} {}",
+                request.id,
+                request.status.to_string(),
+                request.vm_name
+            );
+        }
+        provision_one(&service, tenant, args, size).await
+    }
+    #[cfg(not(feature = "postgres"))]
+    {
+        let _ = (url, vsphere, tenants);
+        Err("--database-url needs the postgres feature: cargo run --features postgres --example provision -- --database-url URL".into())
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use dvmm::core::config::Secret;
+    use dvmm::store::postgres::sqlx::postgres::{PgConnectOptions, PgPool};
+    use dvmm::store::postgres::{PgEventStore, create_app_login, migrate};
+
+    const APP_LOGIN: &str = "dvmm_example";
+
+    /// Migrates with the given (owner) URL, then connects as an application
+    /// login that row-level security applies to.
+    pub async fn connect(url: &str) -> Result<PgEventStore, String> {
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|e| format!("bad --database-url: {e}"))?;
+        let admin = PgPool::connect_with(options.clone())
+            .await
+            .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+        migrate(&admin).await.map_err(|e| e.to_string())?;
+        // A per-database password derived from nothing secret is fine for an
+        // example on a throwaway database; a host manages its own role.
+        let password = format!("example-{}", uuid::Uuid::new_v4());
+        create_app_login(&admin, APP_LOGIN, &Secret::new(password.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        admin.close().await;
+        PgEventStore::connect_with(
+            PgEventStore::default_pool_options(),
+            options.username(APP_LOGIN).password(&password),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
 }
 
 /// Files, approves and provisions one request, printing the timeline as it
