@@ -598,15 +598,8 @@ where
         tenant: TenantId,
         request_id: VmRequestId,
     ) -> Result<ProvisionOutcome, ServiceError> {
-        let span = info_span!(
-            "provision",
-            request_id = %request_id,
-            tenant = %tenant,
-            vm_name = tracing::field::Empty,
-            vm_id = tracing::field::Empty,
-        );
         self.provision_inner(tenant, request_id, true)
-            .instrument(span)
+            .instrument(provision_span(tenant, request_id))
             .await
     }
 
@@ -623,15 +616,8 @@ where
         tenant: TenantId,
         request_id: VmRequestId,
     ) -> Result<ProvisionOutcome, ServiceError> {
-        let span = info_span!(
-            "provision",
-            request_id = %request_id,
-            tenant = %tenant,
-            vm_name = tracing::field::Empty,
-            vm_id = tracing::field::Empty,
-        );
         self.provision_inner(tenant, request_id, false)
-            .instrument(span)
+            .instrument(provision_span(tenant, request_id))
             .await
     }
 
@@ -1032,6 +1018,17 @@ where
         }
         Ok(())
     }
+}
+
+/// The span of one provisioning; the VM name and id are recorded once known.
+fn provision_span(tenant: TenantId, request_id: VmRequestId) -> tracing::Span {
+    info_span!(
+        "provision",
+        request_id = %request_id,
+        tenant = %tenant,
+        vm_name = tracing::field::Empty,
+        vm_id = tracing::field::Empty,
+    )
 }
 
 /// The stream of a request.
