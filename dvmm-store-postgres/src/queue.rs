@@ -1,0 +1,337 @@
+//! [`PgWorkQueue`] and [`PgCheckpoints`]: the runner's ports on PostgreSQL,
+//! so that worker processes sharing one database share the work.
+
+use std::fmt;
+use std::time::Duration;
+
+use dvmm_core::ids::{TenantId, VmRequestId};
+use dvmm_core::ports::StoreError;
+use dvmm_core::runner::{CheckpointStore, Job, WorkQueue};
+use sqlx::{PgPool, Row};
+
+use crate::error::{backend, corrupt};
+use crate::tenant::begin_for_tenant;
+
+/// A [`WorkQueue`] on PostgreSQL, shared by every worker process that uses
+/// the same database.
+///
+/// - A claim takes due rows with `FOR UPDATE SKIP LOCKED`: concurrent
+///   claimers skip each other's rows instead of waiting, and no row is
+///   handed to two workers.
+/// - A lease is a deadline on the database clock (`now()`), so workers on
+///   hosts with skewed clocks agree on when it expired. Once it has, the next
+///   claim by any worker takes the job over.
+/// - `renew`, `complete`, `retry_later` and `release` act only while the
+///   named worker still holds the lease, so a worker that lost its job to a
+///   takeover cannot disturb the new holder.
+///
+/// The table is not under row-level security: a worker serves every tenant,
+/// and a row holds only ids and scheduling state.
+#[derive(Clone)]
+pub struct PgWorkQueue {
+    pool: PgPool,
+}
+
+impl fmt::Debug for PgWorkQueue {
+    // The pool's connect options hold the password: never print them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgWorkQueue")
+            .field("connections", &self.pool.size())
+            .finish()
+    }
+}
+
+/// How many jobs are in each state, see [`PgWorkQueue::counts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Waiting to be claimed (possibly not due yet, after a retryable failure).
+    pub queued: u64,
+    /// Held by a worker (possibly with an expired lease, if it died).
+    pub leased: u64,
+    /// Finished.
+    pub done: u64,
+}
+
+/// Seconds as the `double precision` that `make_interval` takes.
+fn seconds(duration: Duration) -> f64 {
+    duration.as_secs_f64()
+}
+
+impl PgWorkQueue {
+    /// Wraps a pool whose role is a member of [`crate::APP_ROLE`], e.g.
+    /// [`crate::PgEventStore::pool`].
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Jobs per state, across all tenants.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the query fails.
+    pub async fn counts(&self) -> Result<QueueCounts, StoreError> {
+        let operation = "count the work queue";
+        let rows = sqlx::query("SELECT state, count(*) FROM dvmm_jobs GROUP BY state")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| backend(operation, e))?;
+        let mut counts = QueueCounts::default();
+        for row in rows {
+            let state: String = row.try_get(0).map_err(|e| backend(operation, e))?;
+            let n: i64 = row.try_get(1).map_err(|e| backend(operation, e))?;
+            let n = u64::try_from(n).unwrap_or(0);
+            match state.as_str() {
+                "queued" => counts.queued = n,
+                "leased" => counts.leased = n,
+                "done" => counts.done = n,
+                other => return Err(corrupt(operation, format!("unknown job state {other:?}"))),
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The requests whose lease `worker` holds right now (expired or not).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the query fails.
+    pub async fn held_by(&self, worker: &str) -> Result<Vec<VmRequestId>, StoreError> {
+        let operation = "list a worker's leases";
+        let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT request_id FROM dvmm_jobs WHERE state = 'leased' AND worker = $1 ORDER BY request_id",
+        )
+        .bind(worker)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| backend(operation, e))?;
+        Ok(ids.into_iter().map(VmRequestId::from_uuid).collect())
+    }
+
+    /// Runs an update that applies only while `worker` holds the lease on
+    /// `request_id`; `true` when it applied. `set` may use `$3`, the delay
+    /// in seconds, when one is given.
+    async fn update_held(
+        &self,
+        operation: &'static str,
+        set: &'static str,
+        worker: &str,
+        request_id: VmRequestId,
+        delay: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        // `set` is one of the constant clauses below, never caller input.
+        let sql = format!(
+            "UPDATE dvmm_jobs SET {set}, updated_at = now() \
+             WHERE request_id = $1 AND state = 'leased' AND worker = $2"
+        );
+        let mut query = sqlx::query(&sql).bind(request_id.as_uuid()).bind(worker);
+        if let Some(delay) = delay {
+            query = query.bind(seconds(delay));
+        }
+        let result = query
+            .execute(&self.pool)
+            .await
+            .map_err(|e| backend(operation, e))?;
+        Ok(result.rows_affected() == 1)
+    }
+}
+
+impl WorkQueue for PgWorkQueue {
+    async fn enqueue(&self, tenant: TenantId, request_id: VmRequestId) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO dvmm_jobs (request_id, tenant_id, state, due_at) \
+             VALUES ($1, $2, 'queued', now()) ON CONFLICT (request_id) DO NOTHING",
+        )
+        .bind(request_id.as_uuid())
+        .bind(tenant.as_uuid())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| backend("queue a provisioning job", e))?;
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Job>, StoreError> {
+        let operation = "claim provisioning jobs";
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "WITH due AS ( \
+                 SELECT request_id FROM dvmm_jobs \
+                 WHERE state <> 'done' AND due_at <= now() \
+                 ORDER BY due_at \
+                 LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED) \
+             UPDATE dvmm_jobs AS j \
+                SET state = 'leased', worker = $1, \
+                    due_at = now() + make_interval(secs => $3), \
+                    claims = j.claims + 1, updated_at = now() \
+               FROM due WHERE j.request_id = due.request_id \
+             RETURNING j.tenant_id, j.request_id, j.attempts",
+        )
+        .bind(worker)
+        .bind(limit)
+        .bind(seconds(lease))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| backend(operation, e))?;
+        rows.into_iter()
+            .map(|row| {
+                let tenant: uuid::Uuid = row.try_get(0).map_err(|e| backend(operation, e))?;
+                let request: uuid::Uuid = row.try_get(1).map_err(|e| backend(operation, e))?;
+                let attempts: i32 = row.try_get(2).map_err(|e| backend(operation, e))?;
+                Ok(Job {
+                    tenant_id: TenantId::from_uuid(tenant),
+                    request_id: VmRequestId::from_uuid(request),
+                    attempts: u32::try_from(attempts).map_err(|_| {
+                        corrupt(operation, format!("negative attempt count {attempts}"))
+                    })?,
+                })
+            })
+            .collect()
+    }
+
+    async fn renew(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.update_held(
+            "renew a lease",
+            "due_at = now() + make_interval(secs => $3)",
+            worker,
+            request_id,
+            Some(lease),
+        )
+        .await
+    }
+
+    async fn complete(&self, worker: &str, request_id: VmRequestId) -> Result<(), StoreError> {
+        self.update_held(
+            "complete a job",
+            "state = 'done', due_at = NULL, worker = NULL",
+            worker,
+            request_id,
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn retry_later(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
+        self.update_held(
+            "reschedule a job",
+            "state = 'queued', worker = NULL, attempts = attempts + 1, \
+             due_at = now() + make_interval(secs => $3)",
+            worker,
+            request_id,
+            Some(delay),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn release(&self, worker: &str, request_id: VmRequestId) -> Result<(), StoreError> {
+        self.update_held(
+            "release a job",
+            "state = 'queued', worker = NULL, due_at = now()",
+            worker,
+            request_id,
+            None,
+        )
+        .await
+        .map(drop)
+    }
+}
+
+/// A [`CheckpointStore`] on PostgreSQL, under the same tenant row-level
+/// security as the events. Saving keeps the highest position, so workers
+/// sharing a checkpoint name never move it backwards.
+#[derive(Clone)]
+pub struct PgCheckpoints {
+    pool: PgPool,
+}
+
+impl fmt::Debug for PgCheckpoints {
+    // The pool's connect options hold the password: never print them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgCheckpoints")
+            .field("connections", &self.pool.size())
+            .finish()
+    }
+}
+
+impl PgCheckpoints {
+    /// Wraps a pool whose role is a member of [`crate::APP_ROLE`].
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+impl CheckpointStore for PgCheckpoints {
+    async fn load(&self, name: &str, tenant: TenantId) -> Result<u64, StoreError> {
+        let operation = "load a checkpoint";
+        let mut tx = begin_for_tenant(&self.pool, tenant, operation).await?;
+        let position: Option<i64> = sqlx::query_scalar(
+            "SELECT position FROM dvmm_checkpoints WHERE name = $1 AND tenant_id = $2",
+        )
+        .bind(name)
+        .bind(tenant.as_uuid())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| backend(operation, e))?;
+        tx.commit().await.map_err(|e| backend(operation, e))?;
+        let position = position.unwrap_or(0);
+        u64::try_from(position)
+            .map_err(|_| corrupt(operation, format!("negative checkpoint {position}")))
+    }
+
+    async fn save(&self, name: &str, tenant: TenantId, position: u64) -> Result<(), StoreError> {
+        let operation = "save a checkpoint";
+        let position = i64::try_from(position).map_err(|_| StoreError::Backend {
+            operation,
+            message: format!("position {position} does not fit a bigint"),
+            retryable: false,
+            source: None,
+        })?;
+        let mut tx = begin_for_tenant(&self.pool, tenant, operation).await?;
+        sqlx::query(
+            "INSERT INTO dvmm_checkpoints (name, tenant_id, position) VALUES ($1, $2, $3) \
+             ON CONFLICT (name, tenant_id) DO UPDATE \
+               SET position = GREATEST(dvmm_checkpoints.position, EXCLUDED.position), \
+                   updated_at = now()",
+        )
+        .bind(name)
+        .bind(tenant.as_uuid())
+        .bind(position)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| backend(operation, e))?;
+        tx.commit().await.map_err(|e| backend(operation, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_become_fractional_seconds() {
+        assert_eq!(seconds(Duration::from_millis(1500)), 1.5);
+        assert_eq!(seconds(Duration::ZERO), 0.0);
+    }
+}

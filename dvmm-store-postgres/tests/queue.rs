@@ -1,0 +1,191 @@
+//! The runner's work queue and checkpoints on a real PostgreSQL server
+//! (`DATABASE_URL`): exclusive claims under concurrency, lease expiry and
+//! takeover, retries, release, and monotonic checkpoints under row-level
+//! security.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use dvmm_core::ids::VmRequestId;
+use dvmm_core::runner::{CheckpointStore, WorkQueue};
+use dvmm_store_postgres::{PgCheckpoints, PgWorkQueue, QueueCounts};
+use support::{TestDb, tenant};
+use uuid::Uuid;
+
+fn request() -> VmRequestId {
+    VmRequestId::from_uuid(Uuid::new_v4())
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claimers_never_share_a_job() {
+    let Some(db) = TestDb::create("concurrent_claimers_never_share_a_job").await else {
+        return;
+    };
+    let queue = PgWorkQueue::new(db.app_pool(12).await);
+    let t = tenant();
+    let ids: HashSet<VmRequestId> = (0..300).map(|_| request()).collect();
+    for id in &ids {
+        queue.enqueue(t, *id).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let queue = queue.clone();
+        tasks.push(tokio::spawn(async move {
+            let worker = format!("w{w}");
+            let mut mine = Vec::new();
+            loop {
+                let jobs = queue.claim(&worker, 7, LONG).await.unwrap();
+                if jobs.is_empty() {
+                    break;
+                }
+                mine.extend(jobs.into_iter().map(|j| j.request_id));
+            }
+            (worker, mine)
+        }));
+    }
+    let mut seen = HashSet::new();
+    for task in tasks {
+        let (worker, mine) = task.await.unwrap();
+        for id in &mine {
+            assert!(seen.insert(*id), "{id} was claimed twice");
+        }
+        let held: HashSet<_> = queue.held_by(&worker).await.unwrap().into_iter().collect();
+        assert_eq!(held, mine.iter().copied().collect(), "{worker}");
+    }
+    assert_eq!(seen, ids);
+    assert_eq!(
+        queue.counts().await.unwrap(),
+        QueueCounts {
+            queued: 0,
+            leased: 300,
+            done: 0
+        }
+    );
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_is_idempotent_and_done_jobs_stay_done() {
+    let Some(db) = TestDb::create("enqueue_is_idempotent_and_done_jobs_stay_done").await else {
+        return;
+    };
+    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let (t, id) = (tenant(), request());
+    queue.enqueue(t, id).await.unwrap();
+    queue.enqueue(t, id).await.unwrap();
+    let jobs = queue.claim("a", 10, LONG).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!((jobs[0].tenant_id, jobs[0].request_id), (t, id));
+    queue.complete("a", id).await.unwrap();
+    // A re-fed approval must not run the job again.
+    queue.enqueue(t, id).await.unwrap();
+    assert!(queue.claim("b", 10, LONG).await.unwrap().is_empty());
+    assert_eq!(queue.counts().await.unwrap().done, 1);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_is_taken_over_and_the_old_holder_is_locked_out() {
+    let Some(db) = TestDb::create("an_expired_lease_is_taken_over").await else {
+        return;
+    };
+    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let (t, id) = (tenant(), request());
+    queue.enqueue(t, id).await.unwrap();
+    let lease = Duration::from_millis(300);
+    assert_eq!(queue.claim("dead", 1, lease).await.unwrap().len(), 1);
+    // Still leased: nobody else gets it.
+    assert!(queue.claim("alive", 1, lease).await.unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let taken = queue.claim("alive", 1, LONG).await.unwrap();
+    assert_eq!(taken.len(), 1, "the expired lease must be claimable");
+    assert_eq!(taken[0].attempts, 0, "a takeover is not a failed attempt");
+    // The old holder comes back: it may not renew, complete or release.
+    assert!(!queue.renew("dead", id, LONG).await.unwrap());
+    queue.complete("dead", id).await.unwrap();
+    queue.release("dead", id).await.unwrap();
+    queue.retry_later("dead", id, LONG).await.unwrap();
+    assert_eq!(queue.held_by("alive").await.unwrap(), vec![id]);
+    assert!(queue.renew("alive", id, LONG).await.unwrap());
+    queue.complete("alive", id).await.unwrap();
+    assert_eq!(queue.counts().await.unwrap().done, 1);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_keeps_a_lease_alive() {
+    let Some(db) = TestDb::create("renewal_keeps_a_lease_alive").await else {
+        return;
+    };
+    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let (t, id) = (tenant(), request());
+    queue.enqueue(t, id).await.unwrap();
+    let lease = Duration::from_millis(400);
+    queue.claim("a", 1, lease).await.unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(queue.renew("a", id, lease).await.unwrap());
+        assert!(queue.claim("b", 1, lease).await.unwrap().is_empty());
+    }
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_wait_their_delay_and_count_attempts_releases_do_not() {
+    let Some(db) = TestDb::create("retries_wait_their_delay").await else {
+        return;
+    };
+    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let (t, id) = (tenant(), request());
+    queue.enqueue(t, id).await.unwrap();
+    queue.claim("a", 1, LONG).await.unwrap();
+    queue
+        .retry_later("a", id, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(
+        queue.claim("a", 1, LONG).await.unwrap().is_empty(),
+        "not due yet"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let jobs = queue.claim("b", 1, LONG).await.unwrap();
+    assert_eq!(jobs[0].attempts, 1);
+    queue.release("b", id).await.unwrap();
+    let jobs = queue.claim("c", 1, LONG).await.unwrap();
+    assert_eq!(jobs.len(), 1, "a released job is due at once");
+    assert_eq!(jobs[0].attempts, 1, "a release does not count an attempt");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_only_move_forward_and_are_per_tenant() {
+    let Some(db) = TestDb::create("checkpoints_only_move_forward").await else {
+        return;
+    };
+    let checkpoints = PgCheckpoints::new(db.app_pool(2).await);
+    let (a, b) = (tenant(), tenant());
+    assert_eq!(checkpoints.load("feed", a).await.unwrap(), 0);
+    checkpoints.save("feed", a, 42).await.unwrap();
+    checkpoints.save("feed", a, 7).await.unwrap();
+    assert_eq!(checkpoints.load("feed", a).await.unwrap(), 42);
+    assert_eq!(checkpoints.load("feed", b).await.unwrap(), 0);
+    assert_eq!(checkpoints.load("other", a).await.unwrap(), 0);
+    checkpoints.save("feed", b, 3).await.unwrap();
+    assert_eq!(checkpoints.load("feed", b).await.unwrap(), 3);
+    assert!(checkpoints.save("feed", a, u64::MAX).await.is_err());
+
+    // Row-level security: without a tenant scope the application role sees
+    // no checkpoint at all.
+    let pool = db.app_pool(1).await;
+    let visible: i64 =
+        dvmm_store_postgres::sqlx::query_scalar("SELECT count(*) FROM dvmm_checkpoints")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(visible, 0);
+    db.drop().await;
+}
