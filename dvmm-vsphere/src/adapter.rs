@@ -113,6 +113,35 @@ impl SoapVsphere {
         self.session(endpoint)
     }
 
+    /// The names of every VM and template in `{datacenter}/vm/{folder_path}`
+    /// and its sub-folders (one entry per VM, so a name that exists twice is
+    /// listed twice); empty when the folder does not exist. For audits such
+    /// as counting duplicates after a run.
+    ///
+    /// # Errors
+    /// Faults and transport errors.
+    pub async fn list_vm_names(
+        &self,
+        endpoint: &VcenterEndpoint,
+        datacenter: &str,
+        folder_path: &str,
+    ) -> Result<Vec<String>, VsphereError> {
+        let session = self.session(endpoint)?;
+        let mut path = format!("{}/vm", escape_component(datacenter));
+        for c in folder_components(folder_path) {
+            path.push('/');
+            path.push_str(&escape_component(c));
+        }
+        let Some(folder) = methods::find_by_inventory_path(&session, &path).await? else {
+            return Ok(Vec::new());
+        };
+        Ok(methods::vm_names_below(&session, &folder, Some(1000))
+            .await?
+            .into_iter()
+            .map(|(_, name)| name)
+            .collect())
+    }
+
     fn session(&self, endpoint: &VcenterEndpoint) -> Result<Arc<Session>, VsphereError> {
         self.inner
             .pool

@@ -101,6 +101,76 @@ pub async fn find_vms_named_below(
         .collect())
 }
 
+/// The reference and `name` of every VM and template below `folder`
+/// (recursively through sub-folders), following `ContinueRetrievePropertiesEx`
+/// when the server pages the answer. `page_size` asks for pages of at most
+/// that many objects (`maxObjects`); `None` leaves it to the server.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn vm_names_below(
+    session: &Session,
+    folder: &MoRef,
+    page_size: Option<u32>,
+) -> Result<Vec<(MoRef, String)>, VsphereError> {
+    let page_size = page_size.map(|n| n.to_string());
+    let mut node = session
+        .call("RetrievePropertiesEx", true, Duration::ZERO, |sc, env| {
+            this(env, &sc.property_collector);
+            env.open("specSet")
+                .open("propSet")
+                .text("type", "VirtualMachine")
+                .text("pathSet", "name")
+                .close("propSet")
+                .open("objectSet")
+                .moref("obj", &folder.kind, &folder.value)
+                .text("skip", "true")
+                .open_typed("selectSet", "TraversalSpec")
+                .text("name", "folderTree")
+                .text("type", "Folder")
+                .text("path", "childEntity")
+                .text("skip", "false")
+                .open("selectSet")
+                .text("name", "folderTree")
+                .close("selectSet")
+                .close("selectSet")
+                .close("objectSet")
+                .close("specSet")
+                .open("options");
+            if let Some(n) = &page_size {
+                env.text("maxObjects", n);
+            }
+            env.close("options");
+        })
+        .await?;
+    let mut found = Vec::new();
+    loop {
+        let token = node
+            .child("returnval")
+            .and_then(|r| r.child("token"))
+            .map(|t| t.text.clone())
+            .filter(|t| !t.is_empty());
+        found.extend(object_contents(&node).into_iter().filter_map(|o| {
+            let name = o.prop("name").map(|n| n.text.clone())?;
+            Some((o.obj?, name))
+        }));
+        let Some(token) = token else { break };
+        // The continuation answers with the same `returnval` shape.
+        node = session
+            .call(
+                "ContinueRetrievePropertiesEx",
+                true,
+                Duration::ZERO,
+                |sc, env| {
+                    this(env, &sc.property_collector);
+                    env.text("token", &token);
+                },
+            )
+            .await?;
+    }
+    Ok(found)
+}
+
 /// `SearchIndex.FindByInventoryPath`: `None` when nothing is there.
 ///
 /// # Errors

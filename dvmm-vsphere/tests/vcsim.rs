@@ -321,6 +321,42 @@ async fn two_provisionings_race_for_a_new_folder_and_both_succeed() {
         .await
         .unwrap();
     assert_eq!(children[0].prop("childEntity").unwrap().children.len(), 2);
+
+    // The audit listing sees both, below the tenant folder and below its parent.
+    let mut names = va
+        .list_vm_names(&endpoint, "DC0", "race/proj")
+        .await
+        .unwrap();
+    names.sort();
+    assert_eq!(names, ["proj-a", "proj-b"]);
+    let below_tenant = va.list_vm_names(&endpoint, "DC0", "race").await.unwrap();
+    assert_eq!(below_tenant.len(), 2);
+    assert!(
+        va.list_vm_names(&endpoint, "DC0", "race/nothing-here")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_follows_continuation_pages() {
+    let Some(sim) = Vcsim::start(&["-vm", "150"]) else {
+        return;
+    };
+    let endpoint = sim.endpoint("user", "pass");
+    let (_o, own) = observer(&endpoint);
+    let root = find(&own, "DC0/vm").await.unwrap();
+    // Pages of 40: several continuations.
+    let all = methods::vm_names_below(&own, &root, Some(40))
+        .await
+        .unwrap();
+    let unique: std::collections::HashSet<_> = all.iter().map(|(r, _)| r.value.clone()).collect();
+    assert_eq!(unique.len(), all.len(), "a page repeated an object");
+    let client = SoapVsphere::new(fast_options());
+    let listed = client.list_vm_names(&endpoint, "DC0", "").await.unwrap();
+    assert_eq!(listed.len(), all.len());
+    assert!(listed.len() >= 150, "{} VMs listed", listed.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
