@@ -16,7 +16,7 @@
 //!
 //! The runner is runtime-agnostic: waiting goes through the [`Timer`] port.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::pin;
@@ -353,6 +353,10 @@ where
     /// Runs until `shutdown` completes, then drains in-flight work until the
     /// deadline and releases what is left.
     ///
+    /// In-flight provisionings keep being polled while the runner talks to
+    /// its queue: a provisioning may hold a pooled database connection that
+    /// the queue call is waiting for.
+    ///
     /// # Errors
     /// Only when the queue itself fails while shutting down; failures while
     /// running are logged and retried on the next tick.
@@ -362,54 +366,50 @@ where
     ) -> Result<RunnerReport, ServiceError> {
         let mut report = RunnerReport::default();
         let mut inflight: FuturesUnordered<_> = FuturesUnordered::new();
+        let mut finished: VecDeque<JobResult> = VecDeque::new();
         let mut handles: HashMap<VmRequestId, AbortHandle> = HashMap::new();
         let mut shutdown = pin!(shutdown.fuse());
-        let mut stopping = false;
+        // One timer for feeding and lease renewal, re-armed only when it
+        // fires: completions in between must not postpone it.
+        let mut tick = pin!(self.timer.sleep(Duration::ZERO).fuse());
         let worker = self.config.worker_id.clone();
         info!(worker = %worker, concurrency = self.config.concurrency, "provisioning runner started");
         loop {
-            if !stopping {
-                if let Err(error) = self.feed().await {
-                    warn!(%error, "feeding the work queue failed; will retry");
-                }
-                let free = self.config.concurrency.saturating_sub(inflight.len());
-                if free > 0 {
-                    match self.queue.claim(&worker, free, self.config.lease).await {
-                        Ok(jobs) => {
-                            for job in jobs {
-                                let (handle, registration) = AbortHandle::new_pair();
-                                handles.insert(job.request_id, handle);
-                                inflight.push(self.run_job(job, registration));
-                            }
-                        }
-                        Err(error) => warn!(%error, "claiming work failed; will retry"),
-                    }
-                }
-            }
-            if stopping && inflight.is_empty() {
-                break;
-            }
-            let next_done = async {
-                if inflight.is_empty() {
-                    futures::future::pending::<Option<JobResult>>().await
-                } else {
-                    inflight.next().await
-                }
-            };
             futures::select_biased! {
-                done = next_done.fuse() => {
-                    if let Some((job, result)) = done {
-                        handles.remove(&job.request_id);
-                        self.settle(&worker, job, result, &mut report).await;
-                    }
-                }
                 _ = shutdown.as_mut() => {
                     info!(in_flight = inflight.len(), "shutdown requested: no new claims");
-                    stopping = true;
-                    self.drain(&worker, &mut inflight, &mut handles, &mut report).await?;
+                    self.drain(&worker, &mut inflight, &mut finished, &mut handles, &mut report)
+                        .await?;
+                    break;
                 }
-                _ = self.timer.sleep(self.config.poll_interval).fuse() => {
-                    self.renew_leases(&worker, &mut handles).await;
+                done = next_finished(&mut inflight).fuse() => finished.extend(done),
+                _ = tick.as_mut() => {
+                    tick.set(self.timer.sleep(self.config.poll_interval).fuse());
+                    let feed = self.feed();
+                    if let Err(error) = keep_polling(&mut inflight, &mut finished, feed).await {
+                        warn!(%error, "feeding the work queue failed; will retry");
+                    }
+                    let renew = self.renew_leases(&worker, &mut handles);
+                    keep_polling(&mut inflight, &mut finished, renew).await;
+                }
+            }
+            while let Some((job, result)) = finished.pop_front() {
+                handles.remove(&job.request_id);
+                let settle = self.settle(&worker, job, result, &mut report);
+                keep_polling(&mut inflight, &mut finished, settle).await;
+            }
+            let free = self.config.concurrency.saturating_sub(inflight.len());
+            if free > 0 {
+                let claim = self.queue.claim(&worker, free, self.config.lease);
+                match keep_polling(&mut inflight, &mut finished, claim).await {
+                    Ok(jobs) => {
+                        for job in jobs {
+                            let (handle, registration) = AbortHandle::new_pair();
+                            handles.insert(job.request_id, handle);
+                            inflight.push(self.run_job(job, registration));
+                        }
+                    }
+                    Err(error) => warn!(%error, "claiming work failed; will retry"),
                 }
             }
         }
@@ -495,18 +495,22 @@ where
     }
 
     async fn renew_leases(&self, worker: &str, handles: &mut HashMap<VmRequestId, AbortHandle>) {
-        let mut lost = Vec::new();
-        for id in handles.keys() {
-            match self.queue.renew(worker, *id, self.config.lease).await {
+        let ids: Vec<VmRequestId> = handles.keys().copied().collect();
+        let results = futures::future::join_all(
+            ids.iter()
+                .map(|id| self.queue.renew(worker, *id, self.config.lease)),
+        )
+        .await;
+        for (id, result) in ids.into_iter().zip(results) {
+            match result {
                 Ok(true) => {}
-                Ok(false) => lost.push(*id),
+                Ok(false) => {
+                    warn!(request_id = %id, "lease lost; abandoning this attempt");
+                    if let Some(handle) = handles.remove(&id) {
+                        handle.abort();
+                    }
+                }
                 Err(error) => debug!(request_id = %id, %error, "lease renewal failed; will retry"),
-            }
-        }
-        for id in lost {
-            warn!(request_id = %id, "lease lost; abandoning this attempt");
-            if let Some(handle) = handles.remove(&id) {
-                handle.abort();
             }
         }
     }
@@ -515,6 +519,7 @@ where
         &self,
         worker: &str,
         inflight: &mut FuturesUnordered<F>,
+        finished: &mut VecDeque<JobResult>,
         handles: &mut HashMap<VmRequestId, AbortHandle>,
         report: &mut RunnerReport,
     ) -> Result<(), ServiceError>
@@ -522,28 +527,71 @@ where
         F: Future<Output = JobResult>,
     {
         let mut deadline = pin!(self.timer.sleep(self.config.shutdown_deadline).fuse());
-        while !inflight.is_empty() {
+        let mut tick = pin!(self.timer.sleep(self.config.poll_interval).fuse());
+        loop {
+            while let Some((job, result)) = finished.pop_front() {
+                handles.remove(&job.request_id);
+                let settle = self.settle(worker, job, result, report);
+                keep_polling(inflight, finished, settle).await;
+            }
+            if inflight.is_empty() {
+                break;
+            }
             futures::select_biased! {
-                done = inflight.next().fuse() => {
-                    if let Some((job, result)) = done {
-                        handles.remove(&job.request_id);
-                        self.settle(worker, job, result, report).await;
-                    }
-                }
-                _ = self.timer.sleep(self.config.poll_interval).fuse() => {
-                    self.renew_leases(worker, handles).await;
-                }
+                done = next_finished(inflight).fuse() => finished.extend(done),
                 _ = deadline.as_mut() => break,
+                _ = tick.as_mut() => {
+                    tick.set(self.timer.sleep(self.config.poll_interval).fuse());
+                    let renew = self.renew_leases(worker, handles);
+                    keep_polling(inflight, finished, renew).await;
+                }
             }
         }
         // Whatever is still running is cancelled (safe: a rerun resumes it)
-        // and handed back at once.
+        // and handed back at once. Results that arrived meanwhile are settled.
         inflight.clear();
+        while let Some((job, result)) = finished.pop_front() {
+            handles.remove(&job.request_id);
+            self.settle(worker, job, result, report).await;
+        }
         for (id, handle) in handles.drain() {
             handle.abort();
             self.queue.release(worker, id).await?;
             report.released += 1;
         }
         Ok(())
+    }
+}
+
+/// The next finished job, or never when nothing runs (an empty
+/// `FuturesUnordered` would answer `None` at once and spin the loop).
+async fn next_finished<F: Future<Output = JobResult>>(
+    inflight: &mut FuturesUnordered<F>,
+) -> Option<JobResult> {
+    if inflight.is_empty() {
+        futures::future::pending().await
+    } else {
+        inflight.next().await
+    }
+}
+
+/// Awaits `work` while still driving the in-flight jobs, parking the ones
+/// that finish in `finished`. Without this a queue call waiting for a pooled
+/// connection could wait forever for a job that holds one and is not polled.
+async fn keep_polling<F, W>(
+    inflight: &mut FuturesUnordered<F>,
+    finished: &mut VecDeque<JobResult>,
+    work: W,
+) -> W::Output
+where
+    F: Future<Output = JobResult>,
+    W: Future,
+{
+    let mut work = pin!(work.fuse());
+    loop {
+        futures::select_biased! {
+            output = work => return output,
+            done = next_finished(inflight).fuse() => finished.extend(done),
+        }
     }
 }
