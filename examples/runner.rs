@@ -672,7 +672,19 @@ mod postgres {
     use dvmm::store::postgres::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
     use dvmm::store::postgres::{PgEventStore, create_app_login, migrate};
 
-    const APP_LOGIN: &str = "dvmm_runner";
+    /// The application login of a database: `dvmm_runner_{database}` (roles
+    /// are cluster-wide, so deployments on other databases keep their own).
+    pub fn app_login(database: &str) -> String {
+        let mut role: String = format!("dvmm_runner_{database}")
+            .chars()
+            .map(|c| match c.to_ascii_lowercase() {
+                c @ ('a'..='z' | '0'..='9' | '_') => c,
+                _ => '_',
+            })
+            .collect();
+        role.truncate(63);
+        role
+    }
 
     /// Migrates with the given (owner) URL, then connects as an application
     /// login that row-level security applies to.
@@ -680,6 +692,7 @@ mod postgres {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e| format!("bad --database-url: {e}"))?;
+        let login = app_login(options.get_database().unwrap_or("postgres"));
         let admin = PgPool::connect_with(options.clone())
             .await
             .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
@@ -694,7 +707,7 @@ mod postgres {
         let secret = Secret::new(password.clone());
         let mut attempt = 0;
         // Concurrent role changes may collide ("tuple concurrently updated").
-        while let Err(e) = create_app_login(&admin, APP_LOGIN, &secret).await {
+        while let Err(e) = create_app_login(&admin, &login, &secret).await {
             attempt += 1;
             if attempt >= 5 {
                 return Err(e.to_string());
@@ -706,7 +719,7 @@ mod postgres {
             PgPoolOptions::new()
                 .max_connections(pool_size)
                 .acquire_timeout(Duration::from_secs(30)),
-            options.username(APP_LOGIN).password(&password),
+            options.username(&login).password(&password),
         )
         .await
         .map_err(|e| e.to_string())

@@ -27,8 +27,11 @@ CREATE TABLE dvmm_jobs (
     CHECK ((state = 'leased') = (worker IS NOT NULL))
 );
 
--- The claim scan: unfinished jobs by due time. Done jobs leave the index.
-CREATE INDEX dvmm_jobs_due ON dvmm_jobs (due_at) WHERE state <> 'done';
+-- The claim scans: expired leases first (a dead worker's jobs are taken over
+-- as soon as their lease ends, not after the backlog), then queued jobs by due
+-- time. Done jobs leave both indexes.
+CREATE INDEX dvmm_jobs_lease_ends ON dvmm_jobs (due_at) WHERE state = 'leased';
+CREATE INDEX dvmm_jobs_queued_due ON dvmm_jobs (due_at) WHERE state = 'queued';
 
 CREATE TABLE dvmm_checkpoints (
     name        text        NOT NULL,

@@ -17,7 +17,9 @@ use crate::tenant::begin_for_tenant;
 ///
 /// - A claim takes due rows with `FOR UPDATE SKIP LOCKED`: concurrent
 ///   claimers skip each other's rows instead of waiting, and no row is
-///   handed to two workers.
+///   handed to two workers. Expired leases come first, so a dead worker's
+///   jobs are resumed as soon as their lease ends rather than after the
+///   backlog.
 /// - A lease is a deadline on the database clock (`now()`), so workers on
 ///   hosts with skewed clocks agree on when it expired. Once it has, the next
 ///   claim by any worker takes the job over.
@@ -164,12 +166,20 @@ impl WorkQueue for PgWorkQueue {
         }
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let rows = sqlx::query(
-            "WITH due AS ( \
+            "WITH expired AS ( \
                  SELECT request_id FROM dvmm_jobs \
-                 WHERE state <> 'done' AND due_at <= now() \
-                 ORDER BY due_at \
-                 LIMIT $2 \
-                 FOR UPDATE SKIP LOCKED) \
+                 WHERE state = 'leased' AND due_at <= now() \
+                 ORDER BY due_at LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED), \
+             queued AS ( \
+                 SELECT request_id FROM dvmm_jobs \
+                 WHERE state = 'queued' AND due_at <= now() \
+                 ORDER BY due_at LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED), \
+             due AS ( \
+                 SELECT request_id FROM expired \
+                 UNION ALL SELECT request_id FROM queued \
+                 LIMIT $2) \
              UPDATE dvmm_jobs AS j \
                 SET state = 'leased', worker = $1, \
                     due_at = now() + make_interval(secs => $3), \

@@ -189,3 +189,26 @@ async fn checkpoints_only_move_forward_and_are_per_tenant() {
     assert_eq!(visible, 0);
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_leases_are_claimed_before_the_backlog() {
+    let Some(db) = TestDb::create("expired_leases_are_claimed_before_the_backlog").await else {
+        return;
+    };
+    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let t = tenant();
+    let orphan = request();
+    queue.enqueue(t, orphan).await.unwrap();
+    queue
+        .claim("dead", 1, Duration::from_millis(200))
+        .await
+        .unwrap();
+    // A backlog queued before the lease ends, so due earlier than it.
+    for _ in 0..20 {
+        queue.enqueue(t, request()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let jobs = queue.claim("alive", 1, LONG).await.unwrap();
+    assert_eq!(jobs[0].request_id, orphan);
+    db.drop().await;
+}
