@@ -329,6 +329,23 @@ ip_wait_secs = 30
         assert!(debug.contains("Secret(***)"));
     }
 
+    #[test]
+    fn the_tenants_timeouts_reach_the_vm_spec() {
+        let mut config: TenantConfig = toml::from_str(GOOD).unwrap();
+        config.timeouts.task_secs = 90;
+        let name = crate::spec::VmName::new("web", "app01").unwrap();
+        let spec = crate::spec::VmSpec::for_request(
+            &config,
+            crate::ids::VmRequestId::from_uuid(uuid::Uuid::nil()),
+            crate::ids::VmId::from_uuid(uuid::Uuid::nil()),
+            &name,
+            "web",
+            config.sizes.resources(VmSize::S),
+        );
+        assert_eq!(spec.task_timeout, std::time::Duration::from_secs(90));
+        assert_eq!(spec.ip_wait_timeout, std::time::Duration::from_secs(30));
+    }
+
     fn error_for(edit: impl Fn(&str) -> String) -> String {
         toml::from_str::<TenantConfig>(&edit(GOOD))
             .unwrap_err()

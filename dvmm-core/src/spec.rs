@@ -427,6 +427,9 @@ pub struct VmSpec {
     pub datastore: String,
     /// How long to wait for VMware Tools and an IPv4 address.
     pub ip_wait_timeout: Duration,
+    /// How long one vSphere task (clone, reconfigure, customize, power-on)
+    /// may run before it counts as timed out.
+    pub task_timeout: Duration,
     /// Which vCenter, with which credentials.
     pub endpoint: VcenterEndpoint,
 }
@@ -462,6 +465,7 @@ impl VmSpec {
             resource_pool: config.resource_pool.clone(),
             datastore: config.datastore.clone(),
             ip_wait_timeout: config.timeouts.ip_wait(),
+            task_timeout: config.timeouts.task(),
             endpoint: config.vcenter.clone(),
         }
     }

@@ -579,7 +579,9 @@ impl SoapVsphere {
                 Err(e) => return Err(e),
             };
             tracing::info!(task = %task.value, "clone started");
-            return match wait::wait_for_task(session, &task, "CloneVM_Task").await {
+            return match wait::wait_for_task(session, &task, "CloneVM_Task", spec.task_timeout)
+                .await
+            {
                 Ok(result) => result.as_ref().and_then(MoRef::from_node).ok_or_else(|| {
                     VsphereError::Protocol {
                         message: format!("clone task {} finished without a VM", task.value),
@@ -598,10 +600,11 @@ impl SoapVsphere {
         session: &Arc<Session>,
         task: Result<MoRef, VsphereError>,
         operation: &str,
+        timeout: Duration,
     ) -> Result<(), VsphereError> {
         let task = task?;
         tracing::info!(task = %task.value, operation, "task started");
-        wait::wait_for_task(session, &task, operation)
+        wait::wait_for_task(session, &task, operation, timeout)
             .await
             .map(|_| ())
     }
@@ -631,6 +634,7 @@ impl SoapVsphere {
                     &session,
                     methods::reconfig_vm(&session, &vm, &change).await,
                     "ReconfigVM_Task",
+                    spec.task_timeout,
                 )
                 .await?;
             }
@@ -646,6 +650,7 @@ impl SoapVsphere {
                 )
                 .await,
                 "CustomizeVM_Task",
+                spec.task_timeout,
             )
             .await?;
             let powered = self
@@ -653,6 +658,7 @@ impl SoapVsphere {
                     &session,
                     methods::power_on_vm(&session, &vm).await,
                     "PowerOnVM_Task",
+                    spec.task_timeout,
                 )
                 .await;
             if let Err(e) = powered {

@@ -30,7 +30,9 @@ const SOAP_ACTION: &str = "urn:vim25/6.5";
 pub struct SoapOptions {
     /// Timeout of one HTTP request (long-polls add their own wait on top).
     pub request_timeout: Duration,
-    /// How long one vSphere task (clone, reconfigure, power-on) may take.
+    /// Ceiling on how long one vSphere task (clone, reconfigure, power-on)
+    /// may take; each VM's own limit is `VmSpec::task_timeout` (the
+    /// tenant's `timeouts.task_secs`), and the shorter one applies.
     pub task_timeout: Duration,
     /// Retries of a call that failed with a retryable error (transport,
     /// timeout). `0` disables retries.

@@ -174,12 +174,16 @@ const TASK_PATHS: &[&str] = &["info.state", "info.result", "info.error"];
 /// finished it by the time the call returns, which saves a collector. Only a
 /// running task gets a filter.
 ///
+/// Waits at most `timeout` (capped by the session's
+/// [`SoapOptions::task_timeout`](crate::SoapOptions::task_timeout)).
+///
 /// # Errors
 /// The task's fault mapped onto [`VsphereError`], or `Timeout`.
 pub async fn wait_for_task(
     session: &Arc<Session>,
     task: &MoRef,
     operation: &str,
+    timeout: Duration,
 ) -> Result<Option<Node>, VsphereError> {
     let mut info = TaskInfo::default();
     let contents =
@@ -195,7 +199,7 @@ pub async fn wait_for_task(
             session.clone(),
             task.clone(),
             TASK_PATHS,
-            session.options().task_timeout,
+            timeout.min(session.options().task_timeout),
             &mut info,
             |info, path, val| info.apply(path, val),
             |info| info.state.is_some_and(TaskState::is_terminal),

@@ -142,6 +142,7 @@ pub fn spec(endpoint: VcenterEndpoint, folder: &str, name: &str, network: &str) 
         resource_pool: None,
         datastore: "LocalDS_0".into(),
         ip_wait_timeout: Duration::from_secs(20),
+        task_timeout: Duration::from_secs(60),
         endpoint,
     }
 }
