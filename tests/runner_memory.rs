@@ -379,3 +379,36 @@ async fn requests_approved_before_the_runner_started_and_across_restarts_are_all
     assert_eq!(report.ready, 3, "only the new approvals were run");
     assert_eq!(s.sim.vms().len(), 8);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisionings_longer_than_the_lease_keep_it_by_renewal() {
+    // Each clone takes four leases. Whichever worker claims first takes all
+    // six; the other has room all the while and must never take one over.
+    let sim = Simulator::new(SimulatorConfig {
+        delays: Delays {
+            clone: Duration::from_millis(1200),
+            ..Delays::default()
+        },
+        ..SimulatorConfig::default()
+    });
+    let s = setup(sim, 1);
+    let ids = s.approve(6).await;
+    let lease = Duration::from_millis(300);
+    let a = s.runner(RunnerConfig {
+        lease,
+        ..fast_config("a", 6)
+    });
+    let b = s.runner(RunnerConfig {
+        lease,
+        ..fast_config("b", 6)
+    });
+    let (ra, rb) = tokio::join!(a.run(s.settled(&ids)), b.run(s.settled(&ids)));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.ready + rb.ready, 6);
+    assert_eq!(ra.released + rb.released, 0, "a lease was lost");
+    assert_eq!(
+        s.sim.call_count(Operation::CreateVm),
+        6,
+        "a job was taken over and run twice"
+    );
+}

@@ -200,7 +200,8 @@ pub struct RunnerConfig {
     pub concurrency: usize,
     /// How long a claim lasts without renewal (default 30 s).
     pub lease: Duration,
-    /// How often to look for new work and renew leases (default 250 ms).
+    /// How often to look for new work (default 250 ms). Leases are renewed
+    /// every quarter lease.
     pub poll_interval: Duration,
     /// Attempts before a retryable failure is recorded (default 5).
     pub max_attempts: u32,
@@ -369,9 +370,12 @@ where
         let mut finished: VecDeque<JobResult> = VecDeque::new();
         let mut handles: HashMap<VmRequestId, AbortHandle> = HashMap::new();
         let mut shutdown = pin!(shutdown.fuse());
-        // One timer for feeding and lease renewal, re-armed only when it
-        // fires: completions in between must not postpone it.
+        // Timers are re-armed only when they fire: completions in between
+        // must not postpone them. Feeding and claiming run every poll
+        // interval; leases are renewed a few times per lease, which is far
+        // less often on a database-backed queue.
         let mut tick = pin!(self.timer.sleep(Duration::ZERO).fuse());
+        let mut renew_tick = pin!(self.timer.sleep(self.renew_interval()).fuse());
         let worker = self.config.worker_id.clone();
         info!(worker = %worker, concurrency = self.config.concurrency, "provisioning runner started");
         loop {
@@ -383,14 +387,17 @@ where
                     break;
                 }
                 done = next_finished(&mut inflight).fuse() => finished.extend(done),
+                _ = renew_tick.as_mut() => {
+                    renew_tick.set(self.timer.sleep(self.renew_interval()).fuse());
+                    let renew = self.renew_leases(&worker, &mut handles);
+                    keep_polling(&mut inflight, &mut finished, renew).await;
+                }
                 _ = tick.as_mut() => {
                     tick.set(self.timer.sleep(self.config.poll_interval).fuse());
                     let feed = self.feed();
                     if let Err(error) = keep_polling(&mut inflight, &mut finished, feed).await {
                         warn!(%error, "feeding the work queue failed; will retry");
                     }
-                    let renew = self.renew_leases(&worker, &mut handles);
-                    keep_polling(&mut inflight, &mut finished, renew).await;
                 }
             }
             while let Some((job, result)) = finished.pop_front() {
@@ -415,6 +422,12 @@ where
         }
         info!(?report, "provisioning runner stopped");
         Ok(report)
+    }
+
+    /// How often held leases are renewed: a quarter of the lease, so three
+    /// renewals in a row may fail before a lease can run out.
+    fn renew_interval(&self) -> Duration {
+        (self.config.lease / 4).max(Duration::from_millis(1))
     }
 
     fn run_job(
@@ -527,7 +540,7 @@ where
         F: Future<Output = JobResult>,
     {
         let mut deadline = pin!(self.timer.sleep(self.config.shutdown_deadline).fuse());
-        let mut tick = pin!(self.timer.sleep(self.config.poll_interval).fuse());
+        let mut tick = pin!(self.timer.sleep(self.renew_interval()).fuse());
         loop {
             while let Some((job, result)) = finished.pop_front() {
                 handles.remove(&job.request_id);
@@ -541,7 +554,7 @@ where
                 done = next_finished(inflight).fuse() => finished.extend(done),
                 _ = deadline.as_mut() => break,
                 _ = tick.as_mut() => {
-                    tick.set(self.timer.sleep(self.config.poll_interval).fuse());
+                    tick.set(self.timer.sleep(self.renew_interval()).fuse());
                     let renew = self.renew_leases(worker, handles);
                     keep_polling(inflight, finished, renew).await;
                 }
