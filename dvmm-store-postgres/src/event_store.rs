@@ -16,9 +16,10 @@ use crate::error::{Error, Result, UNIQUE_VIOLATION, backend, corrupt, sqlstate};
 use crate::schema::verify_app_role;
 use crate::timeline::PgTimeline;
 
-/// Key of the transaction-scoped advisory lock that serializes position
-/// assignment (the bytes spell `dvmm_evt`); `dvmm_append` in the migrations
-/// takes it.
+/// Key of the advisory lock (the bytes spell `dvmm_evt`) that orders
+/// appends: `dvmm_append` in the migrations holds it only while it draws its
+/// positions and takes its marker lock, and `dvmm_read_all` holds it shared
+/// while it reads the markers; see the crate docs on ordering.
 pub const APPEND_LOCK_KEY: i64 = 0x6476_6d6d_5f65_7674;
 
 /// An [`EventStore`] on PostgreSQL.
@@ -452,7 +453,21 @@ mod tests {
     #[test]
     fn the_append_function_takes_the_documented_lock() {
         let sql: String = crate::MIGRATOR.iter().map(|m| m.sql.to_string()).collect();
-        assert!(sql.contains(&format!("pg_advisory_xact_lock({APPEND_LOCK_KEY})")));
+        let latest = crate::MIGRATOR
+            .iter()
+            .rev()
+            .find(|m| m.sql.contains("FUNCTION dvmm_append"))
+            .map(|m| m.sql.to_string())
+            .unwrap_or_default();
+        assert!(latest.contains(&format!("pg_advisory_lock({APPEND_LOCK_KEY})")));
+        assert_eq!(
+            latest
+                .matches(&format!("pg_advisory_unlock({APPEND_LOCK_KEY})"))
+                .count(),
+            2,
+            "the lock is released on success and on error"
+        );
+        assert!(latest.contains(&format!("pg_advisory_lock_shared({APPEND_LOCK_KEY})")));
     }
 
     #[test]

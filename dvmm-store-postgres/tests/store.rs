@@ -765,3 +765,51 @@ async fn outcomes_report_versions_and_positions() {
     assert!(store.read_all(t, 0, 0).await.expect("page").is_empty());
     db.drop().await;
 }
+
+/// The ordering design, step by step: an append whose transaction is still
+/// open holds back `read_all` at its position, even for events that commit
+/// after it with higher positions; once it commits, both are read in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_append_holds_back_read_all_at_its_position() {
+    let Some(db) = TestDb::create("an_open_append_holds_back_read_all").await else {
+        return;
+    };
+    let store = db.store(4).await;
+    let t = tenant();
+    let first = event(t, json!({"n": 1}));
+    let pool = db.app_pool(1).await;
+    let mut open = pool.begin().await.expect("begin");
+    let row = sqlx::query(
+        "SELECT outcome, last_position FROM dvmm_append($1, 'VmRequest', $2, 0, \
+           ARRAY[$3]::uuid[], ARRAY['TestEvent'], ARRAY[1::bigint], ARRAY[$4::jsonb], ARRAY[$5::jsonb])",
+    )
+    .bind(t.as_uuid())
+    .bind(Uuid::new_v4().to_string())
+    .bind(first.metadata.event_id.as_uuid())
+    .bind(&first.payload)
+    .bind(serde_json::to_value(&first.metadata).expect("metadata"))
+    .fetch_one(&mut *open)
+    .await
+    .expect("append inside an open transaction");
+    let held_at: i64 = row.get(1);
+
+    // A later append commits while the first is still open.
+    let second = store
+        .append(t, &stream(), 0, vec![event(t, json!({"n": 2}))])
+        .await
+        .expect("append");
+    let AppendOutcome::Appended { last_position, .. } = second else {
+        panic!("{second:?}")
+    };
+    assert!(last_position > held_at as u64);
+    assert!(
+        store.read_all(t, 0, 10).await.expect("read_all").is_empty(),
+        "read_all passed a position that has not committed yet"
+    );
+
+    open.commit().await.expect("commit");
+    let read = store.read_all(t, 0, 10).await.expect("read_all");
+    let payloads: Vec<_> = read.iter().map(|e| e.payload["n"].clone()).collect();
+    assert_eq!(payloads, [json!(1), json!(2)]);
+    db.drop().await;
+}
