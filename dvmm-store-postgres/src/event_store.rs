@@ -452,7 +452,6 @@ mod tests {
 
     #[test]
     fn the_append_function_takes_the_documented_lock() {
-        let sql: String = crate::MIGRATOR.iter().map(|m| m.sql.to_string()).collect();
         let latest = crate::MIGRATOR
             .iter()
             .rev()
