@@ -8,9 +8,7 @@
 //! so the reader resolves prefixes instead of matching them literally.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::OnceLock;
 
 use dvmm_core::ports::VsphereError;
@@ -37,9 +35,9 @@ pub struct Node {
     /// allocated per element).
     pub name: Cow<'static, str>,
     /// Local part of the resolved `xsi:type`, e.g. `VirtualDisk` or `string`.
-    pub xsi_type: Option<String>,
+    pub xsi_type: Option<TypeName>,
     /// The unqualified `type` attribute, as on a managed object reference.
-    pub mo_type: Option<String>,
+    pub mo_type: Option<TypeName>,
     /// Concatenated text content (entities resolved).
     pub text: String,
     /// Child elements in document order.
@@ -108,6 +106,118 @@ impl Node {
             Some(child) => *child = node,
             None => self.children.push(node),
         }
+    }
+}
+
+/// A vim25 type name, as in `xsi:type="VirtualDisk"` or the `type` of a
+/// managed object reference. Reads like a `&str` (it dereferences to one).
+///
+/// The names the reader knows are shared instead of allocated per element,
+/// and the type is kept to two words: about one element in five of a large
+/// answer is typed, and the tree's size is much of what reading it costs.
+#[derive(Clone)]
+pub struct TypeName(TypeRepr);
+
+#[derive(Clone)]
+enum TypeRepr {
+    Shared(&'static &'static str),
+    // Boxed twice so that the pointer is thin, like the shared one.
+    Owned(Box<Box<str>>),
+}
+
+impl TypeName {
+    fn from_str_ref(name: &str) -> Self {
+        match known_name(name.as_bytes()) {
+            Some(known) => Self(TypeRepr::Shared(known)),
+            None => Self(TypeRepr::Owned(Box::new(name.into()))),
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            TypeRepr::Shared(name) => name,
+            TypeRepr::Owned(name) => name,
+        }
+    }
+}
+
+impl std::ops::Deref for TypeName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for TypeName {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for TypeName {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for TypeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for TypeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for TypeName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for TypeName {}
+
+impl std::hash::Hash for TypeName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialEq<str> for TypeName {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for TypeName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl From<&str> for TypeName {
+    fn from(name: &str) -> Self {
+        Self::from_str_ref(name)
+    }
+}
+
+impl From<String> for TypeName {
+    fn from(name: String) -> Self {
+        match known_name(name.as_bytes()) {
+            Some(known) => Self(TypeRepr::Shared(known)),
+            None => Self(TypeRepr::Owned(Box::new(name.into_boxed_str()))),
+        }
+    }
+}
+
+impl From<TypeName> for String {
+    fn from(name: TypeName) -> Self {
+        name.as_str().to_owned()
     }
 }
 
@@ -356,37 +466,197 @@ const KNOWN_NAMES: &[&str] = &[
     "writeThrough",
 ];
 
-/// FNV-1a: names are short, and SipHash would cost more than the allocation
-/// it saves.
-#[derive(Default)]
-struct Fnv(u64);
+/// Type names that vim25 answers carry in `xsi:type` and in the `type` of
+/// managed object references. Shared like [`KNOWN_NAMES`]: in a large
+/// `RetrievePropertiesEx` about one element in five is typed.
+const KNOWN_TYPES: &[&str] = &[
+    "ArrayOfGuestNicInfo",
+    "ArrayOfManagedObjectReference",
+    "ArrayOfOptionValue",
+    "ArrayOfString",
+    "ArrayOfVirtualDevice",
+    "ClusterComputeResource",
+    "ComputeResource",
+    "CustomizationSpecManager",
+    "Datacenter",
+    "Datastore",
+    "Description",
+    "DistributedVirtualPortgroup",
+    "DistributedVirtualSwitchPortConnection",
+    "DuplicateName",
+    "Folder",
+    "GuestInfo",
+    "GuestNicInfo",
+    "HostSystem",
+    "InvalidArgument",
+    "InvalidLogin",
+    "InvalidPowerState",
+    "InvalidState",
+    "LocalizedMethodFault",
+    "ManagedObjectNotFound",
+    "ManagedObjectReference",
+    "Network",
+    "NoPermission",
+    "NotAuthenticated",
+    "OptionValue",
+    "ParaVirtualSCSIController",
+    "PropertyCollector",
+    "PropertyFilter",
+    "ResourcePool",
+    "SearchIndex",
+    "SessionManager",
+    "Task",
+    "TaskInfo",
+    "VirtualAHCIController",
+    "VirtualBusLogicController",
+    "VirtualCdrom",
+    "VirtualCdromAtapiBackingInfo",
+    "VirtualCdromIsoBackingInfo",
+    "VirtualCdromRemoteAtapiBackingInfo",
+    "VirtualCdromRemotePassthroughBackingInfo",
+    "VirtualDevicePciBusSlotInfo",
+    "VirtualDisk",
+    "VirtualDiskFlatVer2BackingInfo",
+    "VirtualDiskSparseVer2BackingInfo",
+    "VirtualE1000",
+    "VirtualE1000e",
+    "VirtualEthernetCardDistributedVirtualPortBackingInfo",
+    "VirtualEthernetCardNetworkBackingInfo",
+    "VirtualFloppy",
+    "VirtualHardware",
+    "VirtualIDEController",
+    "VirtualKeyboard",
+    "VirtualLsiLogicController",
+    "VirtualLsiLogicSASController",
+    "VirtualMachine",
+    "VirtualMachineRuntimeInfo",
+    "VirtualMachineSummary",
+    "VirtualMachineVMCIDevice",
+    "VirtualMachineVideoCard",
+    "VirtualNVMEController",
+    "VirtualPCIController",
+    "VirtualPCNet32",
+    "VirtualPS2Controller",
+    "VirtualPointingDevice",
+    "VirtualPointingDeviceDeviceBackingInfo",
+    "VirtualSIOController",
+    "VirtualUSBController",
+    "VirtualVmxnet3",
+    "VmwareDistributedVirtualSwitch",
+    "anyURI",
+    "base64Binary",
+    "boolean",
+    "byte",
+    "dateTime",
+    "double",
+    "float",
+    "int",
+    "long",
+    "short",
+    "string",
+];
 
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
+/// A name reduced to two words and its length: for names of up to 16 bytes
+/// the words hold every byte, so comparing them is comparing the names.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct NameKey {
+    head: u64,
+    tail: u64,
+    len: usize,
+}
+
+impl NameKey {
+    fn of(bytes: &[u8]) -> Self {
+        // Fixed-size loads only, overlapping when the name is short.
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        let half = |at: usize| {
+            let mut w = [0u8; 4];
+            w.copy_from_slice(&bytes[at..at + 4]);
+            u64::from(u32::from_le_bytes(w))
+        };
+        let len = bytes.len();
+        let (head, tail) = if len >= 8 {
+            (word(0), word(len - 8))
+        } else if len >= 4 {
+            (half(0), half(len - 4))
+        } else if len > 0 {
+            let three = u64::from(bytes[0])
+                | (u64::from(bytes[len / 2]) << 8)
+                | (u64::from(bytes[len - 1]) << 16);
+            (three, 0)
+        } else {
+            (0, 0)
+        };
+        Self { head, tail, len }
     }
 
-    fn write(&mut self, bytes: &[u8]) {
-        let mut hash = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
-        for b in bytes {
-            hash ^= u64::from(*b);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        self.0 = hash;
+    fn slot(&self) -> usize {
+        let hash = (self.head.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ self.tail.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+            ^ self.len as u64)
+            .wrapping_mul(0x1656_67b1_9e37_79f9);
+        (hash >> (64 - NAME_SLOTS.trailing_zeros())) as usize
     }
 }
 
-type NameTable = HashMap<&'static [u8], &'static str, BuildHasherDefault<Fnv>>;
+/// Size of the open-addressing table of shared names: a power of two, about
+/// four times the number of names so that probes stay short.
+const NAME_SLOTS: usize = 1024;
 
-fn element_name(local: &[u8]) -> Result<Cow<'static, str>, ReadError> {
+/// Known names by [`NameKey::slot`], with linear probing. Hand-made rather
+/// than a `HashMap`: the lookup runs for every element and every type
+/// attribute, and most of it is comparing two words.
+struct NameTable {
+    slots: Vec<Option<(NameKey, &'static &'static str)>>,
+}
+
+impl NameTable {
+    fn new() -> Self {
+        let mut slots = vec![None; NAME_SLOTS];
+        for name in KNOWN_NAMES.iter().chain(KNOWN_TYPES) {
+            let key = NameKey::of(name.as_bytes());
+            let mut i = key.slot();
+            loop {
+                match slots[i] {
+                    None => {
+                        slots[i] = Some((key, name));
+                        break;
+                    }
+                    Some((_, known)) if *known == *name => break,
+                    Some(_) => i = (i + 1) % NAME_SLOTS,
+                }
+            }
+        }
+        Self { slots }
+    }
+
+    fn get(&self, bytes: &[u8]) -> Option<&'static &'static str> {
+        let key = NameKey::of(bytes);
+        let mut i = key.slot();
+        // The table is never full, so an empty slot ends every probe.
+        while let Some(Some((known_key, known))) = self.slots.get(i) {
+            if *known_key == key && (key.len <= 16 || known.as_bytes() == bytes) {
+                return Some(known);
+            }
+            i = (i + 1) % NAME_SLOTS;
+        }
+        None
+    }
+}
+
+fn known_name(bytes: &[u8]) -> Option<&'static &'static str> {
     static TABLE: OnceLock<NameTable> = OnceLock::new();
-    let table = TABLE.get_or_init(|| KNOWN_NAMES.iter().map(|n| (n.as_bytes(), *n)).collect());
-    match table.get(local) {
-        Some(name) => Ok(Cow::Borrowed(name)),
+    TABLE.get_or_init(NameTable::new).get(bytes)
+}
+
+/// The shared copy of a known element name, or an owned one.
+fn shared_name(local: &[u8]) -> Result<Cow<'static, str>, ReadError> {
+    match known_name(local) {
+        Some(name) => Ok(Cow::Borrowed(*name)),
         None => Ok(Cow::Owned(utf8(local)?.to_owned())),
     }
 }
@@ -396,16 +666,51 @@ fn element_name(local: &[u8]) -> Result<Cow<'static, str>, ReadError> {
 /// nothing for resolution.
 #[derive(Default)]
 struct Scopes {
-    decls: Vec<(usize, Vec<u8>, Vec<u8>)>,
+    decls: Vec<Declaration>,
+}
+
+/// Where a namespace was declared (element depth), its prefix and its URI.
+type Declaration = (usize, Cow<'static, [u8]>, Cow<'static, [u8]>);
+
+/// Prefixes and namespaces that vim25 answers declare over and over (vcsim
+/// declares the schema-instance namespace again on every property value):
+/// shared instead of copied.
+const KNOWN_NAMESPACE_PARTS: &[&str] = &[
+    "",
+    "XMLSchema-instance",
+    "soapenc",
+    "soapenv",
+    "xsd",
+    "xsi",
+    SOAP_ENV_NS,
+    VIM25_NS,
+    XSI_NS,
+    "http://schemas.xmlsoap.org/soap/encoding/",
+    "http://www.w3.org/2001/XMLSchema",
+];
+
+fn namespace_part(bytes: &[u8]) -> Cow<'static, [u8]> {
+    match KNOWN_NAMESPACE_PARTS
+        .iter()
+        .find(|known| known.as_bytes() == bytes)
+    {
+        Some(known) => Cow::Borrowed(known.as_bytes()),
+        None => Cow::Owned(bytes.to_vec()),
+    }
 }
 
 impl Scopes {
+    fn declare(&mut self, depth: usize, prefix: &[u8], uri: &[u8]) {
+        self.decls
+            .push((depth, namespace_part(prefix), namespace_part(uri)));
+    }
+
     fn resolve(&self, prefix: &[u8]) -> Option<&[u8]> {
         self.decls
             .iter()
             .rev()
-            .find(|(_, p, _)| p == prefix)
-            .map(|(_, _, uri)| uri.as_slice())
+            .find(|(_, p, _)| p.as_ref() == prefix)
+            .map(|(_, _, uri)| uri.as_ref())
     }
 
     fn leave(&mut self, depth: usize) {
@@ -422,71 +727,313 @@ fn split_qname(qname: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// Reads the start tag of an element at `depth`: records its namespace
-/// declarations, then resolves its `type` attributes.
+fn attribute_error(err: impl std::fmt::Display) -> ReadError {
+    ReadError::Malformed(err.to_string())
+}
+
+/// Reads the start tag of an element at `depth` and pushes its node onto
+/// `done` (built in place: moving nodes around costs more than filling
+/// them): records its namespace declarations, then resolves its `type`
+/// attributes. Returns the element's namespace when it is the root.
 fn open_node(
     scopes: &mut Scopes,
     depth: usize,
     start: &BytesStart<'_>,
-) -> Result<(Node, Option<String>), ReadError> {
+    document: Option<&str>,
+    done: &mut Vec<Node>,
+) -> Result<Option<String>, ReadError> {
     let qname = start.name();
     let (prefix, local) = split_qname(qname.as_ref());
-    let mut node = Node::new(element_name(local)?);
-    let has_attributes = start
-        .attributes_raw()
-        .iter()
-        .any(|b| !b.is_ascii_whitespace());
-    if has_attributes {
-        for attr in start.attributes().with_checks(false) {
-            let attr = attr.map_err(|e| ReadError::Malformed(e.to_string()))?;
-            let key = attr.key.as_ref();
-            let declared = if key == b"xmlns" {
-                Some(&b""[..])
-            } else {
-                key.strip_prefix(b"xmlns:")
-            };
-            if let Some(declared) = declared {
-                let uri = attr
-                    .unescape_value()
-                    .map_err(|e| ReadError::Malformed(e.to_string()))?;
-                scopes
-                    .decls
-                    .push((depth, declared.to_vec(), uri.as_bytes().to_vec()));
+    let name = shared_name(local)?;
+    let mut xsi_type = None;
+    let mut mo_type = None;
+    let raw = start.attributes_raw();
+    if raw.iter().any(|b| !b.is_ascii_whitespace()) {
+        match plain_attributes(raw) {
+            Some(attrs) => {
+                read_plain_attributes(scopes, depth, &attrs, document, &mut xsi_type, &mut mo_type)?
             }
-        }
-        for attr in start.attributes().with_checks(false) {
-            let attr = attr.map_err(|e| ReadError::Malformed(e.to_string()))?;
-            let (attr_prefix, attr_local) = split_qname(attr.key.as_ref());
-            if attr_local != b"type" {
-                continue;
-            }
-            let value = attr
-                .unescape_value()
-                .map_err(|e| ReadError::Malformed(e.to_string()))?;
-            if attr_prefix.is_empty() {
-                // Unprefixed attributes are in no namespace: a MoRef's type.
-                node.mo_type = Some(value.into_owned());
-            } else if attr_prefix != b"xmlns"
-                && scopes.resolve(attr_prefix) == Some(XSI_NS.as_bytes())
-            {
-                // `xsd:string` → `string`: the schema prefix carries no meaning here.
-                let local = match value.rfind(':') {
-                    Some(i) => &value[i + 1..],
-                    None => &value[..],
-                };
-                node.xsi_type = Some(local.to_owned());
-            }
+            None => read_attributes(scopes, depth, start, &mut xsi_type, &mut mo_type)?,
         }
     }
-    let ns = if depth == 0 {
+    done.push(Node {
+        name,
+        xsi_type,
+        mo_type,
+        text: String::new(),
+        children: Vec::new(),
+    });
+    Ok(if depth == 0 {
         scopes
             .resolve(prefix)
             .and_then(|u| std::str::from_utf8(u).ok())
             .map(str::to_owned)
     } else {
         None
+    })
+}
+
+/// The local part of an `xsi:type` value: `xsd:string` → `string` (the
+/// schema prefix carries no meaning here).
+fn xsi_local(value: &str) -> &str {
+    match value.rfind(':') {
+        Some(i) => &value[i + 1..],
+        None => value,
+    }
+}
+
+/// Most attributes a start tag can hold in [`PlainAttributes`].
+const PLAIN_ATTRIBUTES: usize = 4;
+
+/// The attributes of a start tag as (name, raw value) pairs.
+struct PlainAttributes<'a> {
+    pairs: [(&'a [u8], &'a [u8]); PLAIN_ATTRIBUTES],
+    len: usize,
+}
+
+impl<'a> PlainAttributes<'a> {
+    fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + '_ {
+        self.pairs[..self.len].iter().copied()
+    }
+}
+
+fn is_xml_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\r' | b'\n' | b'\t')
+}
+
+/// Splits the attributes of a start tag when they are a few plain
+/// `name="value"` (or `'value'`) pairs, as in every vim25 answer, without
+/// going through the general attribute reader. It cuts where that reader
+/// cuts; anything else (spaces around `=`, a name without a value, an open
+/// quote, more pairs) gives `None` and is left to that reader, which also
+/// reports the errors.
+fn plain_attributes(raw: &[u8]) -> Option<PlainAttributes<'_>> {
+    let mut attrs = PlainAttributes {
+        pairs: [(&[], &[]); PLAIN_ATTRIBUTES],
+        len: 0,
     };
-    Ok((node, ns))
+    let mut at = 0;
+    loop {
+        while raw.get(at).copied().is_some_and(is_xml_space) {
+            at += 1;
+        }
+        if at == raw.len() {
+            return Some(attrs);
+        }
+        if matches!(raw[at], b'=' | b'"' | b'\'') || attrs.len == PLAIN_ATTRIBUTES {
+            return None;
+        }
+        let key_start = at;
+        while !matches!(raw.get(at), None | Some(b'=')) {
+            if is_xml_space(raw[at]) {
+                return None;
+            }
+            at += 1;
+        }
+        let key = &raw[key_start..at];
+        let quote = *raw.get(at + 1)?;
+        if quote != b'"' && quote != b'\'' {
+            return None;
+        }
+        let value_start = at + 2;
+        let value_len = raw.get(value_start..)?.iter().position(|b| *b == quote)?;
+        attrs.pairs[attrs.len] = (key, &raw[value_start..value_start + value_len]);
+        attrs.len += 1;
+        at = value_start + value_len + 1;
+    }
+}
+
+/// An attribute value with its entities resolved, failing the way the
+/// general attribute reader fails.
+fn attribute_value<'a>(
+    document: Option<&'a str>,
+    raw: &'a [u8],
+) -> Result<Cow<'a, str>, ReadError> {
+    let value = document_str(document, raw)?;
+    if raw.contains(&b'&') {
+        quick_xml::escape::unescape(value).map_err(attribute_error)
+    } else {
+        Ok(Cow::Borrowed(value))
+    }
+}
+
+/// [`read_attributes`] on attributes split by [`plain_attributes`]: the same
+/// declarations, types and errors.
+fn read_plain_attributes(
+    scopes: &mut Scopes,
+    depth: usize,
+    attrs: &PlainAttributes<'_>,
+    document: Option<&str>,
+    xsi_type: &mut Option<TypeName>,
+    mo_type: &mut Option<TypeName>,
+) -> Result<(), ReadError> {
+    let mut bad_value = None;
+    let mut prefixed: Option<(&[u8], Cow<'_, str>)> = None;
+    let mut prefixed_count = 0usize;
+    for (key, raw) in attrs.iter() {
+        let declared = if key == b"xmlns" {
+            Some(&b""[..])
+        } else {
+            key.strip_prefix(b"xmlns:")
+        };
+        if let Some(declared) = declared {
+            let uri = attribute_value(document, raw)?;
+            scopes.declare(depth, declared, uri.as_bytes());
+        }
+        let (attr_prefix, attr_local) = split_qname(key);
+        if attr_local != b"type" || bad_value.is_some() {
+            continue;
+        }
+        let value = match attribute_value(document, raw) {
+            Ok(value) => value,
+            Err(err) => {
+                bad_value = Some(err);
+                continue;
+            }
+        };
+        if attr_prefix.is_empty() {
+            *mo_type = Some(TypeName::from_str_ref(&value));
+        } else if attr_prefix != b"xmlns" {
+            prefixed_count += 1;
+            prefixed = Some((attr_prefix, value));
+        }
+    }
+    if let Some(err) = bad_value {
+        return Err(err);
+    }
+    let is_xsi = |prefix: &[u8]| scopes.resolve(prefix) == Some(XSI_NS.as_bytes());
+    if prefixed_count > 1 {
+        for (key, raw) in attrs.iter() {
+            let (attr_prefix, attr_local) = split_qname(key);
+            if attr_local == b"type"
+                && !attr_prefix.is_empty()
+                && attr_prefix != b"xmlns"
+                && is_xsi(attr_prefix)
+            {
+                let value = attribute_value(document, raw)?;
+                *xsi_type = Some(TypeName::from_str_ref(xsi_local(&value)));
+            }
+        }
+    } else if let Some((attr_prefix, value)) = prefixed
+        && is_xsi(attr_prefix)
+    {
+        *xsi_type = Some(TypeName::from_str_ref(xsi_local(&value)));
+    }
+    Ok(())
+}
+
+/// Records the namespace declarations of a start tag and sets the node's
+/// `type` attributes, in one pass over the attributes.
+///
+/// Errors come in the order a reader that first reads all declarations and
+/// then the types would find them: a malformed attribute or declaration
+/// anywhere in the tag before a `type` value that cannot be unescaped.
+fn read_attributes(
+    scopes: &mut Scopes,
+    depth: usize,
+    start: &BytesStart<'_>,
+    xsi_type: &mut Option<TypeName>,
+    mo_type: &mut Option<TypeName>,
+) -> Result<(), ReadError> {
+    let mut bad_value = None;
+    // A prefixed `type` can only be resolved once all declarations of the
+    // tag are known (`xmlns:p` may follow `p:type`). There is nearly always
+    // at most one; several are resolved by a second pass.
+    let mut prefixed: Option<(&[u8], Cow<'_, str>)> = None;
+    let mut prefixed_count = 0usize;
+    for attr in start.attributes().with_checks(false) {
+        let attr = attr.map_err(attribute_error)?;
+        let key = attr.key.into_inner();
+        let declared = if key == b"xmlns" {
+            Some(&b""[..])
+        } else {
+            key.strip_prefix(b"xmlns:")
+        };
+        if let Some(declared) = declared {
+            let uri = attr.unescape_value().map_err(attribute_error)?;
+            scopes.declare(depth, declared, uri.as_bytes());
+        }
+        let (attr_prefix, attr_local) = split_qname(key);
+        if attr_local != b"type" || bad_value.is_some() {
+            continue;
+        }
+        let value = match attr.unescape_value() {
+            Ok(value) => value,
+            Err(err) => {
+                bad_value = Some(attribute_error(err));
+                continue;
+            }
+        };
+        if attr_prefix.is_empty() {
+            // Unprefixed attributes are in no namespace: a MoRef's type.
+            *mo_type = Some(TypeName::from_str_ref(&value));
+        } else if attr_prefix != b"xmlns" {
+            prefixed_count += 1;
+            prefixed = Some((attr_prefix, value));
+        }
+    }
+    if let Some(err) = bad_value {
+        return Err(err);
+    }
+    let is_xsi = |prefix: &[u8]| scopes.resolve(prefix) == Some(XSI_NS.as_bytes());
+    if prefixed_count > 1 {
+        // The last `type` in the XSI namespace wins.
+        for attr in start.attributes().with_checks(false) {
+            let attr = attr.map_err(attribute_error)?;
+            let (attr_prefix, attr_local) = split_qname(attr.key.into_inner());
+            if attr_local == b"type" && !attr_prefix.is_empty() && attr_prefix != b"xmlns" {
+                let value = attr.unescape_value().map_err(attribute_error)?;
+                if is_xsi(attr_prefix) {
+                    *xsi_type = Some(TypeName::from_str_ref(xsi_local(&value)));
+                }
+            }
+        }
+    } else if let Some((attr_prefix, value)) = prefixed
+        && is_xsi(attr_prefix)
+    {
+        *xsi_type = Some(TypeName::from_str_ref(xsi_local(&value)));
+    }
+    Ok(())
+}
+
+/// `part` of the document as text. When the whole document is known to be
+/// UTF-8, a part that lies in it is sliced out (checking only that it starts
+/// and ends on character boundaries) instead of being validated again.
+fn document_str<'a>(document: Option<&'a str>, part: &'a [u8]) -> Result<&'a str, ReadError> {
+    if let Some(document) = document {
+        let offset = (part.as_ptr() as usize).wrapping_sub(document.as_ptr() as usize);
+        if let Some(text) = offset
+            .checked_add(part.len())
+            .and_then(|end| document.get(offset..end))
+        {
+            return Ok(text);
+        }
+    }
+    std::str::from_utf8(part)
+        .map_err(|e| ReadError::Malformed(format!("cannot decode input using UTF-8: {e}")))
+}
+
+/// Appends the content of a text event, resolving entities only when there
+/// are any.
+fn push_text(out: &mut String, document: Option<&str>, raw: &[u8]) -> Result<(), ReadError> {
+    let text = document_str(document, raw)?;
+    if raw.contains(&b'&') {
+        let text = quick_xml::escape::unescape(text).map_err(attribute_error)?;
+        out.push_str(&text);
+    } else if out.is_empty() {
+        // Most elements have one text event: one allocation of the exact size.
+        *out = text.to_owned();
+    } else {
+        out.push_str(text);
+    }
+    Ok(())
+}
+
+/// An element whose end tag has not been read yet, and where its children
+/// start in the shared stack of finished elements.
+struct Open {
+    node: Node,
+    first_child: usize,
 }
 
 /// Parses a whole XML document into its root element and the root's
@@ -499,77 +1046,106 @@ pub fn parse_document(bytes: &[u8]) -> Result<(Node, Option<String>), ReadError>
     let mut reader = Reader::from_reader(bytes);
     reader.config_mut().trim_text(false);
     reader.config_mut().check_end_names = true;
+    // One pass over the whole answer is cheaper than validating each of its
+    // hundreds of thousands of texts on its own.
+    let document = std::str::from_utf8(bytes).ok();
     let mut scopes = Scopes::default();
-    // Open elements, and the finished children of all of them in one shared
-    // stack: each element gets its children in one exactly sized vector
-    // when it closes, instead of growing one vector per element.
-    let mut open: Vec<Node> = Vec::new();
-    let mut starts: Vec<usize> = Vec::new();
-    let mut done: Vec<Node> = Vec::new();
+    // Open elements that have children, and the finished children of all of
+    // them in one shared stack: each element gets its children in one
+    // exactly sized vector when it closes, instead of growing one vector per
+    // element.
+    let mut open: Vec<Open> = Vec::with_capacity(16);
+    let mut done: Vec<Node> = Vec::with_capacity(64);
+    // Whether the last node in `done` is the innermost open element, still
+    // without a child. Most elements are such leaves: they are written once,
+    // where they stay, and only move to `open` when a child shows up.
+    let mut in_leaf = false;
     let mut root_ns: Option<String> = None;
     let mut root: Option<Node> = None;
     loop {
-        let event = reader
-            .read_event()
-            .map_err(|e| ReadError::Malformed(e.to_string()))?;
+        let event = match reader.read_event() {
+            Ok(event) => event,
+            Err(e) => return Err(ReadError::Malformed(e.to_string())),
+        };
         match event {
-            Event::Start(start) => {
+            Event::Start(ref start) | Event::Empty(ref start) => {
                 if root.is_some() {
                     return Err(ReadError::Malformed(
                         "content after the root element".into(),
                     ));
                 }
-                if open.len() >= MAX_DEPTH {
-                    return Err(ReadError::TooDeep);
-                }
-                let (node, ns) = open_node(&mut scopes, open.len(), &start)?;
-                if open.is_empty() {
-                    root_ns = ns;
-                }
-                open.push(node);
-                starts.push(done.len());
-            }
-            Event::Empty(start) => {
-                if root.is_some() {
-                    return Err(ReadError::Malformed(
-                        "content after the root element".into(),
-                    ));
+                // The innermost element gets a child: it is a leaf no more.
+                if in_leaf && let Some(parent) = done.pop() {
+                    open.push(Open {
+                        node: parent,
+                        first_child: done.len(),
+                    });
                 }
                 let depth = open.len();
-                let (node, ns) = open_node(&mut scopes, depth, &start)?;
-                scopes.leave(depth);
-                if open.is_empty() {
-                    root_ns = ns;
-                    root = Some(node);
-                } else {
-                    done.push(node);
+                let is_empty = matches!(event, Event::Empty(_));
+                if !is_empty && depth >= MAX_DEPTH {
+                    return Err(ReadError::TooDeep);
                 }
+                let ns = open_node(&mut scopes, depth, start, document, &mut done)?;
+                if depth == 0 {
+                    root_ns = ns;
+                }
+                if is_empty {
+                    scopes.leave(depth);
+                    if depth == 0 {
+                        root = done.pop();
+                    }
+                }
+                in_leaf = !is_empty;
             }
             Event::End(_) => {
-                let (Some(mut node), Some(first)) = (open.pop(), starts.pop()) else {
-                    return Err(ReadError::Malformed("unbalanced end tag".into()));
-                };
-                scopes.leave(open.len());
-                node.children = done.drain(first..).collect();
-                if open.is_empty() {
-                    root = Some(node);
+                if in_leaf {
+                    in_leaf = false;
+                    scopes.leave(open.len());
+                    if open.is_empty() {
+                        root = done.pop();
+                    }
                 } else {
-                    done.push(node);
+                    let Some(Open {
+                        mut node,
+                        first_child,
+                    }) = open.pop()
+                    else {
+                        return Err(ReadError::Malformed("unbalanced end tag".into()));
+                    };
+                    node.children = done.drain(first_child..).collect();
+                    scopes.leave(open.len());
+                    if open.is_empty() {
+                        root = Some(node);
+                    } else {
+                        done.push(node);
+                    }
                 }
             }
             Event::Text(text) => {
-                if let Some(node) = open.last_mut() {
-                    let text = text
-                        .unescape()
-                        .map_err(|e| ReadError::Malformed(e.to_string()))?;
-                    node.text.push_str(&text);
-                } else if !text.iter().all(u8::is_ascii_whitespace) {
-                    return Err(ReadError::Malformed("text outside the root element".into()));
+                let node = if in_leaf {
+                    done.last_mut()
+                } else {
+                    open.last_mut().map(|o| &mut o.node)
+                };
+                match node {
+                    Some(node) => push_text(&mut node.text, document, &text)?,
+                    None => {
+                        if !text.iter().all(u8::is_ascii_whitespace) {
+                            return Err(ReadError::Malformed(
+                                "text outside the root element".into(),
+                            ));
+                        }
+                    }
                 }
             }
             Event::CData(data) => {
-                let node = open
-                    .last_mut()
+                let node = if in_leaf {
+                    done.last_mut()
+                } else {
+                    open.last_mut().map(|o| &mut o.node)
+                };
+                let node = node
                     .ok_or_else(|| ReadError::Malformed("CDATA outside the root element".into()))?;
                 node.text.push_str(utf8(&data)?);
             }
@@ -577,7 +1153,7 @@ pub fn parse_document(bytes: &[u8]) -> Result<(Node, Option<String>), ReadError>
             Event::Decl(_) | Event::PI(_) | Event::Comment(_) | Event::DocType(_) => {}
         }
     }
-    if !open.is_empty() {
+    if in_leaf || !open.is_empty() {
         return Err(ReadError::Malformed("unexpected end of document".into()));
     }
     let root = root.ok_or_else(|| ReadError::Malformed("no root element".into()))?;
@@ -600,13 +1176,17 @@ impl Fault {
     /// Reads a vim25 fault object (a `<fault xsi:type="…">` element or a
     /// `<…Fault>` detail element).
     pub fn from_fault_node(node: &Node, message: impl Into<String>) -> Self {
-        let kind = node.xsi_type.clone().unwrap_or_else(|| {
-            node.name
-                .strip_suffix("Fault")
-                .filter(|s| !s.is_empty())
-                .unwrap_or(&node.name)
-                .to_owned()
-        });
+        let kind = node
+            .xsi_type
+            .as_deref()
+            .map(str::to_owned)
+            .unwrap_or_else(|| {
+                node.name
+                    .strip_suffix("Fault")
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or(&node.name)
+                    .to_owned()
+            });
         Self {
             kind,
             message: message.into(),
@@ -620,10 +1200,7 @@ impl Fault {
         match node.child("fault") {
             Some(fault) => Self::from_fault_node(fault, message),
             None => Self {
-                kind: node
-                    .xsi_type
-                    .clone()
-                    .unwrap_or_else(|| "MethodFault".into()),
+                kind: node.xsi_type.as_deref().unwrap_or("MethodFault").to_owned(),
                 message: message.to_owned(),
                 detail: None,
             },
@@ -664,7 +1241,7 @@ impl Fault {
                 let obj = self.detail.as_ref().and_then(|d| d.child("obj"));
                 VsphereError::NotFound {
                     kind: obj
-                        .and_then(|o| o.mo_type.clone())
+                        .and_then(|o| o.mo_type.as_deref().map(str::to_owned))
                         .unwrap_or_else(|| "managed object".into()),
                     name: obj.map(|o| o.text.clone()).unwrap_or_default(),
                 }
@@ -1010,5 +1587,118 @@ mod tests {
                 message: "InvalidDeviceSpec".into()
             }
         );
+    }
+
+    #[test]
+    fn type_attributes_resolve_whatever_their_order() {
+        let xml = concat!(
+            r#"<r xmlns:a="http://www.w3.org/2001/XMLSchema-instance">"#,
+            // Declared after its use; the last type in the XSI namespace wins.
+            r#"<e b:type="B" a:type="A" xmlns:b="http://www.w3.org/2001/XMLSchema-instance"/>"#,
+            r#"<f a:type="x:F" b:type="B" xmlns:b="urn:other">t</f>"#,
+            r#"<g c:type="xsd:long" xmlns:c="http://www.w3.org/2001/XMLSchema-instance" "#,
+            r#"type="HostSystem"><h type="SomethingNew">1</h></g></r>"#
+        );
+        let (root, _) = parse_document(xml.as_bytes()).unwrap();
+        let types: Vec<_> = root
+            .children
+            .iter()
+            .map(|c| (c.xsi_type.as_deref(), c.mo_type.as_deref()))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                (Some("A"), None),
+                (Some("F"), None),
+                (Some("long"), Some("HostSystem"))
+            ]
+        );
+        let unknown = root.path("g.h").unwrap().mo_type.clone().unwrap();
+        assert_eq!(unknown, "SomethingNew");
+        assert_eq!(
+            format!("{unknown} {unknown:?}"),
+            r#"SomethingNew "SomethingNew""#
+        );
+        assert_eq!(TypeName::from("VirtualDisk".to_owned()), *"VirtualDisk");
+        assert_eq!(String::from(unknown), "SomethingNew");
+    }
+
+    #[test]
+    fn text_is_unescaped_and_joined() {
+        let (root, _) =
+            parse_document(b"<a>x &amp; <![CDATA[<y>]]> z<!-- c --> &#x41;<b>1</b><c/><d></d></a>")
+                .unwrap();
+        assert_eq!(root.text, "x & <y> z A");
+        assert_eq!(root.child_text("b"), Some("1"));
+        assert_eq!(root.child_text("c"), Some(""));
+        assert_eq!(root.child_text("d"), Some(""));
+        assert!(matches!(
+            parse_document(b"<a>x &bogus; y</a>"),
+            Err(ReadError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_document(b"<a>\xff</a>"),
+            Err(ReadError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_document(b"<a><b>1</b>"),
+            Err(ReadError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_document(b"<a/><b/>"),
+            Err(ReadError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn depth_limit_counts_open_elements() {
+        let nested = |depth: usize, inner: &str| {
+            format!("{}{inner}{}", "<a>".repeat(depth), "</a>".repeat(depth))
+        };
+        let (mut node, _) = parse_document(nested(MAX_DEPTH, "<b/>").as_bytes()).unwrap();
+        for _ in 1..MAX_DEPTH {
+            node = node.children.into_iter().next().unwrap();
+        }
+        assert_eq!(node.children[0].name, "b");
+        assert_eq!(
+            parse_document(nested(MAX_DEPTH, "<b></b>").as_bytes()),
+            Err(ReadError::TooDeep)
+        );
+    }
+
+    #[test]
+    fn plain_attributes_cut_where_the_general_reader_cuts() {
+        let cases = [
+            r#" a="1" b='2'"#,
+            r#" a="1"b="x&amp;y""#,
+            " \t\na=\"\"\r",
+            r#" a"b="c""#,
+            r#" xmlns:p="urn:x" p:type="T" type="M" "#,
+            r#" a = "1""#,
+            r#" a"#,
+            r#" a="1"#,
+            r#" a=1"#,
+            r#" ="1""#,
+            r#" v="1" w="2" x="3" y="4" z="5""#,
+        ];
+        let mut plain_count = 0;
+        for raw in cases {
+            let tag = format!("e{raw}");
+            let start = BytesStart::from_content(tag.as_str(), 1);
+            let general: Result<Vec<(Vec<u8>, Vec<u8>)>, _> = start
+                .attributes()
+                .with_checks(false)
+                .map(|a| a.map(|a| (a.key.into_inner().to_vec(), a.value.to_vec())))
+                .collect();
+            if let Some(plain) = plain_attributes(raw.as_bytes()) {
+                plain_count += 1;
+                let plain: Vec<_> = plain
+                    .iter()
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .collect();
+                assert_eq!(general.ok(), Some(plain), "{raw:?}");
+            }
+        }
+        assert_eq!(plain_count, 5, "the well-formed cases take the plain path");
     }
 }

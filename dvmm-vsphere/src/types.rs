@@ -33,7 +33,7 @@ impl MoRef {
         if kind.is_empty() || value.is_empty() {
             return None;
         }
-        Some(Self::new(kind.clone(), value))
+        Some(Self::new(kind.as_str(), value))
     }
 }
 
@@ -135,13 +135,17 @@ impl ObjectContent {
             match child.name.as_ref() {
                 "obj" => content.obj = MoRef::from_node(&child),
                 "propSet" => {
+                    // Both the path and the value are moved out, the path
+                    // first (before `swap_remove` reorders the children): the
+                    // rest of the `propSet` is dropped anyway.
+                    let name = child.child_mut("name").map(|n| std::mem::take(&mut n.text));
                     let val = child
                         .children
                         .iter()
                         .position(|c| c.name == "val")
                         .map(|i| child.children.swap_remove(i));
-                    if let (Some(name), Some(val)) = (child.child_text("name"), val) {
-                        content.props.push((name.to_owned(), val));
+                    if let (Some(name), Some(val)) = (name, val) {
+                        content.props.push((name, val));
                     }
                 }
                 "missingSet" => content.missing.push(MissingProperty {
@@ -287,7 +291,7 @@ impl NetworkBacking {
                     .children
                     .push(Node::with_text("deviceName", name.clone()));
                 let mut net = Node::with_text("network", network.value.clone());
-                net.mo_type = Some(network.kind.clone());
+                net.mo_type = Some(network.kind.clone().into());
                 backing.children.push(net);
             }
             NetworkBacking::Distributed {
