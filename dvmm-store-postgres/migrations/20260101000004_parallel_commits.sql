@@ -5,18 +5,19 @@
 -- its positions until its commit, so appends committed one at a time and
 -- never shared a WAL flush.
 --
--- Now an append holds the ordering lock (session-scoped, key 'dvmm_evt') only
--- while it draws its positions and takes a *marker*: a transaction-scoped
--- advisory lock whose 64-bit key is its first position. The marker is
--- released by PostgreSQL when the append commits or rolls back. The insert
--- and the commit run after the ordering lock is released, in parallel with
--- other appends.
+-- Now an append first takes a *marker*: a shared, transaction-scoped
+-- advisory lock whose 64-bit key is the sequence's next value as read before
+-- the insert, i.e. a value no higher than any position the append will draw
+-- (the sequence only grows and has no per-session cache). PostgreSQL drops the
+-- marker when the append commits or rolls back. No lock is held across the
+-- insert or the commit, so appends commit in parallel and share WAL flushes.
 --
--- `dvmm_read_all` first computes the safe bound: the lowest marker in this
--- database, or the next position to be drawn when there is none, read while
--- holding the ordering lock in shared mode (so no append is between drawing
--- and marking). Every position below the bound belongs to an append that
--- had ended when the bound was read. The rows are then read with a newer
+-- `dvmm_read_all` computes a bound in two steps, in this order: the sequence's
+-- next value, then the lowest marker in this database; the bound is the lower
+-- of the two. An append that had drawn a position below the first value had
+-- marked before drawing, so if it is still running its marker (no higher than
+-- its positions) is seen by the second step; an append that draws later gets
+-- positions at or above the bound. The rows are then read with a newer
 -- snapshot (READ COMMITTED takes one per statement) and only those below the
 -- bound are returned, so a committed append is always visible in full and a
 -- running one is never passed.
@@ -24,7 +25,9 @@
 -- Markers are ordinary advisory locks with 64-bit keys below 2^48 (the
 -- positions). An application lock in the same database with such a key would
 -- look like a running append: `read_all` would hold back at that position
--- (never skip) until it is released.
+-- (never skip) until it is released. The position sequence must keep
+-- `CACHE 1` (the default): a per-session cache would hand out values below
+-- ones already read.
 
 CREATE OR REPLACE FUNCTION dvmm_append(
     p_tenant uuid,
@@ -44,7 +47,7 @@ DECLARE
     v_count bigint := coalesce(cardinality(p_event_ids), 0);
     v_current bigint;
     v_known bigint;
-    v_positions bigint[];
+    v_last bigint;
 BEGIN
     PERFORM set_config('dvmm.tenant_id', p_tenant::text, true);
 
@@ -72,32 +75,24 @@ BEGIN
         RETURN;
     END IF;
 
-    -- A session lock outlives an error, so every way out of this block
-    -- releases it.
-    PERFORM pg_advisory_lock(7239093767563998836);
-    BEGIN
-        SELECT array_agg(s.p ORDER BY s.p) INTO v_positions
-          FROM (SELECT nextval('dvmm_events_position_seq') AS p
-                  FROM generate_series(1, v_count)) s;
-        PERFORM pg_advisory_xact_lock(v_positions[1]);
-    EXCEPTION
-        WHEN OTHERS OR query_canceled THEN
-            PERFORM pg_advisory_unlock(7239093767563998836);
-            RAISE;
-    END;
-    PERFORM pg_advisory_unlock(7239093767563998836);
+    -- The marker: no higher than any position the insert below will draw.
+    PERFORM pg_advisory_xact_lock_shared(
+        coalesce(pg_sequence_last_value('dvmm_events_position_seq'), 0) + 1);
 
-    INSERT INTO dvmm_events
-        (position, stream_type, stream_id, version, tenant_id, event_id, event_type,
-         schema_version, payload, metadata)
-    OVERRIDING SYSTEM VALUE
-    SELECT v_positions[b.ord], p_stream_type, p_stream_id, v_current + b.ord, p_tenant,
-           b.event_id, b.event_type, b.schema_version, b.payload, b.metadata
-      FROM unnest(p_event_ids, p_event_types, p_schema_versions, p_payloads, p_metadata)
-             WITH ORDINALITY AS b(event_id, event_type, schema_version, payload, metadata, ord)
-     ORDER BY b.ord;
+    WITH inserted AS (
+        INSERT INTO dvmm_events
+            (stream_type, stream_id, version, tenant_id, event_id, event_type,
+             schema_version, payload, metadata)
+        SELECT p_stream_type, p_stream_id, v_current + b.ord, p_tenant, b.event_id, b.event_type,
+               b.schema_version, b.payload, b.metadata
+          FROM unnest(p_event_ids, p_event_types, p_schema_versions, p_payloads, p_metadata)
+                 WITH ORDINALITY AS b(event_id, event_type, schema_version, payload, metadata, ord)
+         ORDER BY b.ord
+        RETURNING position
+    )
+    SELECT max(i.position) INTO v_last FROM inserted i;
 
-    RETURN QUERY SELECT 'appended'::text, v_current + v_count, v_positions[v_count];
+    RETURN QUERY SELECT 'appended'::text, v_current + v_count, v_last;
 END
 $$;
 
@@ -116,23 +111,15 @@ BEGIN
     END IF;
     PERFORM set_config('dvmm.tenant_id', p_tenant::text, true);
 
-    PERFORM pg_advisory_lock_shared(7239093767563998836);
-    BEGIN
-        SELECT coalesce(
-                   min((l.classid::bigint << 32) | l.objid::bigint),
-                   coalesce(pg_sequence_last_value('dvmm_events_position_seq'), 0) + 1)
-          INTO v_bound
-          FROM pg_locks l
-         WHERE l.locktype = 'advisory'
-           AND l.objsubid = 1
-           AND l.classid < 65536
-           AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database());
-    EXCEPTION
-        WHEN OTHERS OR query_canceled THEN
-            PERFORM pg_advisory_unlock_shared(7239093767563998836);
-            RAISE;
-    END;
-    PERFORM pg_advisory_unlock_shared(7239093767563998836);
+    -- First the next position, then the markers: see the header.
+    v_bound := coalesce(pg_sequence_last_value('dvmm_events_position_seq'), 0) + 1;
+    SELECT least(v_bound, min((l.classid::bigint << 32) | l.objid::bigint))
+      INTO v_bound
+      FROM pg_locks l
+     WHERE l.locktype = 'advisory'
+       AND l.objsubid = 1
+       AND l.classid < 65536
+       AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database());
 
     RETURN QUERY
         SELECT * FROM dvmm_events e

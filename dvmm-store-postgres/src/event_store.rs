@@ -16,12 +16,6 @@ use crate::error::{Error, Result, UNIQUE_VIOLATION, backend, corrupt, sqlstate};
 use crate::schema::verify_app_role;
 use crate::timeline::PgTimeline;
 
-/// Key of the advisory lock (the bytes spell `dvmm_evt`) that orders
-/// appends: `dvmm_append` in the migrations holds it only while it draws its
-/// positions and takes its marker lock, and `dvmm_read_all` holds it shared
-/// while it reads the markers; see the crate docs on ordering.
-pub const APPEND_LOCK_KEY: i64 = 0x6476_6d6d_5f65_7674;
-
 /// An [`EventStore`] on PostgreSQL.
 ///
 /// Cheap to clone (it is a handle to a connection pool). Every call runs in
@@ -451,22 +445,37 @@ mod tests {
     }
 
     #[test]
-    fn the_append_function_takes_the_documented_lock() {
-        let latest = crate::MIGRATOR
-            .iter()
-            .rev()
-            .find(|m| m.sql.contains("FUNCTION dvmm_append"))
-            .map(|m| m.sql.to_string())
-            .unwrap_or_default();
-        assert!(latest.contains(&format!("pg_advisory_lock({APPEND_LOCK_KEY})")));
-        assert_eq!(
-            latest
-                .matches(&format!("pg_advisory_unlock({APPEND_LOCK_KEY})"))
-                .count(),
-            2,
-            "the lock is released on success and on error"
+    fn appends_mark_before_they_draw_and_readers_read_the_sequence_first() {
+        let latest = |function: &str| {
+            crate::MIGRATOR
+                .iter()
+                .rev()
+                .find(|m| m.sql.contains(&format!("FUNCTION {function}(")))
+                .map(|m| m.sql.to_string())
+                .unwrap_or_default()
+        };
+        let append = latest("dvmm_append");
+        let (mark, insert) = (
+            append
+                .find("pg_advisory_xact_lock_shared(")
+                .expect("a marker"),
+            append.find("INSERT INTO dvmm_events").expect("an insert"),
         );
-        assert!(latest.contains(&format!("pg_advisory_lock_shared({APPEND_LOCK_KEY})")));
+        assert!(
+            mark < insert,
+            "the marker must come before the positions are drawn"
+        );
+        let read_all = latest("dvmm_read_all");
+        let (sequence, markers) = (
+            read_all
+                .find("pg_sequence_last_value")
+                .expect("the sequence"),
+            read_all.find("FROM pg_locks").expect("the markers"),
+        );
+        assert!(
+            sequence < markers,
+            "the sequence must be read before the markers"
+        );
     }
 
     #[test]

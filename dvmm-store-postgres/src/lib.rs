@@ -8,7 +8,7 @@ mod tenant;
 mod timeline;
 
 pub use error::{Error, Result};
-pub use event_store::{APPEND_LOCK_KEY, PgEventStore};
+pub use event_store::PgEventStore;
 pub use queue::{PgCheckpoints, PgWorkQueue, QueueCounts};
 pub use schema::{APP_ROLE, MIGRATOR, create_app_login, migrate, verify_app_role};
 pub use timeline::PgTimeline;
