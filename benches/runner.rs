@@ -192,6 +192,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn report(name: &str, mut all: Vec<Duration>, runs: usize) {
+    if runs == 0 {
+        // Filtered out on the command line.
+        return;
+    }
     all.sort();
     eprintln!(
         "{name}: approval -> VmProvisioned over {runs} runs ({} requests): p50 {:.1} ms, p99 {:.1} ms",
