@@ -68,36 +68,11 @@ pub async fn find_vms_named_below(
     folder: &MoRef,
     name: &str,
 ) -> Result<Vec<MoRef>, VsphereError> {
-    let node = session
-        .call("RetrievePropertiesEx", true, Duration::ZERO, |sc, env| {
-            this(env, &sc.property_collector);
-            env.open("specSet")
-                .open("propSet")
-                .text("type", "VirtualMachine")
-                .text("pathSet", "name")
-                .close("propSet")
-                .open("objectSet")
-                .moref("obj", &folder.kind, &folder.value)
-                .text("skip", "true")
-                .open_typed("selectSet", "TraversalSpec")
-                .text("name", "folderTree")
-                .text("type", "Folder")
-                .text("path", "childEntity")
-                .text("skip", "false")
-                .open("selectSet")
-                .text("name", "folderTree")
-                .close("selectSet")
-                .close("selectSet")
-                .close("objectSet")
-                .close("specSet")
-                .open("options")
-                .close("options");
-        })
-        .await?;
-    Ok(object_contents(&node)
+    Ok(vm_names_below(session, folder, None)
+        .await?
         .into_iter()
-        .filter(|o| o.prop("name").is_some_and(|n| n.text == name))
-        .filter_map(|o| o.obj)
+        .filter(|(_, found)| found == name)
+        .map(|(vm, _)| vm)
         .collect())
 }
 
