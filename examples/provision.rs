@@ -19,15 +19,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 use clap::Parser;
-use dvmm::core::config::{Secret, Timeouts, VcenterEndpoint};
-use dvmm::core::spec::SizeTable;
+use common::{VcenterArgs, tenant_id_for};
 use dvmm::store::{MemoryEventStore, MemoryTimeline};
 use dvmm::vsphere::sim::{Delays, IpMode, Simulator, SimulatorConfig};
 use dvmm::vsphere::{SoapOptions, SoapVsphere};
 use dvmm::{
     EventStore, NewVmRequest, ProjectId, ProvisionOutcome, ProvisioningService, TenantConfig,
-    TenantId, Tenants, TimelineSink, UserId, VmSize, VspherePort,
+    Tenants, TimelineSink, UserId, VmSize, VspherePort,
 };
 use uuid::Uuid;
 
@@ -58,44 +59,9 @@ struct Args {
     /// request, its events and timeline are stored there.
     #[arg(long)]
     database_url: Option<String>,
-    /// vCenter (or vcsim) SDK URL; without it the in-process simulator is used.
-    #[arg(long)]
-    vcenter_url: Option<String>,
-    /// vCenter user.
-    #[arg(long, default_value = "administrator@vsphere.local")]
-    username: String,
-    /// vCenter password (or env DVMM_VCENTER_PASSWORD).
-    #[arg(long, env = "DVMM_VCENTER_PASSWORD", hide_env_values = true)]
-    password: Option<String>,
-    /// Skip TLS certificate verification.
-    #[arg(long)]
-    insecure: bool,
-    /// Accept exactly the certificate with this SHA-256 fingerprint.
-    #[arg(long)]
-    thumbprint: Option<String>,
-    /// Datacenter.
-    #[arg(long, default_value = "DC0")]
-    datacenter: String,
-    /// Cluster.
-    #[arg(long, default_value = "DC0_C0")]
-    cluster: String,
-    /// Datastore.
-    #[arg(long, default_value = "LocalDS_0")]
-    datastore: String,
-    /// Network (standard or distributed port group).
-    #[arg(long, default_value = "VM Network")]
-    network: String,
-    /// Template to clone (required with --vcenter-url).
-    #[arg(long)]
-    template: Option<String>,
-}
-
-fn tenant_id_for(slug: &str) -> TenantId {
-    // A stable id per slug, so reruns against a durable store find the tenant again.
-    TenantId::from_uuid(Uuid::new_v5(
-        &Uuid::NAMESPACE_OID,
-        format!("dvmm-tenant:{slug}").as_bytes(),
-    ))
+    /// Where to provision: a vCenter, or the in-process simulator.
+    #[command(flatten)]
+    vcenter: VcenterArgs,
 }
 
 #[tokio::main]
@@ -121,46 +87,19 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     let size: VmSize = args.size.parse().map_err(|e| format!("{e}"))?;
     // Validate the name before anything else so bad input is reported plainly.
     dvmm::VmName::new(&args.project, &args.name).map_err(|e| e.to_string())?;
-    match args.vcenter_url.clone() {
+    match args.vcenter.vcenter_url.clone() {
         Some(url) => run_on_vcenter(&args, size, url).await,
         None => run_on_simulator(&args, size).await,
     }
 }
 
 async fn run_on_vcenter(args: &Args, size: VmSize, url: String) -> Result<ExitCode, String> {
-    let password = args
-        .password
-        .clone()
-        .ok_or("--password (or DVMM_VCENTER_PASSWORD) is required with --vcenter-url")?;
-    let template = args
-        .template
-        .clone()
-        .ok_or("--template is required with --vcenter-url")?;
-    let tenant = TenantConfig {
-        tenant_id: tenant_id_for(&args.tenant),
-        slug: args.tenant.clone(),
-        vcenter: VcenterEndpoint {
-            url: url.clone(),
-            username: args.username.clone(),
-            password: Secret::new(password),
-            insecure: args.insecure,
-            thumbprint: args.thumbprint.clone(),
-        },
-        datacenter: args.datacenter.clone(),
-        cluster: args.cluster.clone(),
-        resource_pool: None,
-        datastore: args.datastore.clone(),
-        template,
-        network: args.network.clone(),
-        folder_root: None,
-        sizes: SizeTable::default(),
-        timeouts: Timeouts {
-            ip_wait_secs: args.ip_timeout_secs.unwrap_or(120),
-            ..Timeouts::default()
-        },
-    };
-    tenant.validate().map_err(|e| e.to_string())?;
-    println!("vSphere: {url} as {}", args.username);
+    let tenant = args.vcenter.tenant(
+        url.clone(),
+        &args.tenant,
+        args.ip_timeout_secs.unwrap_or(120),
+    )?;
+    println!("vSphere: {url} as {}", args.vcenter.username);
     let vsphere = SoapVsphere::new(SoapOptions::default());
     let code = with_store(args, &tenant, vsphere.clone(), size).await;
     vsphere.shutdown().await;

@@ -29,10 +29,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use clap::Parser;
-use dvmm::core::config::{Secret, Timeouts, VcenterEndpoint};
+use common::{VcenterArgs, tenant_id_for};
+use dvmm::core::config::VcenterEndpoint;
 use dvmm::core::runner::{CheckpointStore, WorkQueue};
-use dvmm::core::spec::{SizeTable, VmGuestInfo};
+use dvmm::core::spec::VmGuestInfo;
 use dvmm::store::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{Delays, Simulator, SimulatorConfig};
 use dvmm::vsphere::{SoapOptions, SoapVsphere};
@@ -94,44 +97,9 @@ struct Args {
     /// Hide the progress bar.
     #[arg(long)]
     no_progress: bool,
-    /// vCenter (or vcsim) SDK URL; without it the in-process simulator is used.
-    #[arg(long)]
-    vcenter_url: Option<String>,
-    /// vCenter user.
-    #[arg(long, default_value = "administrator@vsphere.local")]
-    username: String,
-    /// vCenter password (or env DVMM_VCENTER_PASSWORD).
-    #[arg(long, env = "DVMM_VCENTER_PASSWORD", hide_env_values = true)]
-    password: Option<String>,
-    /// Skip TLS certificate verification.
-    #[arg(long)]
-    insecure: bool,
-    /// Accept exactly the certificate with this SHA-256 fingerprint.
-    #[arg(long)]
-    thumbprint: Option<String>,
-    /// Datacenter.
-    #[arg(long, default_value = "DC0")]
-    datacenter: String,
-    /// Cluster.
-    #[arg(long, default_value = "DC0_C0")]
-    cluster: String,
-    /// Datastore.
-    #[arg(long, default_value = "LocalDS_0")]
-    datastore: String,
-    /// Network (standard or distributed port group).
-    #[arg(long, default_value = "VM Network")]
-    network: String,
-    /// Template to clone (required with --vcenter-url).
-    #[arg(long)]
-    template: Option<String>,
-}
-
-fn tenant_id_for(slug: &str) -> TenantId {
-    // Stable per slug, so every process of a run agrees on the tenant.
-    TenantId::from_uuid(Uuid::new_v5(
-        &Uuid::NAMESPACE_OID,
-        format!("dvmm-tenant:{slug}").as_bytes(),
-    ))
+    /// Where to provision: a vCenter, or the in-process simulator.
+    #[command(flatten)]
+    vcenter: VcenterArgs,
 }
 
 #[tokio::main]
@@ -210,7 +178,7 @@ async fn run(args: Args) -> Result<Summary, String> {
         tag: Uuid::new_v4().simple().to_string()[..4].to_owned(),
         args,
     };
-    match run.args.vcenter_url.clone() {
+    match run.args.vcenter.vcenter_url.clone() {
         Some(url) => {
             let tenant = run.vcenter_tenant(url)?;
             let vsphere = SoapVsphere::new(SoapOptions::default());
@@ -264,40 +232,11 @@ struct Run {
 
 impl Run {
     fn vcenter_tenant(&self, url: String) -> Result<TenantConfig, String> {
-        let args = &self.args;
-        let password = args
-            .password
-            .clone()
-            .ok_or("--password (or DVMM_VCENTER_PASSWORD) is required with --vcenter-url")?;
-        let template = args
-            .template
-            .clone()
-            .ok_or("--template is required with --vcenter-url")?;
-        let tenant = TenantConfig {
-            tenant_id: tenant_id_for(&args.tenant),
-            slug: args.tenant.clone(),
-            vcenter: VcenterEndpoint {
-                url,
-                username: args.username.clone(),
-                password: Secret::new(password),
-                insecure: args.insecure,
-                thumbprint: args.thumbprint.clone(),
-            },
-            datacenter: args.datacenter.clone(),
-            cluster: args.cluster.clone(),
-            resource_pool: None,
-            datastore: args.datastore.clone(),
-            template,
-            network: args.network.clone(),
-            folder_root: None,
-            sizes: SizeTable::default(),
-            timeouts: Timeouts {
-                ip_wait_secs: args.ip_timeout_secs.unwrap_or(120),
-                ..Timeouts::default()
-            },
-        };
-        tenant.validate().map_err(|e| e.to_string())?;
-        Ok(tenant)
+        self.args.vcenter.tenant(
+            url,
+            &self.args.tenant,
+            self.args.ip_timeout_secs.unwrap_or(120),
+        )
     }
 
     /// Picks the store: PostgreSQL with `--database-url`, else memory.
