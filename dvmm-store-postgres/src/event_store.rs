@@ -4,11 +4,11 @@ use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use dvmm_core::event::{EventMetadata, NewEvent, StoredEvent, StreamId};
-use dvmm_core::ids::TenantId;
+use dvmm_core::ids::{EventId, TenantId};
 use dvmm_core::ports::{AppendOutcome, EventStore, StoreError};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::types::Json;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
@@ -214,38 +214,97 @@ fn metadata_json(metadata: &EventMetadata) -> serde_json::Value {
     serde_json::to_value(metadata).unwrap_or(serde_json::Value::Null)
 }
 
+/// The columns `dvmm_load` and `dvmm_read_all` return (migration 5): the
+/// metadata comes as its own columns, not as one JSONB document.
 const EVENT_COLUMNS: &str = "position, stream_type, stream_id, version, event_type, \
-                             schema_version, payload, metadata";
+                             schema_version, payload, event_id, tenant_id, user_id, \
+                             correlation_id, causation_id, occurred_at";
 
+/// The four metadata fields the readers take out of the stored document, as
+/// the text `->>` gives (`None` for a missing key or a JSON `null`).
+struct MetadataText<'r> {
+    user_id: Option<&'r str>,
+    correlation_id: Option<&'r str>,
+    causation_id: Option<&'r str>,
+    occurred_at: Option<&'r str>,
+}
+
+/// Rebuilds an event's metadata from its id and tenant columns and the text
+/// of the other fields; says which field is missing or malformed.
+fn metadata_from_columns(
+    event_id: Uuid,
+    tenant_id: Uuid,
+    text: &MetadataText<'_>,
+) -> std::result::Result<EventMetadata, String> {
+    fn required<'r>(value: Option<&'r str>, field: &str) -> std::result::Result<&'r str, String> {
+        value.ok_or_else(|| format!("{field} is missing"))
+    }
+    fn parsed<T: std::str::FromStr>(value: &str, field: &str) -> std::result::Result<T, String>
+    where
+        T::Err: fmt::Display,
+    {
+        value
+            .parse()
+            .map_err(|e| format!("{field} {value:?} is malformed: {e}"))
+    }
+    Ok(EventMetadata {
+        event_id: EventId::from_uuid(event_id),
+        tenant_id: TenantId::from_uuid(tenant_id),
+        user_id: parsed(required(text.user_id, "user_id")?, "user_id")?,
+        correlation_id: parsed(
+            required(text.correlation_id, "correlation_id")?,
+            "correlation_id",
+        )?,
+        causation_id: text
+            .causation_id
+            .map(|id| parsed(id, "causation_id"))
+            .transpose()?,
+        occurred_at: parsed::<DateTime<Utc>>(
+            required(text.occurred_at, "occurred_at")?,
+            "occurred_at",
+        )?,
+    })
+}
+
+/// One row of `dvmm_load`/`dvmm_read_all`, read by column index in the order
+/// of [`EVENT_COLUMNS`].
 fn stored_event(row: &PgRow, operation: &'static str) -> Result<StoredEvent, StoreError> {
     let get = |e| backend(operation, e);
-    let position: i64 = row.try_get("position").map_err(get)?;
-    let version: i64 = row.try_get("version").map_err(get)?;
-    let schema_version: i64 = row.try_get("schema_version").map_err(get)?;
-    // Straight from the column's bytes into the struct, without building a
-    // JSON tree first: this is most of the client's work in `load`.
-    let metadata: Json<EventMetadata> = row.try_get("metadata").map_err(|e| {
+    let position: i64 = row.try_get(0).map_err(get)?;
+    let version: i64 = row.try_get(3).map_err(get)?;
+    let schema_version: i64 = row.try_get(5).map_err(get)?;
+    let text = MetadataText {
+        user_id: row.try_get(9).map_err(get)?,
+        correlation_id: row.try_get(10).map_err(get)?,
+        causation_id: row.try_get(11).map_err(get)?,
+        occurred_at: row.try_get(12).map_err(get)?,
+    };
+    let metadata = metadata_from_columns(
+        row.try_get(7).map_err(get)?,
+        row.try_get(8).map_err(get)?,
+        &text,
+    )
+    .map_err(|e| {
         corrupt(
             operation,
             format!("the metadata of the event at position {position} is malformed: {e}"),
         )
     })?;
-    let metadata = metadata.0;
     Ok(StoredEvent {
         position: to_u64(position, "position", operation)?,
         stream_id: StreamId {
-            stream_type: row.try_get("stream_type").map_err(get)?,
-            id: row.try_get("stream_id").map_err(get)?,
+            stream_type: row.try_get(1).map_err(get)?,
+            id: row.try_get(2).map_err(get)?,
         },
         version: to_u64(version, "version", operation)?,
-        event_type: row.try_get("event_type").map_err(get)?,
+        event_type: row.try_get(4).map_err(get)?,
         schema_version: u32::try_from(schema_version).map_err(|_| {
             corrupt(
                 operation,
                 format!("schema version {schema_version} at position {position} is out of range"),
             )
         })?,
-        payload: row.try_get("payload").map_err(get)?,
+        payload: row.try_get(6).map_err(get)?,
         metadata,
     })
 }
@@ -476,6 +535,76 @@ mod tests {
             sequence < markers,
             "the sequence must be read before the markers"
         );
+    }
+
+    /// What `metadata->>'field'` gives for the document `metadata_json` writes.
+    fn field_text(json: &serde_json::Value, field: &str) -> Option<String> {
+        match json.get(field)? {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        }
+    }
+
+    #[test]
+    fn metadata_read_back_from_columns_equals_what_was_written() {
+        let tenant = TenantId::from_uuid(Uuid::new_v4());
+        let mut with_cause = event(tenant).metadata;
+        with_cause.causation_id = Some(EventId::from_uuid(Uuid::new_v4()));
+        with_cause.occurred_at = Utc
+            .timestamp_opt(1_790_000_000, 123_456_789)
+            .single()
+            .unwrap();
+        for metadata in [event(tenant).metadata, with_cause] {
+            let json = metadata_json(&metadata);
+            let texts: Vec<Option<String>> =
+                ["user_id", "correlation_id", "causation_id", "occurred_at"]
+                    .iter()
+                    .map(|f| field_text(&json, f))
+                    .collect();
+            let text = MetadataText {
+                user_id: texts[0].as_deref(),
+                correlation_id: texts[1].as_deref(),
+                causation_id: texts[2].as_deref(),
+                occurred_at: texts[3].as_deref(),
+            };
+            let back = metadata_from_columns(
+                metadata.event_id.as_uuid(),
+                metadata.tenant_id.as_uuid(),
+                &text,
+            )
+            .unwrap();
+            assert_eq!(back, metadata);
+        }
+    }
+
+    #[test]
+    fn missing_or_malformed_metadata_fields_are_named() {
+        let correlation = Uuid::new_v4().to_string();
+        let check = |user_id: Option<&str>, occurred_at: Option<&str>, expected: &str| {
+            let text = MetadataText {
+                user_id,
+                correlation_id: Some(&correlation),
+                causation_id: None,
+                occurred_at,
+            };
+            let err = metadata_from_columns(Uuid::nil(), Uuid::nil(), &text).unwrap_err();
+            assert!(err.contains(expected), "{err}");
+        };
+        let at = Some("2026-01-01T00:00:00Z");
+        check(None, at, "user_id is missing");
+        check(
+            Some("not-a-uuid"),
+            at,
+            "user_id \"not-a-uuid\" is malformed",
+        );
+        let user = Some("00000000-0000-0000-0000-000000000001");
+        check(
+            user,
+            Some("yesterday"),
+            "occurred_at \"yesterday\" is malformed",
+        );
+        check(user, None, "occurred_at is missing");
     }
 
     #[test]

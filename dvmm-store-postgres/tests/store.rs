@@ -420,6 +420,11 @@ async fn the_database_keeps_tenants_apart_even_for_raw_sql() {
             "SELECT count(*) FROM dvmm_timeline WHERE tenant_id = $1 OR $1 IS NOT NULL",
             1,
         ),
+        // The readers' view (migration 5) runs with the caller's rights.
+        (
+            "SELECT count(*) FROM dvmm_event_rows WHERE tenant_id = $1 OR $1 IS NOT NULL",
+            1,
+        ),
     ] {
         assert_eq!(count(sql, Some(a)).await, rows, "{sql} as A");
         assert_eq!(count(sql, Some(b)).await, 0, "{sql} as B");
