@@ -5,6 +5,9 @@
 //! - `append/raw/..`: the same rows written with plain `INSERT`s in one
 //!   transaction per batch (no version check, no advisory lock, no
 //!   row-level security): the baseline;
+//! - `append/store/1ev/1w_after_10k`: one writer appending single events to
+//!   a stream that already holds 10,000 (an append must not read the whole
+//!   stream; compare with `append/store/1ev/1w`);
 //! - `load/100_events`: loading a 100-event stream;
 //! - `read_all/2000_events`: reading a tenant's 2000 events in pages of 500.
 //!
@@ -168,6 +171,39 @@ fn main() {
             }
         }
         group.finish();
+    }
+
+    {
+        let owner = tenant();
+        let long = StreamId::new("VmRequest", Uuid::new_v4());
+        let mut version = rt.block_on(async {
+            for v in 0..100u64 {
+                store
+                    .append(owner, &long, v * 100, batch(owner, 100))
+                    .await
+                    .expect("append");
+            }
+            10_000u64
+        });
+        c.benchmark_group("append")
+            .throughput(Throughput::Elements(1))
+            .bench_function(BenchmarkId::new("store", "1ev/1w_after_10k"), |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let (store, long) = (store.clone(), long.clone());
+                    let from = version;
+                    version += iters;
+                    async move {
+                        let start = Instant::now();
+                        for i in 0..iters {
+                            store
+                                .append(owner, &long, from + i, batch(owner, 1))
+                                .await
+                                .expect("append");
+                        }
+                        start.elapsed()
+                    }
+                })
+            });
     }
 
     let reader = tenant();

@@ -33,7 +33,7 @@ BEGIN
     PERFORM set_config('dvmm.tenant_id', p_tenant::text, true);
     RETURN QUERY
         SELECT * FROM dvmm_event_rows e
-         WHERE e.stream_type = p_stream_type AND e.stream_id = p_stream_id AND e.tenant_id = p_tenant
+         WHERE e.stream_type = p_stream_type AND e.stream_id = p_stream_id
          ORDER BY e.version;
 END
 $$;

@@ -177,7 +177,8 @@ struct AppendRow {
     last_position: Option<i64>,
 }
 
-/// One call of the migration's `dvmm_append`: checks, position lock, insert
+/// One call of the migration's `dvmm_append` (`check_ids` asks for the full
+/// check of version and known ids up front): checks, position lock, insert
 /// and (implicit) commit in a single round trip.
 async fn call_append(
     pool: &PgPool,
@@ -185,10 +186,11 @@ async fn call_append(
     stream: &StreamId,
     expected: i64,
     columns: &Columns,
+    check_ids: bool,
 ) -> Result<AppendRow, sqlx::Error> {
     let row = sqlx::query(
         "SELECT outcome, stream_version, last_position \
-           FROM dvmm_append($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+           FROM dvmm_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(tenant.as_uuid())
     .bind(&stream.stream_type)
@@ -199,6 +201,7 @@ async fn call_append(
     .bind(&columns.schema_versions)
     .bind(&columns.payloads)
     .bind(&columns.metadata)
+    .bind(check_ids)
     .fetch_one(pool)
     .await?;
     Ok(AppendRow {
@@ -321,12 +324,14 @@ impl EventStore for PgEventStore {
         let columns = Columns::new(events);
         // An expected version beyond bigint cannot match any stream.
         let expected = i64::try_from(expected_version).unwrap_or(-1);
-        let mut result = call_append(&self.pool, tenant, stream, expected, &columns).await;
+        // The common case reads only the stream's version (migration 6).
+        let mut result = call_append(&self.pool, tenant, stream, expected, &columns, false).await;
         if result.as_ref().is_err_and(is_unique_violation) {
-            // Lost a race on a unique key; nothing was written. Asking again
-            // tells a racing retry of this very batch (already applied) from
-            // a writer that took the version (conflict).
-            result = call_append(&self.pool, tenant, stream, expected, &columns).await;
+            // Lost a race on a unique key, or the batch holds an id that is
+            // already stored; nothing was written. Asking again with the full
+            // check tells a retry of this very batch (already applied) from a
+            // writer that took the version or a reused id (conflict).
+            result = call_append(&self.pool, tenant, stream, expected, &columns, true).await;
         }
         match result {
             Ok(row) => {

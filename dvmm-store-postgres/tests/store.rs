@@ -786,7 +786,7 @@ async fn an_open_append_holds_back_read_all_at_its_position() {
     let mut open = pool.begin().await.expect("begin");
     let row = sqlx::query(
         "SELECT outcome, last_position FROM dvmm_append($1, 'VmRequest', $2, 0, \
-           ARRAY[$3]::uuid[], ARRAY['TestEvent'], ARRAY[1::bigint], ARRAY[$4::jsonb], ARRAY[$5::jsonb])",
+           ARRAY[$3]::uuid[], ARRAY['TestEvent'], ARRAY[1::bigint], ARRAY[$4::jsonb], ARRAY[$5::jsonb], false)",
     )
     .bind(t.as_uuid())
     .bind(Uuid::new_v4().to_string())
