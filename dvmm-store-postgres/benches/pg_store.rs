@@ -8,7 +8,8 @@
 //! - `append/store/1ev/1w_after_10k`: one writer appending single events to
 //!   a stream that already holds 10,000 (an append must not read the whole
 //!   stream; compare with `append/store/1ev/1w`);
-//! - `load/100_events`: loading a 100-event stream;
+//! - `load/100_events`: loading a 100-event stream; `load/raw/100_events`:
+//!   the same rows with a plain `SELECT` by the superuser, the baseline;
 //! - `read_all/2000_events`: reading a tenant's 2000 events in pages of 500.
 //!
 //! After criterion's runs a summary measures the store/raw ratio at 16
@@ -98,6 +99,31 @@ async fn raw_writer(pool: PgPool, tenant: TenantId, n: usize, txns: u64) {
     }
 }
 
+/// The load baseline: the same 100 rows read by the superuser with a plain
+/// `SELECT` (no function, no row-level security), payload and metadata
+/// decoded the way a hand-written client would.
+async fn raw_load(pool: &PgPool, stream: &StreamId) {
+    use dvmm_core::event::EventMetadata;
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "SELECT position, version, event_type, payload, metadata FROM dvmm_events \
+         WHERE stream_type = $1 AND stream_id = $2 ORDER BY version",
+    )
+    .bind(&stream.stream_type)
+    .bind(&stream.id)
+    .fetch_all(pool)
+    .await
+    .expect("select");
+    let mut n = 0;
+    for row in &rows {
+        let _: (i64, i64, String) = (row.get(0), row.get(1), row.get(2));
+        let _: serde_json::Value = row.get(3);
+        let _: sqlx::types::Json<EventMetadata> = row.get(4);
+        n += 1;
+    }
+    assert_eq!(n, 100);
+}
+
 #[derive(Clone, Copy)]
 enum Writer {
     Store,
@@ -136,6 +162,44 @@ fn criterion_config() -> Criterion {
         .configure_from_args()
 }
 
+/// Vacuums, analyzes and checkpoints before each measurement (as pgbench
+/// vacuums before a run), so that autovacuum and checkpoint work left by the
+/// previous case's writes does not land on this one's two CPUs.
+///
+/// The table starts with [`BACKGROUND_EVENTS`] events of other tenants, so
+/// that plans are made for a table of a running system rather than for an
+/// empty one.
+fn settle(rt: &Runtime, admin: &PgPool) {
+    rt.block_on(async {
+        for sql in ["VACUUM ANALYZE dvmm_events", "CHECKPOINT"] {
+            sqlx::query(sql).execute(admin).await.expect(sql);
+        }
+    });
+}
+
+/// Events already stored when the bench starts: 100 tenants, each with 625
+/// streams of 4 events.
+const BACKGROUND_EVENTS: i64 = 250_000;
+
+/// Fills the table with [`BACKGROUND_EVENTS`] rows in one statement.
+fn populate(rt: &Runtime, admin: &PgPool) {
+    rt.block_on(async {
+        sqlx::query(
+            "INSERT INTO dvmm_events (stream_type, stream_id, version, tenant_id, event_id, \
+             event_type, schema_version, payload, metadata) \
+             SELECT 'VmRequest', 'background-' || (g / 4), g % 4 + 1, \
+                    ('00000000-0000-0000-0000-' || lpad((g / 2500)::text, 12, '0'))::uuid, \
+                    gen_random_uuid(), 'Background', 1, \
+                    jsonb_build_object('name', 'web-' || g, 'size', 'M'), '{}' \
+               FROM generate_series(0, $1 - 1) AS g",
+        )
+        .bind(BACKGROUND_EVENTS)
+        .execute(admin)
+        .await
+        .expect("background events");
+    });
+}
+
 fn main() {
     if std::env::var("DATABASE_URL").map_or(true, |u| u.is_empty()) {
         eprintln!(
@@ -150,6 +214,7 @@ fn main() {
         .expect("DATABASE_URL is set");
     let store = Arc::new(rt.block_on(db.store(20)));
     let raw = rt.block_on(db.admin_pool(20));
+    populate(&rt, &raw);
     let mut c = criterion_config();
 
     {
@@ -158,6 +223,7 @@ fn main() {
             for writers in WRITERS {
                 group.throughput(Throughput::Elements((writers * n) as u64));
                 for (name, kind) in [("store", Writer::Store), ("raw", Writer::Raw)] {
+                    settle(&rt, &raw);
                     group.bench_function(
                         BenchmarkId::new(name, format!("{n}ev/{writers}w")),
                         |b| {
@@ -185,6 +251,7 @@ fn main() {
             }
             10_000u64
         });
+        settle(&rt, &raw);
         c.benchmark_group("append")
             .throughput(Throughput::Elements(1))
             .bench_function(BenchmarkId::new("store", "1ev/1w_after_10k"), |b| {
@@ -226,14 +293,21 @@ fn main() {
             }
         }
     });
-    c.benchmark_group("load")
-        .throughput(Throughput::Elements(100))
-        .bench_function("100_events", |b| {
+    settle(&rt, &raw);
+    {
+        let mut group = c.benchmark_group("load");
+        group.throughput(Throughput::Elements(100));
+        group.bench_function("100_events", |b| {
             b.to_async(&rt).iter(|| async {
                 let events = store.load(reader, &stream).await.expect("load");
                 assert_eq!(events.len(), 100);
             })
         });
+        group.bench_function("raw/100_events", |b| {
+            b.to_async(&rt).iter(|| raw_load(&raw, &stream))
+        });
+    }
+    settle(&rt, &raw);
     c.benchmark_group("read_all")
         .throughput(Throughput::Elements(2000))
         .bench_function("2000_events", |b| {
@@ -254,6 +328,7 @@ fn main() {
     // The figures the targets are stated in, measured directly. Loads come
     // first, on a quiet server: after the append rounds below, PostgreSQL is
     // still writing back and vacuuming for a while.
+    settle(&rt, &raw);
     println!("\nsummary:");
     let mut loads: Vec<Duration> = (0..2000)
         .map(|_| {
@@ -268,6 +343,7 @@ fn main() {
         loads[loads.len() / 2],
         loads[loads.len() * 99 / 100]
     );
+    settle(&rt, &raw);
     println!("  16 writers, 50 transactions each, best of 3:");
     for n in EVENTS_PER_TXN {
         let best = |kind| {
