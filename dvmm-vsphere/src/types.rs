@@ -84,6 +84,23 @@ pub struct MissingProperty {
     pub fault: Fault,
 }
 
+impl MissingProperty {
+    /// Reads a `missingSet` element; a missing fault reads as `MethodFault`.
+    pub fn from_node(node: &Node) -> Self {
+        Self {
+            path: node.child_text("path").unwrap_or_default().to_owned(),
+            fault: node
+                .child("fault")
+                .map(Fault::from_localized)
+                .unwrap_or_else(|| Fault {
+                    kind: "MethodFault".into(),
+                    message: String::new(),
+                    detail: None,
+                }),
+        }
+    }
+}
+
 /// One object of a `RetrievePropertiesEx` answer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ObjectContent {
@@ -110,17 +127,7 @@ impl ObjectContent {
                         content.props.push((name.to_owned(), val.clone()));
                     }
                 }
-                "missingSet" => content.missing.push(MissingProperty {
-                    path: child.child_text("path").unwrap_or_default().to_owned(),
-                    fault: child
-                        .child("fault")
-                        .map(Fault::from_localized)
-                        .unwrap_or_else(|| Fault {
-                            kind: "MethodFault".into(),
-                            message: String::new(),
-                            detail: None,
-                        }),
-                }),
+                "missingSet" => content.missing.push(MissingProperty::from_node(child)),
                 _ => {}
             }
         }
@@ -148,17 +155,7 @@ impl ObjectContent {
                         content.props.push((name, val));
                     }
                 }
-                "missingSet" => content.missing.push(MissingProperty {
-                    path: child.child_text("path").unwrap_or_default().to_owned(),
-                    fault: child
-                        .child("fault")
-                        .map(Fault::from_localized)
-                        .unwrap_or_else(|| Fault {
-                            kind: "MethodFault".into(),
-                            message: String::new(),
-                            detail: None,
-                        }),
-                }),
+                "missingSet" => content.missing.push(MissingProperty::from_node(&child)),
                 _ => {}
             }
         }

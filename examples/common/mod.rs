@@ -93,3 +93,14 @@ pub fn tenant_id_for(slug: &str) -> TenantId {
         format!("dvmm-tenant:{slug}").as_bytes(),
     ))
 }
+
+/// Logs to stderr, filtered by `RUST_LOG` (nothing when it is unset).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
