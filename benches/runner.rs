@@ -15,6 +15,7 @@
 //! the end.
 #![allow(missing_docs)]
 
+use dvmm::Backoff;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ fn runner_config(i: usize) -> RunnerConfig {
         worker_id: format!("bench-w{i}"),
         concurrency: 8,
         poll_interval: Duration::from_millis(10),
-        backoff_base: Duration::from_millis(10),
+        backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(10)),
         ..RunnerConfig::default()
     }
 }

@@ -24,6 +24,7 @@
 //! `--tenant` per run on a shared database, since the counts cover all of the
 //! tenant's requests.
 
+use dvmm::Backoff;
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -312,8 +313,7 @@ impl Run {
                         concurrency: args.concurrency,
                         lease: Duration::from_secs(args.lease_secs.max(1)),
                         poll_interval: Duration::from_millis(200),
-                        backoff_base: Duration::from_millis(200),
-                        backoff_max: Duration::from_secs(5),
+                        backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
                         shutdown_deadline: Duration::from_secs(10),
                         ..RunnerConfig::default()
                     },

@@ -2,11 +2,11 @@
 
 pub use dvmm_core as core;
 pub use dvmm_core::{
-    Aggregate, AppendOutcome, Clock, DomainError, DomainEvent, EventMetadata, EventStore, NewEvent,
-    NewVmRequest, ProvisionOutcome, ProvisioningService, ServiceError, StoreError, StoredEvent,
-    StreamId, TenantConfig, Tenants, TimelineEntry, TimelineEntryType, TimelineSink, Vm, VmEvent,
-    VmName, VmProvisioningResult, VmRequest, VmRequestEvent, VmRequestStatus, VmResources, VmSize,
-    VmSpec, VmStatus, VsphereError, VspherePort,
+    Aggregate, AppendOutcome, Backoff, Clock, DomainError, DomainEvent, EventMetadata, EventStore,
+    NewEvent, NewVmRequest, ProvisionOutcome, ProvisioningService, ServiceError, StoreError,
+    StoredEvent, StreamId, TenantConfig, Tenants, TimelineEntry, TimelineEntryType, TimelineSink,
+    Vm, VmEvent, VmName, VmProvisioningResult, VmRequest, VmRequestEvent, VmRequestStatus,
+    VmResources, VmSize, VmSpec, VmStatus, VsphereError, VspherePort,
 };
 pub use dvmm_core::{
     CorrelationId, EventId, ProjectId, TenantId, UserId, VmId, VmRequestId, VmwareVmId,

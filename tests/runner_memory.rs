@@ -2,6 +2,7 @@
 
 mod common;
 
+use dvmm::Backoff;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,8 +36,7 @@ fn fast_config(worker: &str, concurrency: usize) -> RunnerConfig {
         concurrency,
         lease: Duration::from_secs(5),
         poll_interval: Duration::from_millis(5),
-        backoff_base: Duration::from_millis(5),
-        backoff_max: Duration::from_millis(50),
+        backoff: Backoff::new(Duration::from_millis(5), Duration::from_millis(50)),
         shutdown_deadline: Duration::from_secs(5),
         ..RunnerConfig::default()
     }

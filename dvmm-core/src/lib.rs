@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod aggregate;
+pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod vm;
 pub mod vm_request;
 
 pub use aggregate::Aggregate;
+pub use backoff::Backoff;
 pub use clock::{Clock, IdGenerator, RandomIds, SystemClock};
 pub use config::{ConfigError, Secret, TenantConfig, VcenterEndpoint};
 pub use error::DomainError;

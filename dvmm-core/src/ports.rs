@@ -263,6 +263,14 @@ pub enum VsphereError {
         /// What was wrong.
         message: String,
     },
+    /// An answer was larger than the client accepts; reading stopped at the
+    /// limit.
+    #[error("vCenter's answer exceeded the limit of {limit_bytes} bytes")]
+    AnswerTooLarge {
+        /// The limit in force (`SoapOptions::max_answer_bytes` in the SOAP
+        /// client).
+        limit_bytes: u64,
+    },
 }
 
 impl VsphereError {
@@ -274,6 +282,18 @@ impl VsphereError {
                 | VsphereError::Timeout { .. }
                 | VsphereError::Transport { .. }
                 | VsphereError::CircuitOpen { .. }
+        )
+    }
+
+    /// Whether the failure says the vCenter itself cannot be used right now
+    /// (unreachable, connection broken, no answer in time, a proxy's
+    /// 502/503/504, circuit breaker open), as opposed to a failure about the
+    /// request. Work that meets it should wait for the endpoint rather than
+    /// use up its attempts.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            VsphereError::Transport { .. } | VsphereError::CircuitOpen { .. }
         )
     }
 
@@ -292,6 +312,7 @@ impl VsphereError {
             VsphereError::Tls { .. } => "Tls",
             VsphereError::CircuitOpen { .. } => "CircuitOpen",
             VsphereError::Protocol { .. } => "Protocol",
+            VsphereError::AnswerTooLarge { .. } => "AnswerTooLarge",
         }
     }
 }

@@ -1105,7 +1105,10 @@ pub fn timeline_entry_for(event: &VmRequestEvent) -> (TimelineEntryType, String)
     }
 }
 
-/// A failure message a user (or their platform team) can act on.
+/// A failure message a user (or their platform team) can act on. It names
+/// no host, URL or credential: vCenter's own text is kept only where it
+/// describes the request (capacity, task faults), and the detail of
+/// connection problems goes to the log instead.
 pub fn user_message(error: &VsphereError, spec: &VmSpec) -> String {
     match error {
         VsphereError::NotFound { kind, name } => format!(
@@ -1121,9 +1124,29 @@ pub fn user_message(error: &VsphereError, spec: &VmSpec) -> String {
         VsphereError::InvalidLogin { .. } => {
             "vCenter refused dvmm's credentials for this tenant; ask the platform team to update them".into()
         }
-        VsphereError::Tls { message } => format!(
-            "vCenter's certificate was not trusted ({message}); ask the platform team to check the tenant's TLS settings"
+        VsphereError::NotAuthenticated => {
+            "vCenter ended dvmm's session and a new login did not take; ask the platform team to check the tenant's credentials".into()
+        }
+        VsphereError::Tls { .. } => {
+            "vCenter's certificate was not trusted; ask the platform team to check the tenant's TLS settings".into()
+        }
+        VsphereError::Transport { .. } | VsphereError::CircuitOpen { .. } => {
+            "vCenter could not be reached; this is temporary: retrying later may help".into()
+        }
+        VsphereError::Timeout { operation } => {
+            format!("vCenter did not finish {operation} in time")
+        }
+        VsphereError::InvalidPowerState { message } => {
+            format!("the VM was in the wrong power state: {message}")
+        }
+        VsphereError::TaskFailed { fault, message } => {
+            format!("vCenter reported {fault}: {message}")
+        }
+        VsphereError::Protocol { .. } => {
+            "vCenter answered something dvmm could not understand; ask the platform team to check the vCenter endpoint".into()
+        }
+        VsphereError::AnswerTooLarge { limit_bytes } => format!(
+            "vCenter's answer was larger than the {limit_bytes}-byte limit; ask the platform team to check the vCenter endpoint"
         ),
-        other => other.to_string(),
     }
 }

@@ -29,6 +29,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tracing::{debug, info, warn};
 
 use crate::Aggregate;
+use crate::backoff::Backoff;
 use crate::clock::{Clock, IdGenerator};
 use crate::event::DomainEvent;
 use crate::ids::{TenantId, VmRequestId};
@@ -205,10 +206,9 @@ pub struct RunnerConfig {
     pub poll_interval: Duration,
     /// Attempts before a retryable failure is recorded (default 5).
     pub max_attempts: u32,
-    /// First retry delay (default 1 s); doubles per attempt, with jitter.
-    pub backoff_base: Duration,
-    /// Longest retry delay (default 60 s).
-    pub backoff_max: Duration,
+    /// Delay before retrying a request (default 1 s doubling up to 60 s,
+    /// with jitter).
+    pub backoff: Backoff,
     /// How long shutdown waits for in-flight work (default 30 s).
     pub shutdown_deadline: Duration,
 }
@@ -222,26 +222,9 @@ impl Default for RunnerConfig {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(250),
             max_attempts: 5,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
+            backoff: Backoff::default(),
             shutdown_deadline: Duration::from_secs(30),
         }
-    }
-}
-
-impl RunnerConfig {
-    /// The delay before retry number `attempt` (1-based): exponential, capped,
-    /// with full jitter in [delay/2, delay].
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .backoff_base
-            .saturating_mul(
-                1u32.checked_shl(attempt.saturating_sub(1))
-                    .unwrap_or(u32::MAX),
-            )
-            .min(self.backoff_max);
-        let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as u32;
-        exp / 2 + exp / 2 * jitter / 1000
     }
 }
 
@@ -480,7 +463,7 @@ where
                 debug!(request_id = %id, %reason, "provisioning by another caller; checking later");
                 report.retried += 1;
                 self.queue
-                    .retry_later(worker, id, self.config.backoff(job.attempts + 1))
+                    .retry_later(worker, id, self.config.backoff.delay(job.attempts + 1))
                     .await
             }
             Ok(Ok(ProvisionOutcome::Skipped { .. })) => {
@@ -488,13 +471,13 @@ where
                 self.queue.complete(worker, id).await
             }
             Ok(Ok(ProvisionOutcome::Deferred { error, .. })) => {
-                let delay = self.config.backoff(job.attempts + 1);
+                let delay = self.config.backoff.delay(job.attempts + 1);
                 info!(request_id = %id, %error, attempt = job.attempts + 1, ?delay, "retryable failure; retrying later");
                 report.retried += 1;
                 self.queue.retry_later(worker, id, delay).await
             }
             Ok(Err(error)) => {
-                let delay = self.config.backoff(job.attempts + 1);
+                let delay = self.config.backoff.delay(job.attempts + 1);
                 warn!(request_id = %id, %error, ?delay, "provisioning command failed; retrying later");
                 report.retried += 1;
                 self.queue.retry_later(worker, id, delay).await
