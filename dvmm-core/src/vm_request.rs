@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Aggregate;
-use crate::error::DomainError;
+use crate::error::{DomainError, bounded_text};
 use crate::event::domain_events;
 use crate::ids::{ProjectId, TenantId, UserId, VmId, VmRequestId, VmwareVmId};
 use crate::spec::{VmName, VmProvisioningResult, VmResources, VmSize};
@@ -298,6 +298,7 @@ impl Aggregate for VmRequest {
                         .resources
                         .validate("resources")
                         .map_err(|e| DomainError::Invalid(e.to_string()))?;
+                    bounded_text("justification", &submit.justification)?;
                     Ok(vec![VmRequestEvent::VmRequestCreated(VmRequestCreated {
                         request_id: submit.request_id,
                         tenant_id: submit.tenant_id,
@@ -331,12 +332,16 @@ impl Aggregate for VmRequest {
                         "a rejection needs a reason the requester can read".into(),
                     ));
                 }
+                bounded_text("reason", reason)?;
                 VmRequestEvent::VmRequestRejected(VmRequestRejected {
                     rejected_by: *by,
                     reason: reason.clone(),
                 })
             }
             (S::Pending | S::Approved, C::Cancel { by, reason }) => {
+                if let Some(reason) = reason {
+                    bounded_text("reason", reason)?;
+                }
                 VmRequestEvent::VmRequestCancelled(VmRequestCancelled {
                     cancelled_by: *by,
                     reason: reason.clone(),
@@ -435,5 +440,73 @@ impl Aggregate for VmRequest {
             }
         }
         Some(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::MAX_TEXT_CHARS;
+    use crate::spec::VmResources;
+
+    fn submit(justification: String) -> VmRequestCommand {
+        VmRequestCommand::Submit(SubmitVmRequest {
+            request_id: VmRequestId::from_uuid(uuid::Uuid::from_u128(1)),
+            tenant_id: TenantId::from_uuid(uuid::Uuid::from_u128(2)),
+            project_id: ProjectId::from_uuid(uuid::Uuid::from_u128(3)),
+            project_prefix: "web".into(),
+            requested_name: "app01".into(),
+            size: VmSize::S,
+            resources: VmResources {
+                cpu: 1,
+                memory_mib: 1024,
+                disk_gib: 10,
+            },
+            requested_by: UserId::from_uuid(uuid::Uuid::from_u128(4)),
+            justification,
+        })
+    }
+
+    #[test]
+    fn over_long_free_text_is_a_typed_error_naming_the_field() {
+        // Multi-byte characters: the limit counts characters, not bytes.
+        let at_limit = "é".repeat(MAX_TEXT_CHARS);
+        let events = VmRequest::handle(None, &submit(at_limit)).expect("at the limit is fine");
+        let state = events.iter().fold(None, VmRequest::apply);
+
+        let over = "x".repeat(MAX_TEXT_CHARS + 1);
+        assert_eq!(
+            VmRequest::handle(None, &submit(over.clone())),
+            Err(DomainError::TooLong {
+                field: "justification",
+                max: MAX_TEXT_CHARS,
+                actual: MAX_TEXT_CHARS + 1
+            })
+        );
+        let by = UserId::from_uuid(uuid::Uuid::from_u128(5));
+        let reject = VmRequestCommand::Reject {
+            by,
+            reason: over.clone(),
+        };
+        assert!(matches!(
+            VmRequest::handle(state.as_ref(), &reject),
+            Err(DomainError::TooLong {
+                field: "reason",
+                ..
+            })
+        ));
+        let cancel = VmRequestCommand::Cancel {
+            by,
+            reason: Some(over),
+        };
+        assert!(matches!(
+            VmRequest::handle(state.as_ref(), &cancel),
+            Err(DomainError::TooLong {
+                field: "reason",
+                ..
+            })
+        ));
+        let cancel = VmRequestCommand::Cancel { by, reason: None };
+        assert!(VmRequest::handle(state.as_ref(), &cancel).is_ok());
     }
 }
