@@ -818,3 +818,103 @@ async fn an_open_append_holds_back_read_all_at_its_position() {
     assert_eq!(payloads, [json!(1), json!(2)]);
     db.drop().await;
 }
+
+/// The SQL functions filter by tenant themselves (migration 7): a pool whose
+/// role escapes row-level security (a superuser, or a login with BYPASSRLS)
+/// still cannot load, read, extend or claim another tenant's stream through
+/// the store.
+#[tokio::test]
+async fn the_functions_keep_tenants_apart_without_row_level_security() {
+    let Some(db) = TestDb::create("the_functions_keep_tenants_apart_without_rls").await else {
+        return;
+    };
+    let (a, b) = (tenant(), tenant());
+    let s = stream();
+    let a_batch = vec![event(a, json!({ "secret": "a's" }))];
+    db.store(2)
+        .await
+        .append(a, &s, 0, a_batch.clone())
+        .await
+        .expect("A appends");
+
+    let (_, bypass_options) = db.extra_login("BYPASSRLS").await;
+    let bypass = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(bypass_options)
+        .await
+        .expect("connect as the BYPASSRLS login");
+    for (who, pool) in [
+        ("BYPASSRLS login", bypass),
+        ("superuser", db.admin_pool(2).await),
+    ] {
+        // Without the functions' own filter, each of these is A's data.
+        let raw: i64 = sqlx::query_scalar("SELECT count(*) FROM dvmm_events")
+            .fetch_one(&pool)
+            .await
+            .expect("raw count");
+        assert!(
+            raw >= 1,
+            "{who}: the role really escapes the policy (sees {raw} rows)"
+        );
+        let unsafe_store = PgEventStore::new(pool);
+        let loaded = unsafe_store.load(b, &s).await.expect("load");
+        assert!(
+            loaded.is_empty(),
+            "{who}: load(B, A's stream) returned {} events",
+            loaded.len()
+        );
+        let read = unsafe_store.read_all(b, 0, 100).await.expect("read_all");
+        assert!(
+            read.is_empty(),
+            "{who}: read_all(B) returned {} events",
+            read.len()
+        );
+
+        // Extending A's stream as B: the version B sees is 0, so expecting
+        // A's version 1 is a conflict that reports 0 …
+        let err = unsafe_store
+            .append(b, &s, 1, vec![event(b, json!({}))])
+            .await
+            .expect_err("B cannot extend A's stream");
+        assert!(
+            matches!(
+                &err,
+                StoreError::Conflict {
+                    expected: 1,
+                    actual: Some(0),
+                    ..
+                }
+            ),
+            "{who}: {err:?}"
+        );
+        // … and starting it anew hits A's key without learning anything.
+        let err = unsafe_store
+            .append(b, &s, 0, vec![event(b, json!({}))])
+            .await
+            .expect_err("B cannot take A's version 1");
+        assert!(
+            matches!(
+                &err,
+                StoreError::Conflict {
+                    expected: 0,
+                    actual: None,
+                    ..
+                }
+            ),
+            "{who}: {err:?}"
+        );
+        // Replaying A's batch as B is not recognised as B's retry.
+        let replay = unsafe_store.append(b, &s, 0, a_batch.clone()).await;
+        assert!(
+            matches!(
+                &replay,
+                Err(StoreError::Conflict { actual: None, .. } | StoreError::InvalidAppend { .. })
+            ),
+            "{who}: {replay:?}"
+        );
+    }
+    let a_sees = db.store(1).await.load(a, &s).await.expect("load as A");
+    assert_eq!(a_sees.len(), 1, "A's stream is unchanged");
+    assert_eq!(a_sees[0].payload, json!({ "secret": "a's" }));
+    db.drop().await;
+}

@@ -3,11 +3,15 @@
 //! per test, so tests run in parallel without seeing each other's rows.
 //!
 //! Without `DATABASE_URL` a test prints why and skips, unless
-//! `DVMM_REQUIRE_SERVICES=1`, in which case it fails.
+//! `DVMM_REQUIRE_SERVICES=1`, in which case it fails. A skip is also appended
+//! as one line `<test>: <why>` to the file named by `DVMM_SKIP_LOG`, so that a
+//! skipped test does not pass unnoticed in a summary.
 
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use dvmm_core::config::Secret;
@@ -30,23 +34,47 @@ pub struct TestDb {
     pub app_options: PgConnectOptions,
     /// The application role's password.
     pub app_password: String,
-    server: PgConnectOptions,
+    /// The server's connection options (superuser, maintenance database).
+    pub server: PgConnectOptions,
+    /// Further roles a test made, dropped with the database.
+    extra_roles: Mutex<Vec<String>>,
 }
 
-/// `DATABASE_URL`, or `None` after printing why the test is skipped.
+/// Whether `DVMM_REQUIRE_SERVICES=1` asks for a missing service to fail the test.
+pub fn services_required() -> bool {
+    std::env::var("DVMM_REQUIRE_SERVICES").as_deref() == Ok("1")
+}
+
+/// Reports a skipped test: prints why, and appends `<test>: <why>` to the
+/// file named by `DVMM_SKIP_LOG` when it is set (errors writing it are
+/// ignored: the skip itself was already printed).
+pub fn skip(test: &str, why: &str) {
+    eprintln!("skipping {test}: {why}");
+    if let Some(path) = std::env::var_os("DVMM_SKIP_LOG").filter(|p| !p.is_empty()) {
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(file, "{test}: {why}");
+        }
+    }
+}
+
+/// `DATABASE_URL`, or `None` after reporting why the test is skipped.
 pub fn database_url(test: &str) -> Option<String> {
     match std::env::var("DATABASE_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
-            if std::env::var("DVMM_REQUIRE_SERVICES").as_deref() == Ok("1") {
+            if services_required() {
                 panic!(
                     "{test}: DATABASE_URL is not set but DVMM_REQUIRE_SERVICES=1 requires PostgreSQL \
                      (start one with: eval \"$(scripts/pg-throwaway.sh start)\")"
                 );
             }
-            eprintln!(
-                "skipping {test}: DATABASE_URL is not set \
-                 (start a server with: eval \"$(scripts/pg-throwaway.sh start)\")"
+            skip(
+                test,
+                "DATABASE_URL is not set (start a server with: eval \"$(scripts/pg-throwaway.sh start)\")",
             );
             None
         }
@@ -98,7 +126,45 @@ impl TestDb {
             app_options,
             app_password: password,
             server,
+            extra_roles: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Connection options of `role` with `password` to the test database.
+    pub fn options_for(&self, role: &str, password: &str) -> PgConnectOptions {
+        self.server
+            .clone()
+            .database(&self.name)
+            .username(role)
+            .password(password)
+    }
+
+    /// Makes another application login (through `create_app_login`), then
+    /// gives it `attributes` (e.g. `BYPASSRLS`) as the superuser; returns its
+    /// connection options. The role is dropped with the database.
+    pub async fn extra_login(&self, attributes: &str) -> (String, PgConnectOptions) {
+        let role = format!("dvmm_t_x_{}", short_id());
+        let password = Uuid::new_v4().simple().to_string();
+        self.extra_roles.lock().expect("roles").push(role.clone());
+        create_app_login(&self.admin, &role, &Secret::new(password.clone()))
+            .await
+            .expect("create the extra login");
+        if !attributes.is_empty() {
+            sqlx::query(&format!("ALTER ROLE {role} {attributes}"))
+                .execute(&self.admin)
+                .await
+                .expect("give the extra login its attributes");
+        }
+        let options = self.options_for(&role, &password);
+        (role, options)
+    }
+
+    /// Remembers a role the test made itself, so that `drop` removes it.
+    pub fn forget_role_later(&self, role: &str) {
+        self.extra_roles
+            .lock()
+            .expect("roles")
+            .push(role.to_owned());
     }
 
     /// A pool of the application role.
@@ -148,10 +214,13 @@ impl TestDb {
         .execute(&maintenance)
         .await
         .expect("drop the test database");
-        sqlx::query(&format!("DROP ROLE IF EXISTS {}", self.app_role))
-            .execute(&maintenance)
-            .await
-            .expect("drop the test role");
+        let extra = std::mem::take(&mut *self.extra_roles.lock().expect("roles"));
+        for role in std::iter::once(self.app_role.clone()).chain(extra) {
+            sqlx::query(&format!("DROP ROLE IF EXISTS {role}"))
+                .execute(&maintenance)
+                .await
+                .expect("drop a test role");
+        }
         maintenance.close().await;
     }
 }
