@@ -37,9 +37,25 @@ impl fmt::Debug for PgEventStore {
 }
 
 impl PgEventStore {
-    /// Wraps an existing pool. No check is made that the pool's role is held
-    /// to row-level security; call [`crate::verify_app_role`] for that.
-    pub fn new(pool: PgPool) -> Self {
+    /// Wraps an existing pool after checking, with [`verify_app_role`], that
+    /// its role is held to the tenant policies: not a superuser, no
+    /// `BYPASSRLS`, not the tables' owner.
+    ///
+    /// # Errors
+    /// [`Error::UnsafeRole`] or [`Error::NotMigrated`] from the check,
+    /// [`Error::Database`] when the check itself fails.
+    pub async fn new(pool: PgPool) -> Result<Self> {
+        verify_app_role(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps a pool without checking its role, so a superuser, a `BYPASSRLS`
+    /// role or the tables' owner may run the store. Row-level security then
+    /// does not apply; only the tenant filters of the SQL functions keep
+    /// tenants apart, and raw SQL through [`PgEventStore::pool`] sees every
+    /// tenant. Meant for tests and benchmarks that need such a pool; an
+    /// application uses [`PgEventStore::new`] or [`PgEventStore::connect`].
+    pub fn new_allowing_unsafe_role(pool: PgPool) -> Self {
         Self { pool }
     }
 
@@ -65,8 +81,7 @@ impl PgEventStore {
             .connect_with(options)
             .await
             .map_err(|source| Error::Connect { source })?;
-        verify_app_role(&pool).await?;
-        Ok(Self::new(pool))
+        Self::new(pool).await
     }
 
     /// The pool options [`PgEventStore::connect`] uses: 10 connections, and a
@@ -83,9 +98,10 @@ impl PgEventStore {
         &self.pool
     }
 
-    /// A [`PgTimeline`] sharing this store's pool.
+    /// A [`PgTimeline`] sharing this store's pool (and therefore the check
+    /// its role passed, or the opt-in that skipped it).
     pub fn timeline(&self) -> PgTimeline {
-        PgTimeline::new(self.pool.clone())
+        PgTimeline::new_allowing_unsafe_role(self.pool.clone())
     }
 }
 

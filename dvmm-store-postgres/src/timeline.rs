@@ -10,7 +10,8 @@ use dvmm_core::timeline::{TimelineEntry, TimelineEntryType};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use crate::error::{backend, corrupt, sqlstate};
+use crate::error::{Error, backend, corrupt, sqlstate};
+use crate::schema::verify_app_role;
 use crate::tenant::begin_for_tenant;
 
 /// A [`TimelineSink`] on PostgreSQL: one row per entry in `dvmm_timeline`,
@@ -30,8 +31,21 @@ impl fmt::Debug for PgTimeline {
 }
 
 impl PgTimeline {
-    /// Wraps a pool whose role is a member of [`crate::APP_ROLE`].
-    pub fn new(pool: PgPool) -> Self {
+    /// Wraps a pool after checking, with [`verify_app_role`], that its role
+    /// is held to the tenant policies (see [`crate::PgEventStore::new`]).
+    ///
+    /// # Errors
+    /// [`Error::UnsafeRole`] or [`Error::NotMigrated`] from the check,
+    /// [`Error::Database`] when the check itself fails.
+    pub async fn new(pool: PgPool) -> Result<Self, Error> {
+        verify_app_role(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps a pool without checking its role; row-level security may then
+    /// not apply. For tests and benchmarks, as
+    /// [`crate::PgEventStore::new_allowing_unsafe_role`].
+    pub fn new_allowing_unsafe_role(pool: PgPool) -> Self {
         Self { pool }
     }
 

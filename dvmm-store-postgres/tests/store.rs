@@ -720,7 +720,9 @@ async fn outcomes_report_versions_and_positions() {
     let Some(db) = TestDb::create("outcomes_report_versions_and_positions").await else {
         return;
     };
-    let store = PgEventStore::new(db.app_pool(2).await);
+    let store = PgEventStore::new(db.app_pool(2).await)
+        .await
+        .expect("the app role's pool passes the check");
     let t = tenant();
     let s = stream();
     let outcome = store
@@ -856,7 +858,7 @@ async fn the_functions_keep_tenants_apart_without_row_level_security() {
             raw >= 1,
             "{who}: the role really escapes the policy (sees {raw} rows)"
         );
-        let unsafe_store = PgEventStore::new(pool);
+        let unsafe_store = PgEventStore::new_allowing_unsafe_role(pool);
         let loaded = unsafe_store.load(b, &s).await.expect("load");
         assert!(
             loaded.is_empty(),
@@ -916,5 +918,88 @@ async fn the_functions_keep_tenants_apart_without_row_level_security() {
     let a_sees = db.store(1).await.load(a, &s).await.expect("load as A");
     assert_eq!(a_sees.len(), 1, "A's stream is unchanged");
     assert_eq!(a_sees[0].payload, json!({ "secret": "a's" }));
+    db.drop().await;
+}
+
+/// The constructors that take a pool refuse one whose role escapes the tenant
+/// policies, unless the caller opts in by name.
+#[tokio::test]
+async fn constructors_refuse_a_pool_that_escapes_the_policies() {
+    let Some(db) = TestDb::create("constructors_refuse_an_unsafe_pool").await else {
+        return;
+    };
+    let refused = |who: &'static str, expected: &'static str| {
+        move |err: Error| match err {
+            Error::UnsafeRole { reason, .. } => {
+                assert!(reason.contains(expected), "{who}: {reason}");
+            }
+            other => panic!("{who}: expected UnsafeRole, got {other:?}"),
+        }
+    };
+
+    // The superuser (who also owns the tables here).
+    let err = PgEventStore::new(db.admin_pool(1).await)
+        .await
+        .expect_err("a superuser pool is refused");
+    refused("superuser", "superuser")(err);
+    let err = PgTimeline::new(db.admin_pool(1).await)
+        .await
+        .expect_err("a superuser pool is refused by the timeline too");
+    refused("superuser timeline", "superuser")(err);
+
+    // A member of the application role with BYPASSRLS.
+    let (_, options) = db.extra_login("BYPASSRLS").await;
+    let pool = || {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+    };
+    let err = PgEventStore::new(pool().await.expect("connect"))
+        .await
+        .expect_err("a BYPASSRLS pool is refused");
+    refused("BYPASSRLS", "BYPASSRLS")(err);
+    let err = PgTimeline::new(pool().await.expect("connect"))
+        .await
+        .expect_err("a BYPASSRLS pool is refused by the timeline too");
+    refused("BYPASSRLS timeline", "BYPASSRLS")(err);
+    let err = PgEventStore::connect_with(PgPoolOptions::new().max_connections(1), options.clone())
+        .await
+        .expect_err("connect_with refuses it as well");
+    refused("BYPASSRLS connect_with", "BYPASSRLS")(err);
+
+    // A plain login that owns the tables: FORCE makes the policies apply to
+    // it, but an owner may turn them off.
+    let (owner, options) = db.extra_login("").await;
+    sqlx::query(&format!("ALTER TABLE dvmm_events OWNER TO {owner}"))
+        .execute(&db.admin)
+        .await
+        .expect("hand the events table to the login");
+    let owner_pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .expect("connect as the owner");
+    let err = PgEventStore::new(owner_pool.clone())
+        .await
+        .expect_err("the tables' owner is refused");
+    refused("owner", "owns the dvmm tables")(err);
+
+    // The application login passes, and the opt-in takes any pool.
+    let app = PgEventStore::new(db.app_pool(1).await)
+        .await
+        .expect("the application login passes");
+    PgTimeline::new(app.pool().clone())
+        .await
+        .expect("and so does its timeline");
+    let t = tenant();
+    let opted_in = PgEventStore::new_allowing_unsafe_role(owner_pool);
+    opted_in
+        .append(t, &stream(), 0, vec![event(t, json!({}))])
+        .await
+        .expect("the opt-in store works");
+    PgTimeline::new_allowing_unsafe_role(db.admin_pool(1).await)
+        .list(t, VmRequestId::from_uuid(Uuid::new_v4()))
+        .await
+        .expect("the opt-in timeline works");
     db.drop().await;
 }
