@@ -29,13 +29,25 @@ pub enum Error {
     NotMigrated,
     /// The connection's role would not be held back by row-level security.
     #[error(
-        "role {role:?} {reason}; connect as a login role that is a member of dvmm_app instead (see create_app_login)"
+        "role {role:?} {reason}; connect as a login role made by create_app_login for this database instead"
     )]
     UnsafeRole {
         /// The role the connection uses.
         role: String,
         /// Why it is unsafe.
         reason: &'static str,
+    },
+    /// The connection's role is not a member of this database's application
+    /// role: typically a login made for another database of the cluster.
+    #[error(
+        "role {role:?} is not a member of {app_role:?}, the application role of this database; \
+         make the login with create_app_login on this database"
+    )]
+    NotAppRole {
+        /// The role the connection uses.
+        role: String,
+        /// This database's application role.
+        app_role: String,
     },
     /// A role name that is not a plain lowercase SQL identifier.
     #[error(

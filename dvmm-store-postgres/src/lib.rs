@@ -10,7 +10,7 @@ mod timeline;
 pub use error::{Error, Result};
 pub use event_store::PgEventStore;
 pub use queue::{PgCheckpoints, PgWorkQueue, QueueCounts};
-pub use schema::{APP_ROLE, MIGRATOR, create_app_login, migrate, verify_app_role};
+pub use schema::{APP_ROLE, MIGRATOR, app_role, create_app_login, migrate, verify_app_role};
 pub use timeline::PgTimeline;
 
 /// The driver, re-exported so hosts build pools and options with the same

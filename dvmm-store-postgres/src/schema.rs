@@ -1,9 +1,10 @@
 //! Migrations and roles.
 //!
 //! The schema is owned by an admin role that runs [`migrate`]; the
-//! application connects as a login role that is a member of [`APP_ROLE`]
-//! (created by the migrations, see [`create_app_login`]) and therefore is
-//! held to the row-level security policies.
+//! application connects as a login role that is a member of the database's
+//! application role (created by the migrations, named by [`app_role`], see
+//! [`create_app_login`]) and therefore is held to the row-level security
+//! policies.
 
 use dvmm_core::config::Secret;
 use sqlx::PgPool;
@@ -11,22 +12,22 @@ use sqlx::migrate::Migrator;
 
 use crate::error::{Error, Result};
 
-/// The NOLOGIN group role the migrations create. Its members may `SELECT`
-/// and `INSERT` on the dvmm tables, nothing else, and only for the tenant
-/// named by the transaction setting `dvmm.tenant_id`.
+/// The cluster-wide NOLOGIN group role of migrations 1 to 7. Since migration
+/// 8 it holds no privileges in a migrated database: each database has its own
+/// application role, see [`app_role`].
 pub const APP_ROLE: &str = "dvmm_app";
 
 /// The embedded migrations (`migrations/*.sql`).
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Applies the pending migrations, creating the tables, row-level security
-/// policies and the [`APP_ROLE`] group role.
+/// policies and the database's application group role (see [`app_role`]).
 ///
 /// `admin` must connect as the role that owns (or will own) the tables and
 /// may create roles, e.g. the database owner or a superuser. Several processes
 /// may call this at the same time: the migrator serializes them with an
-/// advisory lock on the database, and creating the cluster-wide role tolerates
-/// losing a race with another database's migration.
+/// advisory lock on the database, and creating the cluster-wide legacy role
+/// tolerates losing a race with another database's migration.
 ///
 /// # Errors
 /// [`Error::Migrate`] when a migration fails or the recorded migrations do
@@ -38,6 +39,35 @@ pub async fn migrate(admin: &PgPool) -> Result<()> {
         .map_err(|source| Error::Migrate { source })
 }
 
+/// The name of this database's application group role: a NOLOGIN role
+/// whose members may `SELECT` and `INSERT` on the dvmm tables of this
+/// database only (nothing in another database of the cluster), and only for
+/// the tenant named by the transaction setting `dvmm.tenant_id`. Migration 8
+/// names it after the database (`dvmm_app_<database>`) and records the name
+/// in the database.
+///
+/// # Errors
+/// [`Error::NotMigrated`] when the database lacks migration 8,
+/// [`Error::Database`] when the query fails.
+pub async fn app_role(pool: &PgPool) -> Result<String> {
+    let db = |source| Error::Database {
+        operation: "read the application role's name",
+        source,
+    };
+    let recorded: bool =
+        sqlx::query_scalar("SELECT to_regprocedure('dvmm_app_role()') IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .map_err(db)?;
+    if !recorded {
+        return Err(Error::NotMigrated);
+    }
+    sqlx::query_scalar("SELECT dvmm_app_role()")
+        .fetch_one(pool)
+        .await
+        .map_err(db)
+}
+
 /// Whether `name` is safe to use as an unquoted role name.
 fn is_plain_identifier(name: &str) -> bool {
     let mut chars = name.chars();
@@ -47,7 +77,7 @@ fn is_plain_identifier(name: &str) -> bool {
 }
 
 /// Creates (or updates) the login role `role` with `password` as a member of
-/// [`APP_ROLE`], for the application's runtime connections. Run it with an
+/// this database's application role (see [`app_role`]), for the application's runtime connections. Run it with an
 /// admin connection after [`migrate`]; it is idempotent.
 ///
 /// The password never appears in statement text (it is passed as a bound
@@ -86,7 +116,7 @@ pub async fn create_app_login(admin: &PgPool, role: &str, password: &Secret) -> 
                 WHEN duplicate_object OR unique_violation THEN
                     EXECUTE format('ALTER ROLE %I LOGIN PASSWORD %L', role_name, secret);
             END;
-            EXECUTE format('GRANT dvmm_app TO %I', role_name);
+            EXECUTE format('GRANT %I TO %I', dvmm_app_role(), role_name);
         END
         $$"#,
     )
@@ -96,37 +126,57 @@ pub async fn create_app_login(admin: &PgPool, role: &str, password: &Secret) -> 
     tx.commit().await.map_err(db)
 }
 
-/// Checks that the pool's role is held to the row-level security policies:
-/// not a superuser, no `BYPASSRLS`, not the owner of the tables (nor a
-/// member of the owning role).
+/// Checks that the pool's role is held to the row-level security policies
+/// of this database: not a superuser, no `BYPASSRLS`, not the owner of the
+/// tables (nor a member of the owning role), and a member of this database's
+/// application role (see [`app_role`]), so that a login made for another
+/// database of the cluster is refused.
 ///
 /// # Errors
-/// [`Error::NotMigrated`] when the tables do not exist, [`Error::UnsafeRole`]
-/// when the role escapes the policies, [`Error::Database`] when the check
-/// itself fails.
+/// [`Error::NotMigrated`] when the tables or the application role's record
+/// (migration 8) are missing, [`Error::UnsafeRole`] when the role escapes the
+/// policies, [`Error::NotAppRole`] when it is not a member of this database's
+/// application role, [`Error::Database`] when the check itself fails.
 pub async fn verify_app_role(pool: &PgPool) -> Result<()> {
-    let row: (String, Option<bool>, Option<bool>, Option<bool>) = sqlx::query_as(
+    let db = |source| Error::Database {
+        operation: "check the connection's role",
+        source,
+    };
+    let row: (String, Option<bool>, Option<bool>, Option<bool>, bool) = sqlx::query_as(
         "SELECT current_user::text, \
                 (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), \
                 (SELECT rolbypassrls FROM pg_roles WHERE rolname = current_user), \
                 (SELECT pg_has_role(current_user, c.relowner, 'MEMBER') \
-                   FROM pg_class c WHERE c.oid = to_regclass('dvmm_events'))",
+                   FROM pg_class c WHERE c.oid = to_regclass('dvmm_events')), \
+                to_regprocedure('dvmm_app_role()') IS NOT NULL",
     )
     .fetch_one(pool)
     .await
-    .map_err(|source| Error::Database {
-        operation: "check the connection's role",
-        source,
-    })?;
-    let (role, superuser, bypass, owner) = row;
+    .map_err(db)?;
+    let (role, superuser, bypass, owner, recorded) = row;
     let reason = match (superuser, bypass, owner) {
         (_, _, None) => return Err(Error::NotMigrated),
+        _ if !recorded => return Err(Error::NotMigrated),
         (Some(true), _, _) => "is a superuser, which bypasses row-level security",
         (_, Some(true), _) => "has BYPASSRLS",
         (_, _, Some(true)) => "owns the dvmm tables",
-        _ => return Ok(()),
+        _ => "",
     };
-    Err(Error::UnsafeRole { role, reason })
+    if !reason.is_empty() {
+        return Err(Error::UnsafeRole { role, reason });
+    }
+    // USAGE, not MEMBER: the privileges must apply without SET ROLE.
+    let (app_role, member): (String, bool) = sqlx::query_as(
+        "SELECT dvmm_app_role(), pg_has_role(current_user, dvmm_app_role(), 'USAGE')",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(db)?;
+    if member {
+        Ok(())
+    } else {
+        Err(Error::NotAppRole { role, app_role })
+    }
 }
 
 #[cfg(test)]

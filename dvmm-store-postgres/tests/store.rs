@@ -599,6 +599,16 @@ async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
             ("dvmm_timeline".into(), true, true)
         ]
     );
+    let group = dvmm_store_postgres::app_role(&pools[0])
+        .await
+        .expect("the second database's application role");
+    assert_ne!(
+        group,
+        dvmm_store_postgres::app_role(&db.admin)
+            .await
+            .expect("the first database's application role"),
+        "each database has its own application role"
+    );
     for p in pools {
         p.close().await;
     }
@@ -606,6 +616,10 @@ async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
         .execute(&server)
         .await
         .expect("drop");
+    sqlx::query(&format!("DROP ROLE {group}"))
+        .execute(&server)
+        .await
+        .expect("drop the second database's application role");
     db.drop().await;
 }
 
@@ -1002,4 +1016,84 @@ async fn constructors_refuse_a_pool_that_escapes_the_policies() {
         .await
         .expect("the opt-in timeline works");
     db.drop().await;
+}
+
+/// The application role is per database (migration 8): a login made for one
+/// database of the cluster is refused by the store's check in another, and
+/// the database itself grants it nothing there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_for_one_database_is_denied_in_another() {
+    let Some(x) = TestDb::create("a_login_for_one_database_is_denied_in_another").await else {
+        return;
+    };
+    let y = TestDb::create("a_login_for_one_database_is_denied_in_another (y)")
+        .await
+        .expect("a second database");
+    let (t, s) = (tenant(), stream());
+    y.store(1)
+        .await
+        .append(t, &s, 0, vec![event(t, json!({ "in": "y" }))])
+        .await
+        .expect("Y's own login appends in Y");
+
+    let x_group = dvmm_store_postgres::app_role(&x.admin)
+        .await
+        .expect("X's role");
+    let y_group = dvmm_store_postgres::app_role(&y.admin)
+        .await
+        .expect("Y's role");
+    assert_ne!(x_group, y_group);
+    assert_eq!(
+        y_group,
+        format!("dvmm_app_{}", y.name),
+        "named after the database"
+    );
+
+    // X's login, pointed at Y.
+    let x_login_in_y = x.app_options.clone().database(&y.name);
+    let err = PgEventStore::connect_with(
+        PgPoolOptions::new().max_connections(1),
+        x_login_in_y.clone(),
+    )
+    .await
+    .expect_err("X's login is refused in Y");
+    match &err {
+        Error::NotAppRole { role, app_role } => {
+            assert_eq!(role, &x.app_role);
+            assert_eq!(app_role, &y_group);
+        }
+        other => panic!("expected NotAppRole, got {other:?}"),
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(x_login_in_y)
+        .await
+        .expect("PUBLIC may still connect to Y");
+    let err = verify_app_role(&pool)
+        .await
+        .expect_err("the check refuses it");
+    assert!(matches!(err, Error::NotAppRole { .. }), "{err:?}");
+    // Past the check, Y grants X's login nothing.
+    let err = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dvmm_events")
+        .fetch_one(&pool)
+        .await
+        .expect_err("no SELECT on Y's events");
+    let code = err
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("42501"), "{err}");
+    let err = PgEventStore::new_allowing_unsafe_role(pool)
+        .load(t, &s)
+        .await
+        .expect_err("no EXECUTE on Y's functions");
+    let code = std::error::Error::source(&err)
+        .and_then(|e| e.downcast_ref::<sqlx::Error>())
+        .and_then(|e| e.as_database_error())
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("42501"), "{err:?}");
+    assert!(!err.is_retryable(), "{err:?}");
+    x.drop().await;
+    y.drop().await;
 }

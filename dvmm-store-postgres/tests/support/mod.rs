@@ -201,6 +201,9 @@ impl TestDb {
     /// Drops the database and the login role. Tests call it at the end; a
     /// failed test leaves its database behind for inspection.
     pub async fn drop(self) {
+        let group = dvmm_store_postgres::app_role(&self.admin)
+            .await
+            .expect("the database's application role");
         self.admin.close().await;
         let maintenance = PgPoolOptions::new()
             .max_connections(1)
@@ -215,7 +218,12 @@ impl TestDb {
         .await
         .expect("drop the test database");
         let extra = std::mem::take(&mut *self.extra_roles.lock().expect("roles"));
-        for role in std::iter::once(self.app_role.clone()).chain(extra) {
+        // The group role last: it is a cluster object that outlives the
+        // database, and the logins are its members.
+        let roles = std::iter::once(self.app_role.clone())
+            .chain(extra)
+            .chain([group]);
+        for role in roles {
             sqlx::query(&format!("DROP ROLE IF EXISTS {role}"))
                 .execute(&maintenance)
                 .await
