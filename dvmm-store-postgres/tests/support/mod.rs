@@ -50,14 +50,15 @@ pub fn services_required() -> bool {
 /// ignored: the skip itself was already printed).
 pub fn skip(test: &str, why: &str) {
     eprintln!("skipping {test}: {why}");
-    if let Some(path) = std::env::var_os("DVMM_SKIP_LOG").filter(|p| !p.is_empty()) {
-        if let Ok(mut file) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(file, "{test}: {why}");
-        }
+    let Some(path) = std::env::var_os("DVMM_SKIP_LOG").filter(|p| !p.is_empty()) else {
+        return;
+    };
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(file, "{test}: {why}");
     }
 }
 
