@@ -49,6 +49,9 @@ pub enum Error {
         /// This database's application role.
         app_role: String,
     },
+    /// An empty password, which PostgreSQL would not accept as one.
+    #[error("the application login needs a non-empty password")]
+    EmptyPassword,
     /// A role name that is not a plain lowercase SQL identifier.
     #[error(
         "invalid role name {name:?}: use 1-63 characters of a-z, 0-9 and _, not starting with a digit"

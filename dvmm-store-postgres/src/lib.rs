@@ -4,6 +4,7 @@ mod error;
 mod event_store;
 mod queue;
 mod schema;
+mod scram;
 mod tenant;
 mod timeline;
 
@@ -11,6 +12,9 @@ pub use error::{Error, Result};
 pub use event_store::PgEventStore;
 pub use queue::{PgCheckpoints, PgWorkQueue, QueueCounts};
 pub use schema::{APP_ROLE, MIGRATOR, app_role, create_app_login, migrate, verify_app_role};
+pub use scram::{
+    SCRAM_ITERATIONS, SCRAM_SALT_LEN, scram_sha256_verifier, scram_sha256_verifier_with,
+};
 pub use timeline::PgTimeline;
 
 /// The driver, re-exported so hosts build pools and options with the same

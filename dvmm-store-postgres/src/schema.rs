@@ -77,15 +77,26 @@ fn is_plain_identifier(name: &str) -> bool {
 }
 
 /// Creates (or updates) the login role `role` with `password` as a member of
-/// this database's application role (see [`app_role`]), for the application's runtime connections. Run it with an
-/// admin connection after [`migrate`]; it is idempotent.
+/// this database's application role (see [`app_role`]), for the
+/// application's runtime connections. Run it with an admin connection after
+/// [`migrate`]; it is idempotent: run again, it sets the new password and
+/// keeps the membership.
 ///
-/// The password never appears in statement text (it is passed as a bound
-/// parameter and formatted into the DDL inside the server), so it is not
-/// written to sqlx's statement log or to `pg_stat_activity`.
+/// The password never reaches the server: what is sent is a SCRAM-SHA-256
+/// verifier computed here with a fresh salt ([`crate::scram_sha256_verifier`]),
+/// as psql's `\password` does, so neither a statement, nor the server log,
+/// nor an error can contain it. The verifier itself travels as a bound
+/// parameter and is formatted into the DDL inside the server, so it stays out
+/// of sqlx's statement log and `pg_stat_activity`.
+///
+/// An existing role that escapes the tenant policies (a superuser, a role
+/// with `BYPASSRLS`, or a member of the tables' owner) is left unchanged and
+/// refused, so this cannot reset, say, the superuser's password.
 ///
 /// # Errors
 /// [`Error::InvalidRoleName`] unless `role` is a plain lowercase identifier;
+/// [`Error::EmptyPassword`] for an empty password; [`Error::NotMigrated`]
+/// before [`migrate`]; [`Error::UnsafeRole`] for an existing role as above;
 /// [`Error::Database`] when the admin connection may not create roles.
 pub async fn create_app_login(admin: &PgPool, role: &str, password: &Secret) -> Result<()> {
     if !is_plain_identifier(role) {
@@ -93,14 +104,41 @@ pub async fn create_app_login(admin: &PgPool, role: &str, password: &Secret) -> 
             name: role.to_owned(),
         });
     }
+    if password.expose().is_empty() {
+        return Err(Error::EmptyPassword);
+    }
+    let verifier = crate::scram::scram_sha256_verifier(password);
     let operation = "create the application login role";
     let db = |source| Error::Database { operation, source };
+    app_role(admin).await?;
     let mut tx = admin.begin().await.map_err(db)?;
-    sqlx::query(
-        "SELECT set_config('dvmm.new_role', $1, true), set_config('dvmm.new_password', $2, true)",
+    let existing: Option<(bool, bool, Option<bool>)> = sqlx::query_as(
+        "SELECT r.rolsuper, r.rolbypassrls, \
+                (SELECT pg_has_role(r.oid, c.relowner, 'MEMBER') \
+                   FROM pg_class c WHERE c.oid = to_regclass('dvmm_events')) \
+           FROM pg_roles r WHERE r.rolname = $1",
     )
     .bind(role)
-    .bind(password.expose())
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db)?;
+    let reason = match existing {
+        Some((true, _, _)) => "is a superuser, which bypasses row-level security",
+        Some((_, true, _)) => "has BYPASSRLS",
+        Some((_, _, Some(true))) => "owns the dvmm tables",
+        _ => "",
+    };
+    if !reason.is_empty() {
+        return Err(Error::UnsafeRole {
+            role: role.to_owned(),
+            reason,
+        });
+    }
+    sqlx::query(
+        "SELECT set_config('dvmm.new_role', $1, true), set_config('dvmm.new_verifier', $2, true)",
+    )
+    .bind(role)
+    .bind(&verifier)
     .execute(&mut *tx)
     .await
     .map_err(db)?;
@@ -108,13 +146,13 @@ pub async fn create_app_login(admin: &PgPool, role: &str, password: &Secret) -> 
         r#"DO $$
         DECLARE
             role_name text := current_setting('dvmm.new_role');
-            secret text := current_setting('dvmm.new_password');
+            verifier text := current_setting('dvmm.new_verifier');
         BEGIN
             BEGIN
-                EXECUTE format('CREATE ROLE %I LOGIN PASSWORD %L', role_name, secret);
+                EXECUTE format('CREATE ROLE %I LOGIN PASSWORD %L', role_name, verifier);
             EXCEPTION
                 WHEN duplicate_object OR unique_violation THEN
-                    EXECUTE format('ALTER ROLE %I LOGIN PASSWORD %L', role_name, secret);
+                    EXECUTE format('ALTER ROLE %I LOGIN PASSWORD %L', role_name, verifier);
             END;
             EXECUTE format('GRANT %I TO %I', dvmm_app_role(), role_name);
         END
