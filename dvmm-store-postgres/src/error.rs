@@ -94,12 +94,14 @@ pub(crate) fn is_retryable(error: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exception; 53: insufficient resources (too many
-            // connections, out of memory); 57P0x: server shutting down,
-            // restarting or not yet accepting connections; 40001/40P01:
-            // serialization failure and deadlock.
+            // connections, out of memory); 57P01/57P02/57P03: server shutting
+            // down, crashed or not yet accepting connections; 57P05: the
+            // session was closed for idling; 40001/40P01: serialization
+            // failure and deadlock. Not 57P04: the database was dropped, and
+            // asking again cannot bring it back.
             code.starts_with("08")
                 || code.starts_with("53")
-                || code.starts_with("57P0")
+                || matches!(&*code, "57P01" | "57P02" | "57P03" | "57P05")
                 || code == "40001"
                 || code == "40P01"
         }),
@@ -146,6 +148,110 @@ mod tests {
         let e = backend("append", sqlx::Error::PoolTimedOut);
         assert!(e.is_retryable());
         assert!(e.to_string().contains("append"), "{e}");
+    }
+
+    /// A server error with only a SQLSTATE, as the driver reports one.
+    #[derive(Debug)]
+    struct Sqlstate(&'static str);
+
+    impl std::fmt::Display for Sqlstate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "server error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Sqlstate {}
+
+    impl sqlx::error::DatabaseError for Sqlstate {
+        fn message(&self) -> &str {
+            "server error"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn with_code(code: &'static str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(Sqlstate(code)))
+    }
+
+    /// The SQLSTATEs after which the same call may succeed on a fresh
+    /// connection, and a sample of those after which it cannot.
+    #[test]
+    fn which_sqlstates_are_retryable() {
+        let retryable = [
+            ("08000", "connection exception"),
+            ("08003", "connection does not exist"),
+            ("08006", "connection failure"),
+            ("08001", "client unable to establish connection"),
+            ("08004", "server rejected the connection"),
+            ("53000", "insufficient resources"),
+            ("53100", "disk full"),
+            ("53200", "out of memory"),
+            ("53300", "too many connections"),
+            ("57P01", "admin shutdown"),
+            ("57P02", "crash shutdown"),
+            ("57P03", "cannot connect now (starting up)"),
+            ("57P05", "idle session timeout"),
+            ("40001", "serialization failure"),
+            ("40P01", "deadlock detected"),
+        ];
+        for (code, what) in retryable {
+            assert!(
+                is_retryable(&with_code(code)),
+                "{code} ({what}) is retryable"
+            );
+            let e = backend("append", with_code(code));
+            assert!(
+                e.is_retryable(),
+                "{code} ({what}) maps to a retryable StoreError"
+            );
+        }
+        let permanent = [
+            ("23505", "unique violation"),
+            ("23514", "check violation"),
+            ("22P02", "invalid text representation"),
+            ("22021", "invalid byte sequence (NUL)"),
+            ("42501", "insufficient privilege (row-level security)"),
+            ("42P01", "undefined table (not migrated)"),
+            ("42883", "undefined function (an older schema)"),
+            ("28P01", "invalid password"),
+            (
+                "0A000",
+                "feature not supported (read_all outside READ COMMITTED)",
+            ),
+            ("57014", "query canceled (statement timeout)"),
+            ("57P04", "database dropped"),
+            ("40002", "integrity constraint violation at commit"),
+            ("XX000", "internal error"),
+        ];
+        for (code, what) in permanent {
+            assert!(
+                !is_retryable(&with_code(code)),
+                "{code} ({what}) is not retryable"
+            );
+            assert!(
+                !backend("load", with_code(code)).is_retryable(),
+                "{code} ({what})"
+            );
+        }
+        assert_eq!(
+            sqlstate(&with_code("23505")).as_deref(),
+            Some(UNIQUE_VIOLATION)
+        );
+        assert_eq!(sqlstate(&sqlx::Error::PoolTimedOut), None);
     }
 
     #[test]

@@ -509,10 +509,18 @@ mod tests {
         assert!(err.to_string().contains("repeats"), "{err}");
 
         let nul = StreamId::new("VmRequest", "a\0b");
-        assert!(check_batch(tenant, &nul, &[]).is_err());
+        let err = check_batch(tenant, &nul, &[]).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidAppend { reason, .. } if reason.contains("stream id contains a NUL")),
+            "{err:?}"
+        );
         let mut bad_type = event(tenant);
         bad_type.event_type = "x\0".into();
-        assert!(check_batch(tenant, &stream, &[bad_type]).is_err());
+        let err = check_batch(tenant, &stream, &[bad_type]).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidAppend { reason, .. } if reason.contains("NUL character in its type")),
+            "{err:?}"
+        );
     }
 
     #[test]

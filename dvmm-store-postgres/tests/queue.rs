@@ -8,7 +8,10 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use dvmm_core::ids::VmRequestId;
+use dvmm_core::ports::StoreError;
 use dvmm_core::runner::{CheckpointStore, WorkQueue};
 use dvmm_store_postgres::{PgCheckpoints, PgWorkQueue, QueueCounts};
 use support::{TestDb, tenant};
@@ -19,6 +22,15 @@ fn request() -> VmRequestId {
 }
 
 const LONG: Duration = Duration::from_secs(60);
+
+/// Leases and delays that must end during a test. Real time on a shared
+/// 2-core machine: every "not yet" check has this long to run, and each
+/// assertion says how long it actually took.
+const LEASE: Duration = Duration::from_secs(3);
+
+/// How long after a lease or delay ends a test waits before expecting it to
+/// be over (the database's `now()` is its transaction's start).
+const MARGIN: Duration = Duration::from_millis(500);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claimers_never_share_a_job() {
@@ -89,6 +101,47 @@ async fn enqueue_is_idempotent_and_done_jobs_stay_done() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_only_move_forward_and_are_per_tenant() {
+    let Some(db) = TestDb::create("checkpoints_only_move_forward").await else {
+        return;
+    };
+    let checkpoints = PgCheckpoints::new(db.app_pool(2).await);
+    let (a, b) = (tenant(), tenant());
+    assert_eq!(checkpoints.load("feed", a).await.unwrap(), 0);
+    checkpoints.save("feed", a, 42).await.unwrap();
+    checkpoints.save("feed", a, 7).await.unwrap();
+    assert_eq!(checkpoints.load("feed", a).await.unwrap(), 42);
+    assert_eq!(checkpoints.load("feed", b).await.unwrap(), 0);
+    assert_eq!(checkpoints.load("other", a).await.unwrap(), 0);
+    checkpoints.save("feed", b, 3).await.unwrap();
+    assert_eq!(checkpoints.load("feed", b).await.unwrap(), 3);
+    let err = checkpoints
+        .save("feed", a, u64::MAX)
+        .await
+        .expect_err("a position beyond bigint is refused");
+    assert!(
+        matches!(&err, StoreError::Backend { retryable: false, message, .. } if message.contains("does not fit")),
+        "{err:?}"
+    );
+    assert_eq!(
+        checkpoints.load("feed", a).await.unwrap(),
+        42,
+        "and not saved"
+    );
+
+    // Row-level security: without a tenant scope the application role sees
+    // no checkpoint at all.
+    let pool = db.app_pool(1).await;
+    let visible: i64 =
+        dvmm_store_postgres::sqlx::query_scalar("SELECT count(*) FROM dvmm_checkpoints")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(visible, 0);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_is_taken_over_and_the_old_holder_is_locked_out() {
     let Some(db) = TestDb::create("an_expired_lease_is_taken_over").await else {
         return;
@@ -96,13 +149,23 @@ async fn an_expired_lease_is_taken_over_and_the_old_holder_is_locked_out() {
     let queue = PgWorkQueue::new(db.app_pool(2).await);
     let (t, id) = (tenant(), request());
     queue.enqueue(t, id).await.unwrap();
-    let lease = Duration::from_millis(300);
-    assert_eq!(queue.claim("dead", 1, lease).await.unwrap().len(), 1);
+    let start = Instant::now();
+    assert_eq!(queue.claim("dead", 1, LEASE).await.unwrap().len(), 1);
     // Still leased: nobody else gets it.
-    assert!(queue.claim("alive", 1, lease).await.unwrap().is_empty());
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let early = queue.claim("alive", 1, LEASE).await.unwrap();
+    let elapsed = start.elapsed();
+    assert!(
+        early.is_empty(),
+        "claimed by another worker {elapsed:?} after a {LEASE:?} lease began"
+    );
+    tokio::time::sleep_until(start + LEASE + MARGIN).await;
     let taken = queue.claim("alive", 1, LONG).await.unwrap();
-    assert_eq!(taken.len(), 1, "the expired lease must be claimable");
+    assert_eq!(
+        taken.len(),
+        1,
+        "the lease must be claimable {:?} after a {LEASE:?} lease began",
+        start.elapsed()
+    );
     assert_eq!(taken[0].attempts, 0, "a takeover is not a failed attempt");
     // The old holder comes back: it may not renew, complete or release.
     assert!(!queue.renew("dead", id, LONG).await.unwrap());
@@ -124,13 +187,29 @@ async fn renewal_keeps_a_lease_alive() {
     let queue = PgWorkQueue::new(db.app_pool(2).await);
     let (t, id) = (tenant(), request());
     queue.enqueue(t, id).await.unwrap();
-    let lease = Duration::from_millis(400);
-    queue.claim("a", 1, lease).await.unwrap();
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(queue.renew("a", id, lease).await.unwrap());
-        assert!(queue.claim("b", 1, lease).await.unwrap().is_empty());
+    let start = Instant::now();
+    queue.claim("a", 1, LEASE).await.unwrap();
+    // Renew every third of the lease: each renewal has two thirds of it
+    // (2 s) to spare, and the last check comes after the first lease would
+    // have ended, so only the renewals can keep the job from "b".
+    let step = LEASE / 3;
+    let mut last_renewal = start;
+    for i in 1..=4u32 {
+        tokio::time::sleep_until(start + step * i).await;
+        let since = last_renewal.elapsed();
+        assert!(
+            queue.renew("a", id, LEASE).await.unwrap(),
+            "renewal {i} failed {since:?} after the previous one (lease {LEASE:?})"
+        );
+        last_renewal = Instant::now();
+        assert!(queue.claim("b", 1, LEASE).await.unwrap().is_empty());
     }
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed > LEASE,
+        "the last check must come after the first lease would have ended ({elapsed:?})"
+    );
+    assert_eq!(queue.held_by("a").await.unwrap(), vec![id]);
     db.drop().await;
 }
 
@@ -143,50 +222,27 @@ async fn retries_wait_their_delay_and_count_attempts_releases_do_not() {
     let (t, id) = (tenant(), request());
     queue.enqueue(t, id).await.unwrap();
     queue.claim("a", 1, LONG).await.unwrap();
-    queue
-        .retry_later("a", id, Duration::from_millis(300))
-        .await
-        .unwrap();
+    let start = Instant::now();
+    queue.retry_later("a", id, LEASE).await.unwrap();
+    let early = queue.claim("a", 1, LONG).await.unwrap();
+    let elapsed = start.elapsed();
     assert!(
-        queue.claim("a", 1, LONG).await.unwrap().is_empty(),
-        "not due yet"
+        early.is_empty(),
+        "claimed {elapsed:?} into a {LEASE:?} retry delay"
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep_until(start + LEASE + MARGIN).await;
     let jobs = queue.claim("b", 1, LONG).await.unwrap();
+    assert_eq!(
+        jobs.len(),
+        1,
+        "not due {:?} after a {LEASE:?} delay began",
+        start.elapsed()
+    );
     assert_eq!(jobs[0].attempts, 1);
     queue.release("b", id).await.unwrap();
     let jobs = queue.claim("c", 1, LONG).await.unwrap();
     assert_eq!(jobs.len(), 1, "a released job is due at once");
     assert_eq!(jobs[0].attempts, 1, "a release does not count an attempt");
-    db.drop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checkpoints_only_move_forward_and_are_per_tenant() {
-    let Some(db) = TestDb::create("checkpoints_only_move_forward").await else {
-        return;
-    };
-    let checkpoints = PgCheckpoints::new(db.app_pool(2).await);
-    let (a, b) = (tenant(), tenant());
-    assert_eq!(checkpoints.load("feed", a).await.unwrap(), 0);
-    checkpoints.save("feed", a, 42).await.unwrap();
-    checkpoints.save("feed", a, 7).await.unwrap();
-    assert_eq!(checkpoints.load("feed", a).await.unwrap(), 42);
-    assert_eq!(checkpoints.load("feed", b).await.unwrap(), 0);
-    assert_eq!(checkpoints.load("other", a).await.unwrap(), 0);
-    checkpoints.save("feed", b, 3).await.unwrap();
-    assert_eq!(checkpoints.load("feed", b).await.unwrap(), 3);
-    assert!(checkpoints.save("feed", a, u64::MAX).await.is_err());
-
-    // Row-level security: without a tenant scope the application role sees
-    // no checkpoint at all.
-    let pool = db.app_pool(1).await;
-    let visible: i64 =
-        dvmm_store_postgres::sqlx::query_scalar("SELECT count(*) FROM dvmm_checkpoints")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(visible, 0);
     db.drop().await;
 }
 
@@ -199,16 +255,21 @@ async fn expired_leases_are_claimed_before_the_backlog() {
     let t = tenant();
     let orphan = request();
     queue.enqueue(t, orphan).await.unwrap();
-    queue
-        .claim("dead", 1, Duration::from_millis(200))
-        .await
-        .unwrap();
-    // A backlog queued before the lease ends, so due earlier than it.
+    let start = Instant::now();
+    queue.claim("dead", 1, LEASE).await.unwrap();
+    // A backlog queued before the lease ends, so due earlier than it: by due
+    // time alone the backlog would come first.
     for _ in 0..20 {
         queue.enqueue(t, request()).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed < LEASE,
+        "the backlog took {elapsed:?} to queue, longer than the {LEASE:?} lease"
+    );
+    tokio::time::sleep_until(start + LEASE + MARGIN).await;
     let jobs = queue.claim("alive", 1, LONG).await.unwrap();
-    assert_eq!(jobs[0].request_id, orphan);
+    assert_eq!(jobs.len(), 1, "something is due {:?} in", start.elapsed());
+    assert_eq!(jobs[0].request_id, orphan, "the expired lease comes first");
     db.drop().await;
 }

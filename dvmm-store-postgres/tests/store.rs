@@ -482,12 +482,18 @@ async fn the_database_keeps_tenants_apart_even_for_raw_sql() {
         .execute(&mut *tx)
         .await
         .expect("set");
-    assert!(
-        sqlx::query("SELECT count(*) FROM dvmm_events")
-            .fetch_one(&mut *tx)
-            .await
-            .is_err()
-    );
+    let err = sqlx::query("SELECT count(*) FROM dvmm_events")
+        .fetch_one(&mut *tx)
+        .await
+        .expect_err("row_security = off fails the query instead of revealing rows");
+    let code = err
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    // insufficient_privilege: "query would be affected by row-level security
+    // policy", not some other failure that would pass for it.
+    assert_eq!(code.as_deref(), Some("42501"), "{err}");
+    assert!(err.to_string().contains("row-level security"), "{err}");
     drop(tx);
 
     // Through the ports, B sees nothing of A either.
