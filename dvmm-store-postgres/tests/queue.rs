@@ -102,7 +102,7 @@ async fn enqueue_is_idempotent_and_done_jobs_stay_done() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_only_move_forward_and_are_per_tenant() {
-    let Some(db) = TestDb::create("checkpoints_only_move_forward").await else {
+    let Some(db) = TestDb::create("checkpoints_only_move_forward_and_are_per_tenant").await else {
         return;
     };
     let checkpoints = PgCheckpoints::new(db.app_pool(2).await);
@@ -143,7 +143,9 @@ async fn checkpoints_only_move_forward_and_are_per_tenant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_is_taken_over_and_the_old_holder_is_locked_out() {
-    let Some(db) = TestDb::create("an_expired_lease_is_taken_over").await else {
+    let Some(db) =
+        TestDb::create("an_expired_lease_is_taken_over_and_the_old_holder_is_locked_out").await
+    else {
         return;
     };
     let queue = PgWorkQueue::new(db.app_pool(2).await);
@@ -215,7 +217,9 @@ async fn renewal_keeps_a_lease_alive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_wait_their_delay_and_count_attempts_releases_do_not() {
-    let Some(db) = TestDb::create("retries_wait_their_delay").await else {
+    let Some(db) =
+        TestDb::create("retries_wait_their_delay_and_count_attempts_releases_do_not").await
+    else {
         return;
     };
     let queue = PgWorkQueue::new(db.app_pool(2).await);

@@ -5,12 +5,17 @@
 //!
 //! This file is its own test binary because a restart cuts every connection
 //! to the server: cargo runs test binaries one after another, so no other
-//! test is disturbed. It needs `DVMM_PG_DATADIR` (exported by
-//! `scripts/pg-throwaway.sh start`) and skips without it.
+//! test is disturbed. It restarts the cluster named by `DVMM_PG_DATADIR`
+//! (exported by `scripts/pg-throwaway.sh start`), and never a server it was
+//! not told it may restart. Without that variable it starts a throwaway
+//! cluster of its own with the same script when `DVMM_REQUIRE_SERVICES=1`
+//! (and stops it at the end, also when the test fails), and otherwise skips.
 
 mod support;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -20,12 +25,135 @@ use dvmm_core::event::StreamId;
 use dvmm_core::ids::EventId;
 use dvmm_core::ports::{AppendOutcome, EventStore};
 use serde_json::json;
-use support::{TestDb, event, tenant};
+use support::{TestDb, event, services_required, skip, tenant};
 use uuid::Uuid;
 
+/// The cluster the test may restart.
+struct Cluster {
+    /// A superuser URL of the server.
+    url: String,
+    datadir: String,
+    /// `DVMM_PG_BIN`, where `pg_ctl` is.
+    bin: Option<String>,
+    /// `DVMM_PG_USER`, the data directory's owner.
+    user: Option<String>,
+    /// Set when the test started the cluster itself: stops it when dropped.
+    _own: Option<OwnCluster>,
+}
+
+/// A cluster started by this test with `scripts/pg-throwaway.sh start`; it
+/// is stopped and removed when this is dropped, so also when an assertion
+/// unwinds.
+struct OwnCluster {
+    env: HashMap<String, String>,
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("scripts")
+        .join("pg-throwaway.sh")
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let stopped = Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .envs(&self.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status();
+        if !matches!(stopped, Ok(status) if status.success()) {
+            eprintln!(
+                "could not stop the test's own cluster in {:?}: {stopped:?}",
+                self.env.get("DVMM_PG_DATADIR")
+            );
+        }
+    }
+}
+
+/// The value of one `export NAME=value` line that the script printed with
+/// bash's `printf %q`: plain characters, or backslash escapes.
+fn unquote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            '\'' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Starts a throwaway cluster; panics saying why when it cannot.
+fn start_own_cluster() -> Cluster {
+    let output = Command::new("bash")
+        .arg(script())
+        .arg("start")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("DVMM_REQUIRE_SERVICES=1: cannot run {:?}: {e}", script()));
+    let env: HashMap<String, String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.strip_prefix("export ")?.split_once('='))
+        .map(|(name, value)| (name.to_owned(), unquote(value)))
+        .collect();
+    let own = OwnCluster { env };
+    let (Some(url), Some(datadir)) = (
+        own.env.get("DATABASE_URL").cloned(),
+        own.env.get("DVMM_PG_DATADIR").cloned(),
+    ) else {
+        panic!(
+            "DVMM_REQUIRE_SERVICES=1 and no DVMM_PG_DATADIR: starting a throwaway cluster failed \
+             ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    Cluster {
+        url,
+        datadir,
+        bin: own.env.get("DVMM_PG_BIN").cloned(),
+        user: own.env.get("DVMM_PG_USER").cloned(),
+        _own: Some(own),
+    }
+}
+
+/// The cluster to restart: the one `DVMM_PG_DATADIR` names, a fresh one
+/// when services are required, or `None` after reporting the skip.
+fn cluster(test: &str) -> Option<Cluster> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if let Some(datadir) = env("DVMM_PG_DATADIR") {
+        let url = support::database_url(test)?;
+        return Some(Cluster {
+            url,
+            datadir,
+            bin: env("DVMM_PG_BIN"),
+            user: env("DVMM_PG_USER"),
+            _own: None,
+        });
+    }
+    if services_required() {
+        return Some(start_own_cluster());
+    }
+    skip(
+        test,
+        "DVMM_PG_DATADIR is not set: only a cluster from scripts/pg-throwaway.sh is restarted \
+         (with DVMM_REQUIRE_SERVICES=1 the test starts one itself)",
+    );
+    None
+}
+
 /// Runs `pg_ctl restart` as the data directory's owner (pg_ctl refuses root).
-fn restart_server(datadir: &str) {
-    let bin = std::env::var("DVMM_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+fn restart_server(cluster: &Cluster) {
+    let datadir = cluster.datadir.as_str();
+    let bin = cluster
+        .bin
+        .clone()
+        .unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into());
     let pg_ctl = format!("{bin}/pg_ctl");
     // The server pg_ctl starts inherits its output: send that to the log file
     // next to the data directory (where the script's `start` logs), never to
@@ -41,7 +169,7 @@ fn restart_server(datadir: &str) {
     let uid = Command::new("id").arg("-u").output().expect("id -u");
     let root = String::from_utf8_lossy(&uid.stdout).trim() == "0";
     let status = if root {
-        let owner = std::env::var("DVMM_PG_USER").unwrap_or_else(|_| {
+        let owner = cluster.user.clone().unwrap_or_else(|| {
             let out = Command::new("stat")
                 .args(["-c", "%U", datadir])
                 .output()
@@ -70,6 +198,25 @@ fn restart_server(datadir: &str) {
     );
 }
 
+/// Awaits `future`, failing the test with `what` if it takes over `limit`.
+async fn within<T>(
+    limit: Duration,
+    what: impl FnOnce() -> String,
+    future: impl Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {limit:?} waiting for {}", what()),
+    }
+}
+
+/// Polls `count` until it reaches `target`.
+async fn until_at_least(count: &AtomicUsize, target: usize) {
+    while count.load(Ordering::SeqCst) < target {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// What one writer saw.
 #[derive(Default)]
 struct Log {
@@ -82,19 +229,12 @@ struct Log {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_survive_a_server_restart_and_the_store_reconnects() {
-    let Ok(datadir) = std::env::var("DVMM_PG_DATADIR") else {
-        // Restarting needs the server's data directory, which only a cluster
-        // started by scripts/pg-throwaway.sh tells us; an external server is
-        // never restarted by tests.
-        eprintln!(
-            "skipping appends_survive_a_server_restart: DVMM_PG_DATADIR is not set \
-             (only a cluster from scripts/pg-throwaway.sh is restarted)"
-        );
+    let test = "appends_survive_a_server_restart_and_the_store_reconnects";
+    let Some(cluster) = cluster(test) else {
         return;
     };
-    let Some(db) = TestDb::create("appends_survive_a_server_restart").await else {
-        return;
-    };
+    let cluster = Arc::new(cluster);
+    let db = TestDb::create_on(&cluster.url).await;
     let store = Arc::new(db.store(16).await);
     let t = tenant();
     let stop = Arc::new(AtomicBool::new(false));
@@ -173,23 +313,52 @@ async fn appends_survive_a_server_restart_and_the_store_reconnects() {
         .collect();
 
     // Let the writers get going, restart under load, then keep writing.
-    while acked.load(Ordering::SeqCst) < 40 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let dir = datadir.clone();
-    tokio::task::spawn_blocking(move || restart_server(&dir))
-        .await
-        .expect("restart");
+    // Every wait has a deadline: a store that never reconnects fails the
+    // test instead of hanging it.
+    within(
+        Duration::from_secs(60),
+        || {
+            format!(
+                "40 acknowledged appends before the restart (got {})",
+                acked.load(Ordering::SeqCst)
+            )
+        },
+        until_at_least(&acked, 40),
+    )
+    .await;
+    let restarting = cluster.clone();
+    within(
+        Duration::from_secs(120),
+        || "pg_ctl restart".to_owned(),
+        tokio::task::spawn_blocking(move || restart_server(&restarting)),
+    )
+    .await
+    .expect("restart");
     restarted.store(true, Ordering::SeqCst);
     let at_restart = acked.load(Ordering::SeqCst);
-    while acked.load(Ordering::SeqCst) < at_restart + 80 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    within(
+        Duration::from_secs(120),
+        || {
+            format!(
+                "80 more acknowledged appends after the restart (got {})",
+                acked.load(Ordering::SeqCst) - at_restart
+            )
+        },
+        until_at_least(&acked, at_restart + 80),
+    )
+    .await;
     stop.store(true, Ordering::SeqCst);
 
     let mut logs: Vec<Log> = Vec::new();
-    for w in writers {
-        logs.push(w.await.expect("writer"));
+    for (w, writer) in writers.into_iter().enumerate() {
+        let log = within(
+            Duration::from_secs(60),
+            || format!("writer {w} to finish its last append"),
+            writer,
+        )
+        .await
+        .expect("writer");
+        logs.push(log);
     }
     let errors: usize = logs.iter().map(|l| l.errors.len()).sum();
     eprintln!(
@@ -197,6 +366,13 @@ async fn appends_survive_a_server_restart_and_the_store_reconnects() {
         logs.iter().map(|l| l.acknowledged.len()).sum::<usize>(),
         logs.iter().map(|l| l.in_doubt.len()).sum::<usize>(),
         logs.iter().flat_map(|l| l.errors.first()).next()
+    );
+    let in_doubt: usize = logs.iter().map(|l| l.in_doubt.len()).sum();
+    // Otherwise the restart fell between two appends of every writer and the
+    // test proved nothing about appends cut off by it.
+    assert!(
+        errors > 0,
+        "no writer saw the restart: no append failed ({in_doubt} in doubt)"
     );
     for log in &logs {
         assert!(

@@ -52,7 +52,9 @@ async fn rolpassword(db: &TestDb, role: &str) -> String {
 
 #[tokio::test]
 async fn the_login_authenticates_with_the_scram_verifier_computed_here() {
-    let Some(db) = TestDb::create("the_login_authenticates_with_the_scram_verifier").await else {
+    let Some(db) =
+        TestDb::create("the_login_authenticates_with_the_scram_verifier_computed_here").await
+    else {
         return;
     };
     // TestDb made the login with create_app_login: it logs in (the throwaway
@@ -95,7 +97,8 @@ async fn the_login_authenticates_with_the_scram_verifier_computed_here() {
 
 #[tokio::test]
 async fn running_create_app_login_again_changes_only_the_password() {
-    let Some(db) = TestDb::create("running_create_app_login_again").await else {
+    let Some(db) = TestDb::create("running_create_app_login_again_changes_only_the_password").await
+    else {
         return;
     };
     let (first, second) = (password(), password());

@@ -247,7 +247,9 @@ async fn large_payloads_round_trip() {
 
 #[tokio::test]
 async fn unicode_round_trips_and_nul_is_refused_with_a_typed_error() {
-    let Some(db) = TestDb::create("unicode_round_trips").await else {
+    let Some(db) =
+        TestDb::create("unicode_round_trips_and_nul_is_refused_with_a_typed_error").await
+    else {
         return;
     };
     let store = db.store(4).await;
@@ -367,7 +369,7 @@ async fn an_event_id_of_another_stream_is_refused() {
 /// Row-level security holds even for raw SQL through the store's own pool.
 #[tokio::test]
 async fn the_database_keeps_tenants_apart_even_for_raw_sql() {
-    let Some(db) = TestDb::create("the_database_keeps_tenants_apart").await else {
+    let Some(db) = TestDb::create("the_database_keeps_tenants_apart_even_for_raw_sql").await else {
         return;
     };
     let store = db.store(4).await;
@@ -513,7 +515,8 @@ async fn the_database_keeps_tenants_apart_even_for_raw_sql() {
 
 #[tokio::test]
 async fn only_a_role_held_to_the_policies_may_run_the_store() {
-    let Some(db) = TestDb::create("only_a_role_held_to_the_policies").await else {
+    let Some(db) = TestDb::create("only_a_role_held_to_the_policies_may_run_the_store").await
+    else {
         return;
     };
     let app = db.app_pool(2).await;
@@ -547,7 +550,8 @@ async fn only_a_role_held_to_the_policies_may_run_the_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
-    let Some(db) = TestDb::create("migrations_are_idempotent").await else {
+    let Some(db) = TestDb::create("migrations_are_idempotent_and_safe_to_run_concurrently").await
+    else {
         return;
     };
     // A second database migrated by four pools at once.
@@ -648,7 +652,7 @@ fn entry(
 
 #[tokio::test]
 async fn the_timeline_lists_entries_oldest_first_once_each() {
-    let Some(db) = TestDb::create("the_timeline_lists_entries").await else {
+    let Some(db) = TestDb::create("the_timeline_lists_entries_oldest_first_once_each").await else {
         return;
     };
     let store = db.store(4).await;
@@ -798,7 +802,8 @@ async fn outcomes_report_versions_and_positions() {
 /// after it with higher positions; once it commits, both are read in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_append_holds_back_read_all_at_its_position() {
-    let Some(db) = TestDb::create("an_open_append_holds_back_read_all").await else {
+    let Some(db) = TestDb::create("an_open_append_holds_back_read_all_at_its_position").await
+    else {
         return;
     };
     let store = db.store(4).await;
@@ -847,7 +852,9 @@ async fn an_open_append_holds_back_read_all_at_its_position() {
 /// the store.
 #[tokio::test]
 async fn the_functions_keep_tenants_apart_without_row_level_security() {
-    let Some(db) = TestDb::create("the_functions_keep_tenants_apart_without_rls").await else {
+    let Some(db) =
+        TestDb::create("the_functions_keep_tenants_apart_without_row_level_security").await
+    else {
         return;
     };
     let (a, b) = (tenant(), tenant());
@@ -945,7 +952,8 @@ async fn the_functions_keep_tenants_apart_without_row_level_security() {
 /// policies, unless the caller opts in by name.
 #[tokio::test]
 async fn constructors_refuse_a_pool_that_escapes_the_policies() {
-    let Some(db) = TestDb::create("constructors_refuse_an_unsafe_pool").await else {
+    let Some(db) = TestDb::create("constructors_refuse_a_pool_that_escapes_the_policies").await
+    else {
         return;
     };
     let refused = |who: &'static str, expected: &'static str| {

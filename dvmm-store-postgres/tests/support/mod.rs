@@ -90,7 +90,12 @@ impl TestDb {
     /// Creates and migrates a database for `test`; `None` when skipped.
     pub async fn create(test: &str) -> Option<Self> {
         let url = database_url(test)?;
-        let server = PgConnectOptions::from_str(&url).expect("DATABASE_URL is a valid URL");
+        Some(Self::create_on(&url).await)
+    }
+
+    /// Creates and migrates a database on the server of `url` (a superuser).
+    pub async fn create_on(url: &str) -> Self {
+        let server = PgConnectOptions::from_str(url).expect("DATABASE_URL is a valid URL");
         let name = format!("dvmm_t_{}", short_id());
         let maintenance = PgPoolOptions::new()
             .max_connections(1)
@@ -120,7 +125,7 @@ impl TestDb {
             .database(&name)
             .username(&app_role)
             .password(&password);
-        Some(Self {
+        Self {
             name,
             app_role,
             admin,
@@ -128,7 +133,7 @@ impl TestDb {
             app_password: password,
             server,
             extra_roles: Mutex::new(Vec::new()),
-        })
+        }
     }
 
     /// Connection options of `role` with `password` to the test database.
