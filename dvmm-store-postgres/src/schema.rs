@@ -90,8 +90,9 @@ fn is_plain_identifier(name: &str) -> bool {
 /// of sqlx's statement log and `pg_stat_activity`.
 ///
 /// An existing role that escapes the tenant policies (a superuser, a role
-/// with `BYPASSRLS`, or a member of the tables' owner) is left unchanged and
-/// refused, so this cannot reset, say, the superuser's password.
+/// with `BYPASSRLS`, or a member of the tables' owner), or that has members
+/// of its own (who would all be let in), is left unchanged and refused, so
+/// this cannot reset, say, the superuser's password.
 ///
 /// # Errors
 /// [`Error::InvalidRoleName`] unless `role` is a plain lowercase identifier;
@@ -112,10 +113,11 @@ pub async fn create_app_login(admin: &PgPool, role: &str, password: &Secret) -> 
     let db = |source| Error::Database { operation, source };
     app_role(admin).await?;
     let mut tx = admin.begin().await.map_err(db)?;
-    let existing: Option<(bool, bool, Option<bool>)> = sqlx::query_as(
+    let existing: Option<(bool, bool, Option<bool>, bool)> = sqlx::query_as(
         "SELECT r.rolsuper, r.rolbypassrls, \
                 (SELECT pg_has_role(r.oid, c.relowner, 'MEMBER') \
-                   FROM pg_class c WHERE c.oid = to_regclass('dvmm_events')) \
+                   FROM pg_class c WHERE c.oid = to_regclass('dvmm_events')), \
+                EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.roleid = r.oid) \
            FROM pg_roles r WHERE r.rolname = $1",
     )
     .bind(role)
@@ -123,9 +125,12 @@ pub async fn create_app_login(admin: &PgPool, role: &str, password: &Secret) -> 
     .await
     .map_err(db)?;
     let reason = match existing {
-        Some((true, _, _)) => "is a superuser, which bypasses row-level security",
-        Some((_, true, _)) => "has BYPASSRLS",
-        Some((_, _, Some(true))) => "owns the dvmm tables",
+        Some((true, _, _, _)) => "is a superuser, which bypasses row-level security",
+        Some((_, true, _, _)) => "has BYPASSRLS",
+        Some((_, _, Some(true), _)) => "owns the dvmm tables",
+        // Granting the application role to a group would let in every
+        // member, e.g. all logins of other databases through `dvmm_app`.
+        Some((_, _, _, true)) => "has members, who would all be let in",
         _ => "",
     };
     if !reason.is_empty() {

@@ -177,6 +177,32 @@ async fn no_error_of_create_app_login_contains_the_password() {
             .await
             .unwrap_or_else(|e| panic!("{attributes}: the role's own password still works: {e}"));
     }
+    // A group role with members: granting it the application role would let
+    // every member in.
+    let group = format!("dvmm_t_group_{}", &Uuid::new_v4().simple().to_string()[..8]);
+    db.forget_role_later(&group);
+    sqlx::query(&format!("CREATE ROLE {group} NOLOGIN"))
+        .execute(&db.admin)
+        .await
+        .expect("create a group");
+    sqlx::query(&format!("GRANT {group} TO {}", db.app_role))
+        .execute(&db.admin)
+        .await
+        .expect("give it a member");
+    let err = create_app_login(&db.admin, &group, &pw)
+        .await
+        .expect_err("a group with members is refused");
+    assert!(
+        matches!(&err, Error::UnsafeRole { reason, .. } if reason.contains("members")),
+        "{err:?}"
+    );
+    let can_login: bool = sqlx::query_scalar("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1")
+        .bind(&group)
+        .fetch_one(&db.admin)
+        .await
+        .expect("read the group");
+    assert!(!can_login, "the group was left as it was");
+
     let err = create_app_login(&db.admin, "dvmm_t_empty", &Secret::new(""))
         .await
         .expect_err("empty password");
