@@ -14,7 +14,7 @@ use dvmm_core::ids::VmRequestId;
 use dvmm_core::ports::StoreError;
 use dvmm_core::runner::{CheckpointStore, WorkQueue};
 use dvmm_store_postgres::{PgCheckpoints, PgWorkQueue, QueueCounts};
-use support::{TestDb, tenant};
+use support::{TestDb, tenant, within};
 use uuid::Uuid;
 
 fn request() -> VmRequestId {
@@ -61,7 +61,9 @@ async fn concurrent_claimers_never_share_a_job() {
     }
     let mut seen = HashSet::new();
     for task in tasks {
-        let (worker, mine) = task.await.unwrap();
+        let (worker, mine) = within(LONG, "a claimer to empty the queue", task)
+            .await
+            .unwrap();
         for id in &mine {
             assert!(seen.insert(*id), "{id} was claimed twice");
         }

@@ -20,8 +20,12 @@ use dvmm_store_postgres::sqlx::postgres::PgPoolOptions;
 use dvmm_store_postgres::sqlx::{self, Row};
 use dvmm_store_postgres::{Error, PgEventStore, PgTimeline, migrate, verify_app_role};
 use serde_json::json;
-use support::{TestDb, event, tenant};
+use support::{TestDb, event, tenant, within};
 use uuid::Uuid;
+
+/// How long a group of concurrent writers or readers may take before the
+/// test fails instead of hanging (they take seconds).
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 
 fn stream() -> StreamId {
     StreamId::new("VmRequest", Uuid::new_v4())
@@ -77,7 +81,11 @@ async fn thirty_two_writers_on_many_streams() {
         .collect();
     let mut streams = Vec::new();
     for w in writers {
-        streams.push(w.await.expect("writer"));
+        streams.push(
+            within(DEADLINE, "a writer of 15 appends", w)
+                .await
+                .expect("writer"),
+        );
     }
     for s in &streams {
         let loaded = store.load(t, s).await.expect("load");
@@ -180,10 +188,16 @@ async fn read_all_is_gap_free_under_concurrent_writers() {
         .collect();
     let mut written = HashSet::new();
     for w in writers {
-        written.extend(w.await.expect("writer"));
+        written.extend(
+            within(DEADLINE, "a writer of 40 appends", w)
+                .await
+                .expect("writer"),
+        );
     }
     done.store(true, Ordering::SeqCst);
-    let seen = reader.await.expect("reader");
+    let seen = within(DEADLINE, "the reader to reach the last event", reader)
+        .await
+        .expect("reader");
 
     assert!(
         seen.windows(2).all(|w| w[0].position < w[1].position),

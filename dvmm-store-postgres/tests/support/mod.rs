@@ -260,3 +260,16 @@ pub fn event(tenant: TenantId, payload: serde_json::Value) -> NewEvent {
 pub fn tenant() -> TenantId {
     TenantId::from_uuid(Uuid::new_v4())
 }
+
+/// Awaits `future`, failing the test with a message naming `what` it waited
+/// for when it takes longer than `limit`: a hang becomes a failure.
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    future: impl std::future::Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
