@@ -261,6 +261,13 @@ async fn a_clone_that_succeeded_behind_a_failed_call_is_adopted() {
         .approve(tenant.tenant_id, request, user())
         .await
         .unwrap();
+    // The lost answer is a connection failure: the request waits (nothing
+    // recorded as failed) and the rerun adopts the VM.
+    let outcome = service.provision(tenant.tenant_id, request).await.unwrap();
+    assert!(
+        matches!(outcome, ProvisionOutcome::Deferred { .. }),
+        "{outcome:?}"
+    );
     let outcome = service.provision(tenant.tenant_id, request).await.unwrap();
     assert!(
         matches!(outcome, ProvisionOutcome::Ready { .. }),
@@ -274,7 +281,7 @@ async fn a_clone_that_succeeded_behind_a_failed_call_is_adopted() {
 async fn a_crash_after_a_created_but_failed_call_is_adopted_on_rerun() {
     let world = world();
     let (service, _, _, sim, tenant) = &world;
-    // Every call fails after creating: the service gives up (retryable) ...
+    // The call fails after creating: the attempt is deferred ...
     sim.add_fault(FaultRule::new(
         Operation::CreateVm,
         Trigger::Times(1),
@@ -289,7 +296,15 @@ async fn a_crash_after_a_created_but_failed_call_is_adopted_on_rerun() {
         .provision_attempt(tenant.tenant_id, request)
         .await
         .unwrap();
-    // ... unless its own retry adopts it, which it does.
+    assert!(
+        matches!(outcome, ProvisionOutcome::Deferred { .. }),
+        "{outcome:?}"
+    );
+    // ... and the rerun adopts the VM the lost call created.
+    let outcome = service
+        .provision_attempt(tenant.tenant_id, request)
+        .await
+        .unwrap();
     assert!(
         matches!(outcome, ProvisionOutcome::Ready { .. }),
         "{outcome:?}"

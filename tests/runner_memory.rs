@@ -51,18 +51,17 @@ struct Setup {
     checkpoints: Arc<MemoryCheckpoints>,
 }
 
-fn setup(sim: Simulator, vsphere_attempts: u32) -> Setup {
+// The service calls create_vm once per attempt; the attempt count the
+// callers pass is kept only so their call sites read as before.
+fn setup(sim: Simulator, _vsphere_attempts: u32) -> Setup {
     let tenant = tenant_config("acme", 5);
     let store = Arc::new(MemoryEventStore::new());
-    let service = Arc::new(
-        ProvisioningService::new(
-            store.clone(),
-            sim.clone(),
-            Arc::new(MemoryTimeline::new()),
-            Tenants::new().with(tenant.clone()),
-        )
-        .with_max_vsphere_attempts(vsphere_attempts),
-    );
+    let service = Arc::new(ProvisioningService::new(
+        store.clone(),
+        sim.clone(),
+        Arc::new(MemoryTimeline::new()),
+        Tenants::new().with(tenant.clone()),
+    ));
     Setup {
         service,
         store,
@@ -205,10 +204,14 @@ async fn a_thousand_approvals_with_faults_all_end_ready_without_duplicates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failures_are_retried_up_to_the_limit_then_recorded() {
     let sim = Simulator::default();
+    // A task timeout is about the request, so it counts attempts (an
+    // unreachable vCenter would not: see runner_parking.rs).
     sim.add_fault(FaultRule::new(
         Operation::CreateVm,
         Trigger::Always,
-        Fault::Transient,
+        Fault::Error(VsphereError::Timeout {
+            operation: "CloneVM_Task".into(),
+        }),
     ));
     let s = setup(sim, 1);
     let ids = s.approve(1).await;

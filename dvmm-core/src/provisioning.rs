@@ -149,9 +149,12 @@ pub enum ProvisionOutcome {
         /// Why.
         error: VsphereError,
     },
-    /// A retryable vSphere failure was not recorded (only from
-    /// [`ProvisioningService::provision_attempt`]): the request stays in
-    /// `Provisioning`; run the command again later to resume.
+    /// The attempt stopped without recording a failure: the request stays
+    /// in `Provisioning`; run the command again later to resume. Either the
+    /// vCenter could not be used ([`VsphereError::is_unavailable`], from
+    /// [`ProvisioningService::provision`] too: an outage costs time, never
+    /// the request), or a retryable failure about the request itself met
+    /// [`ProvisioningService::provision_attempt`].
     Deferred {
         /// dvmm's VM.
         vm_id: VmId,
@@ -183,14 +186,12 @@ pub struct ProvisioningService<S, V, T, C = crate::clock::SystemClock, I = crate
     clock: C,
     ids: I,
     tenants: Tenants,
-    max_vsphere_attempts: u32,
 }
 
 impl<S, V, T, C, I> fmt::Debug for ProvisioningService<S, V, T, C, I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProvisioningService")
             .field("tenants", &self.tenants.by_id.len())
-            .field("max_vsphere_attempts", &self.max_vsphere_attempts)
             .finish_non_exhaustive()
     }
 }
@@ -253,17 +254,7 @@ where
             clock,
             ids,
             tenants,
-            max_vsphere_attempts: 3,
         }
-    }
-
-    /// How many times `create_vm` is tried when it fails with a retryable
-    /// error (default 3). Before each retry the service asks `find_vm`
-    /// whether the failed call created the VM after all. The adapter does its
-    /// own backoff; this bounds the attempts at the service level.
-    pub fn with_max_vsphere_attempts(mut self, attempts: u32) -> Self {
-        self.max_vsphere_attempts = attempts.max(1);
-        self
     }
 
     /// The event store.
@@ -588,7 +579,14 @@ where
     /// saying why. A request left in `Provisioning` by a crashed run is
     /// resumed: the VM that run created is adopted, never cloned twice.
     /// vSphere failures are not errors of this call: they are recorded and
-    /// returned as [`ProvisionOutcome::Failed`].
+    /// returned as [`ProvisionOutcome::Failed`], except that an unavailable
+    /// vCenter ([`VsphereError::is_unavailable`]) is never held against the
+    /// request: nothing is recorded as failed and the call returns
+    /// [`ProvisionOutcome::Deferred`]; call it again once vCenter is back.
+    ///
+    /// `create_vm` is called once: retrying a call is the vSphere client's
+    /// job and retrying a request the runner's, so no layer here multiplies
+    /// the attempts of another.
     ///
     /// # Errors
     /// [`ServiceError::RequestNotFound`], [`ServiceError::UnknownTenant`], or a
@@ -603,7 +601,7 @@ where
             .await
     }
 
-    /// Like [`ProvisioningService::provision`], but a *retryable* vSphere
+    /// Like [`ProvisioningService::provision`], but any *retryable* vSphere
     /// failure is not recorded: the request stays in `Provisioning` and the
     /// call returns [`ProvisionOutcome::Deferred`], so a background runner
     /// can try again later (with backoff) and resume where this attempt
@@ -738,7 +736,7 @@ where
             }
         }
 
-        match self.create_vm_with_retries(&spec).await {
+        match self.vsphere.create_vm(&spec).await {
             Ok(result) => {
                 let at = self.clock.now();
                 let vm = self
@@ -759,6 +757,13 @@ where
                     warning_message: vm.warning_message.clone(),
                 };
                 self.finish_ready(actor, request_id, vm_id, result).await
+            }
+            // A request never fails because its vCenter cannot be reached:
+            // the outage costs time, and a rerun resumes (adopting the VM if
+            // the lost call created it).
+            Err(error) if error.is_unavailable() => {
+                warn!(error = %error, code = error.code(), "vCenter unavailable; provisioning waits for it");
+                Ok(ProvisionOutcome::Deferred { vm_id, error })
             }
             Err(error) if error.is_retryable() && !record_retryable_failure => {
                 warn!(error = %error, code = error.code(), "provisioning attempt failed; left for a retry");
@@ -837,32 +842,6 @@ where
                 .state
                 .ok_or(ServiceError::VmNotFound(vm_id)),
             Err(e) => Err(e),
-        }
-    }
-
-    async fn create_vm_with_retries(
-        &self,
-        spec: &VmSpec,
-    ) -> Result<VmProvisioningResult, VsphereError> {
-        let mut attempt = 1;
-        loop {
-            match self.vsphere.create_vm(spec).await {
-                Ok(result) => return Ok(result),
-                Err(error) if error.is_retryable() && attempt < self.max_vsphere_attempts => {
-                    attempt += 1;
-                    warn!(%error, attempt, "create_vm failed with a retryable error");
-                    // The failed call may have created the VM; create_vm adopts
-                    // a VM carrying our id, but say what we found.
-                    match self.vsphere.find_vm(spec).await {
-                        Ok(Some(found)) if found.dvmm_vm_id == Some(spec.vm_id) => {
-                            info!(vmware_vm_id = %found.vmware_vm_id, "the failed call created the VM; adopting it");
-                        }
-                        Ok(_) => {}
-                        Err(error) => debug!(%error, "find_vm failed too; retrying create_vm"),
-                    }
-                }
-                Err(error) => return Err(error),
-            }
         }
     }
 
