@@ -71,6 +71,72 @@ pub struct VcenterEndpoint {
     /// colons optional), e.g. for vCenter's self-signed certificate.
     #[serde(default)]
     pub thumbprint: Option<String>,
+    /// Accept an `http://` URL, which sends the password in the clear
+    /// (default false: only for a lab behind a TLS-terminating proxy).
+    #[serde(default)]
+    pub allow_plain_http: bool,
+}
+
+impl VcenterEndpoint {
+    /// Which vCenter server this is, for telling endpoints apart (e.g. to
+    /// park the work of one that is down): see [`endpoint_key`].
+    pub fn key(&self) -> String {
+        endpoint_key(&self.url)
+    }
+}
+
+/// The server part of a vCenter URL, normalized: lower-case host, explicit
+/// port (443 for `https`, 80 for `http`), no user info, path or trailing
+/// slash. Two URLs of one server give the same key:
+///
+/// ```
+/// use dvmm_core::config::endpoint_key;
+/// assert_eq!(endpoint_key("https://VC.example.com/sdk"), "vc.example.com:443");
+/// assert_eq!(endpoint_key("https://vc.example.com:443/sdk/"), "vc.example.com:443");
+/// assert_eq!(endpoint_key("http://[::1]:8989/sdk"), "[::1]:8989");
+/// ```
+pub fn endpoint_key(url: &str) -> String {
+    let url = url.trim();
+    let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
+        .to_ascii_lowercase();
+    // A port follows the last ':' unless that ':' is inside an IPv6 literal.
+    let has_port = match host_port.rfind(':') {
+        Some(i) => !host_port[i..].contains(']'),
+        None => false,
+    };
+    if has_port {
+        host_port
+    } else {
+        let port = if scheme.eq_ignore_ascii_case("http") {
+            80
+        } else {
+            443
+        };
+        format!("{host_port}:{port}")
+    }
+}
+
+/// `url` with any user info replaced by `***`, so that an error can show the
+/// URL without its credentials.
+fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => authority.to_owned(),
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{authority}{tail}"),
+        None => format!("{authority}{tail}"),
+    }
 }
 
 /// Timeouts of a tenant.
@@ -84,6 +150,12 @@ pub struct Timeouts {
     /// (default 1800 s).
     #[serde(default = "Timeouts::default_task_secs")]
     pub task_secs: u64,
+    /// How long a request waits for its vCenter to come back when it cannot
+    /// be reached (default 3600 s), counted from when the request started
+    /// waiting; after that it fails, saying since when vCenter was
+    /// unreachable.
+    #[serde(default = "Timeouts::default_unavailable_deadline_secs")]
+    pub unavailable_deadline_secs: u64,
 }
 
 impl Timeouts {
@@ -92,6 +164,14 @@ impl Timeouts {
     }
     fn default_task_secs() -> u64 {
         1800
+    }
+    fn default_unavailable_deadline_secs() -> u64 {
+        3600
+    }
+
+    /// The unavailable deadline as a duration.
+    pub fn unavailable_deadline(&self) -> Duration {
+        Duration::from_secs(self.unavailable_deadline_secs)
     }
 
     /// The IP wait as a duration.
@@ -110,6 +190,7 @@ impl Default for Timeouts {
         Self {
             ip_wait_secs: Self::default_ip_wait_secs(),
             task_secs: Self::default_task_secs(),
+            unavailable_deadline_secs: Self::default_unavailable_deadline_secs(),
         }
     }
 }
@@ -207,6 +288,51 @@ fn folder_component(field: &str, value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The URL must be `https://` (or `http://` when explicitly allowed), name a
+/// host and carry no credentials. Errors never repeat user info.
+fn validate_url(vcenter: &VcenterEndpoint) -> Result<(), ConfigError> {
+    const FIELD: &str = "vcenter.url";
+    let url = vcenter.url.trim();
+    let shown = redacted_url(url);
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(ConfigError::new(
+            FIELD,
+            format!("{shown:?} must be an https URL such as https://vc.example.com/sdk"),
+        ));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(ConfigError::new(
+            FIELD,
+            format!(
+                "{shown:?} carries user info: put the user in vcenter.username and the password in vcenter.password, never in the URL"
+            ),
+        ));
+    }
+    if scheme.eq_ignore_ascii_case("http") {
+        if !vcenter.allow_plain_http {
+            return Err(ConfigError::new(
+                FIELD,
+                format!(
+                    "{shown:?} is plain http, which would send the password unencrypted: use https, or set vcenter.allow_plain_http = true for a lab"
+                ),
+            ));
+        }
+    } else if !scheme.eq_ignore_ascii_case("https") {
+        return Err(ConfigError::new(
+            FIELD,
+            format!("{shown:?} must be an https URL such as https://vc.example.com/sdk"),
+        ));
+    }
+    let host = authority.rsplit_once(':').map_or(authority, |(host, port)| {
+        if port.contains(']') { authority } else { host }
+    });
+    if host.trim_matches(['[', ']']).trim().is_empty() {
+        return Err(ConfigError::new(FIELD, "has no host"));
+    }
+    Ok(())
+}
+
 impl TryFrom<RawTenantConfig> for TenantConfig {
     type Error = ConfigError;
 
@@ -238,16 +364,7 @@ impl TenantConfig {
     /// A [`ConfigError`] naming the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         folder_component("slug", &self.slug)?;
-        let url = self.vcenter.url.trim();
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            return Err(ConfigError::new(
-                "vcenter.url",
-                format!("{url:?} must be an http(s) URL such as https://vc.example.com/sdk"),
-            ));
-        }
-        if url.len() <= "https://".len() {
-            return Err(ConfigError::new("vcenter.url", "has no host"));
-        }
+        validate_url(&self.vcenter)?;
         non_empty("vcenter.username", &self.vcenter.username)?;
         non_empty("vcenter.password", self.vcenter.password.expose())?;
         if let Some(thumbprint) = &self.vcenter.thumbprint {
@@ -282,6 +399,14 @@ impl TenantConfig {
             return Err(ConfigError::new(
                 "timeouts.task_secs",
                 "must be between 1 and 86400 seconds",
+            ));
+        }
+        if self.timeouts.unavailable_deadline_secs == 0
+            || self.timeouts.unavailable_deadline_secs > 7 * 24 * 3600
+        {
+            return Err(ConfigError::new(
+                "timeouts.unavailable_deadline_secs",
+                "must be between 1 and 604800 seconds (one week)",
             ));
         }
         Ok(())
@@ -370,6 +495,84 @@ ip_wait_secs = 30
         assert!(e.contains("timeouts.ip_wait_secs"), "{e}");
         let e = error_for(|s| s.replace("network = ", "netwrok = "));
         assert!(e.contains("netwrok"), "{e}");
+    }
+
+    #[test]
+    fn the_unavailable_deadline_defaults_to_an_hour_and_is_bounded() {
+        let config: TenantConfig = toml::from_str(GOOD).unwrap();
+        assert_eq!(config.timeouts.unavailable_deadline_secs, 3600);
+        assert_eq!(
+            config.timeouts.unavailable_deadline(),
+            std::time::Duration::from_secs(3600)
+        );
+        let with = |secs: &str| {
+            toml::from_str::<TenantConfig>(&GOOD.replace(
+                "ip_wait_secs = 30",
+                &format!("ip_wait_secs = 30\nunavailable_deadline_secs = {secs}"),
+            ))
+        };
+        assert_eq!(
+            with("90").unwrap().timeouts.unavailable_deadline_secs,
+            90
+        );
+        for bad in ["0", "604801"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("timeouts.unavailable_deadline_secs"), "{e}");
+        }
+    }
+
+    #[test]
+    fn plain_http_needs_an_explicit_opt_in() {
+        let plain = |s: &str| s.replace("https://vc.example.com/sdk", "http://vc.example.com/sdk");
+        let e = error_for(plain);
+        assert!(e.contains("vcenter.url"), "{e}");
+        assert!(e.contains("allow_plain_http"), "{e}");
+        let config: TenantConfig = toml::from_str(
+            &plain(GOOD).replace("[vcenter]\n", "[vcenter]\nallow_plain_http = true\n"),
+        )
+        .unwrap();
+        assert!(config.vcenter.allow_plain_http);
+        assert_eq!(config.vcenter.key(), "vc.example.com:80");
+        let e = error_for(|s| s.replace("https://vc.example.com/sdk", "ftp://vc.example.com/sdk"));
+        assert!(e.contains("vcenter.url"), "{e}");
+        let e = error_for(|s| s.replace("https://vc.example.com/sdk", "https:///sdk"));
+        assert!(e.contains("no host"), "{e}");
+    }
+
+    #[test]
+    fn urls_with_user_info_are_refused_without_echoing_the_password() {
+        for url in [
+            "https://svc-dvmm:Pa55w0rd@vc.example.com/sdk",
+            "http://svc-dvmm:Pa55w0rd@vc.example.com/sdk",
+            "svc-dvmm:Pa55w0rd@vc.example.com/sdk",
+            "https://Pa55w0rd@vc.example.com/sdk",
+        ] {
+            let e = error_for(|s| s.replace("https://vc.example.com/sdk", url));
+            assert!(e.contains("vcenter.url"), "{url}: {e}");
+            assert!(!e.contains("Pa55w0rd"), "{url}: {e}");
+        }
+        let e = error_for(|s| s.replace("https://vc.example.com/sdk", "https://a:b@vc/sdk"));
+        assert!(e.contains("user info"), "{e}");
+        assert!(e.contains("***@vc"), "{e}");
+    }
+
+    #[test]
+    fn endpoint_keys_name_the_server_only() {
+        for (url, key) in [
+            ("https://vc.example.com/sdk", "vc.example.com:443"),
+            ("HTTPS://VC.Example.com:443/sdk/", "vc.example.com:443"),
+            ("https://vc.example.com:8989", "vc.example.com:8989"),
+            ("http://10.0.0.1/sdk", "10.0.0.1:80"),
+            ("https://[fe80::1]/sdk", "[fe80::1]:443"),
+            ("https://[fe80::1]:9443/sdk?x=1", "[fe80::1]:9443"),
+            ("https://u:p@vc.example.com/sdk", "vc.example.com:443"),
+        ] {
+            assert_eq!(endpoint_key(url), key, "{url}");
+        }
+        assert_ne!(
+            endpoint_key("https://vc-a.example.com/sdk"),
+            endpoint_key("https://vc-b.example.com/sdk")
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub fn tenant_config(slug: &str, ip_wait_secs: u64) -> TenantConfig {
             password: Secret::new("pw"),
             insecure: false,
             thumbprint: None,
+            allow_plain_http: false,
         },
         datacenter: "DC0".into(),
         cluster: "DC0_C0".into(),

@@ -446,6 +446,7 @@ fn simulator_endpoint() -> VcenterEndpoint {
         password: Secret::new("simulator"),
         insecure: false,
         thumbprint: None,
+        allow_plain_http: false,
     }
 }
 

@@ -98,6 +98,7 @@ impl Vcsim {
             password: Secret::new(password),
             insecure: true,
             thumbprint: None,
+            allow_plain_http: false,
         }
     }
 }
