@@ -324,9 +324,14 @@ fn validate_url(vcenter: &VcenterEndpoint) -> Result<(), ConfigError> {
             format!("{shown:?} must be an https URL such as https://vc.example.com/sdk"),
         ));
     }
-    let host = authority.rsplit_once(':').map_or(authority, |(host, port)| {
-        if port.contains(']') { authority } else { host }
-    });
+    let host = authority
+        .rsplit_once(':')
+        .map_or(
+            authority,
+            |(host, port)| {
+                if port.contains(']') { authority } else { host }
+            },
+        );
     if host.trim_matches(['[', ']']).trim().is_empty() {
         return Err(ConfigError::new(FIELD, "has no host"));
     }
@@ -511,10 +516,7 @@ ip_wait_secs = 30
                 &format!("ip_wait_secs = 30\nunavailable_deadline_secs = {secs}"),
             ))
         };
-        assert_eq!(
-            with("90").unwrap().timeouts.unavailable_deadline_secs,
-            90
-        );
+        assert_eq!(with("90").unwrap().timeouts.unavailable_deadline_secs, 90);
         for bad in ["0", "604801"] {
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains("timeouts.unavailable_deadline_secs"), "{e}");

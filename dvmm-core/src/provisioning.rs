@@ -203,6 +203,17 @@ struct Loaded<A: Aggregate> {
     events: Vec<(EventMetadata, A::Event)>,
 }
 
+/// What a provisioning run does about vSphere.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// Call vSphere and record every failure but an unavailable vCenter.
+    Record,
+    /// Call vSphere; leave retryable failures unrecorded.
+    Defer,
+    /// Do not call vSphere: it is known to be unusable with this error.
+    Wait(&'a VsphereError),
+}
+
 /// Who acts and as part of which user action.
 #[derive(Clone, Copy)]
 struct Actor {
@@ -265,6 +276,11 @@ where
     /// The vSphere port.
     pub fn vsphere(&self) -> &V {
         &self.vsphere
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &C {
+        &self.clock
     }
 
     /// The timeline sink.
@@ -580,9 +596,13 @@ where
     /// resumed: the VM that run created is adopted, never cloned twice.
     /// vSphere failures are not errors of this call: they are recorded and
     /// returned as [`ProvisionOutcome::Failed`], except that an unavailable
-    /// vCenter ([`VsphereError::is_unavailable`]) is never held against the
-    /// request: nothing is recorded as failed and the call returns
-    /// [`ProvisionOutcome::Deferred`]; call it again once vCenter is back.
+    /// vCenter ([`VsphereError::is_unavailable`]) is not held against the
+    /// request: the request records that it waits for vCenter (once per
+    /// outage: one "Waiting for vCenter" on the timeline) and the call
+    /// returns [`ProvisionOutcome::Deferred`]; call it again later. Only a
+    /// request that has waited longer than the tenant's
+    /// `timeouts.unavailable_deadline_secs` fails, with a message saying
+    /// since when vCenter was unreachable (and naming no host).
     ///
     /// `create_vm` is called once: retrying a call is the vSphere client's
     /// job and retrying a request the runner's, so no layer here multiplies
@@ -596,7 +616,7 @@ where
         tenant: TenantId,
         request_id: VmRequestId,
     ) -> Result<ProvisionOutcome, ServiceError> {
-        self.provision_inner(tenant, request_id, true)
+        self.provision_inner(tenant, request_id, Mode::Record)
             .instrument(provision_span(tenant, request_id))
             .await
     }
@@ -614,7 +634,29 @@ where
         tenant: TenantId,
         request_id: VmRequestId,
     ) -> Result<ProvisionOutcome, ServiceError> {
-        self.provision_inner(tenant, request_id, false)
+        self.provision_inner(tenant, request_id, Mode::Defer)
+            .instrument(provision_span(tenant, request_id))
+            .await
+    }
+
+    /// Records, without calling vSphere, that the request waits for its
+    /// vCenter, which is known to be unusable (`error`, e.g. what the last
+    /// attempt against that vCenter met): for a background runner that holds
+    /// back the work of an endpoint that is down. Like an attempt that met
+    /// `error`, it starts provisioning an `Approved` request, writes "Waiting
+    /// for vCenter" once per outage and returns
+    /// [`ProvisionOutcome::Deferred`], or fails the request once it has
+    /// waited longer than the tenant's `timeouts.unavailable_deadline_secs`.
+    ///
+    /// # Errors
+    /// As [`ProvisioningService::provision`].
+    pub async fn wait_for_vcenter(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        error: &VsphereError,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        self.provision_inner(tenant, request_id, Mode::Wait(error))
             .instrument(provision_span(tenant, request_id))
             .await
     }
@@ -623,7 +665,7 @@ where
         &self,
         tenant: TenantId,
         request_id: VmRequestId,
-        record_retryable_failure: bool,
+        mode: Mode<'_>,
     ) -> Result<ProvisionOutcome, ServiceError> {
         let stream = request_stream(request_id);
         let mut started_here = false;
@@ -736,7 +778,11 @@ where
             }
         }
 
-        match self.vsphere.create_vm(&spec).await {
+        let created = match mode {
+            Mode::Wait(error) => Err(error.clone()),
+            Mode::Record | Mode::Defer => self.vsphere.create_vm(&spec).await,
+        };
+        match created {
             Ok(result) => {
                 let at = self.clock.now();
                 let vm = self
@@ -762,11 +808,24 @@ where
             // the outage costs time, and a rerun resumes (adopting the VM if
             // the lost call created it).
             Err(error) if error.is_unavailable() => {
-                warn!(error = %error, code = error.code(), "vCenter unavailable; provisioning waits for it");
-                Ok(ProvisionOutcome::Deferred { vm_id, error })
+                self.wait_or_give_up(actor, &config, &request, vm_id, error)
+                    .await
             }
-            Err(error) if error.is_retryable() && !record_retryable_failure => {
+            Err(error) if error.is_retryable() && !matches!(mode, Mode::Record) => {
                 warn!(error = %error, code = error.code(), "provisioning attempt failed; left for a retry");
+                if request.waiting_since.is_some() {
+                    // vCenter answered, so the wait is over; the next outage
+                    // is a new one, with its own deadline.
+                    let written = self
+                        .execute_request_outcome(
+                            actor,
+                            request_id,
+                            VmRequestCommand::MarkVcenterReachable,
+                        )
+                        .await?;
+                    self.record_request_timeline(tenant, request_id, &written)
+                        .await?;
+                }
                 Ok(ProvisionOutcome::Deferred { vm_id, error })
             }
             Err(error) => {
@@ -790,6 +849,84 @@ where
                     .await
             }
         }
+    }
+
+    /// The request's vCenter cannot be used: record that the request waits
+    /// (once per outage) and defer it, or fail it once it has waited longer
+    /// than the tenant's unavailable deadline.
+    async fn wait_or_give_up(
+        &self,
+        actor: Actor,
+        config: &TenantConfig,
+        request: &VmRequest,
+        vm_id: VmId,
+        error: VsphereError,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        let request_id = request.id;
+        let since = match request.waiting_since {
+            Some(since) => since,
+            None => {
+                let command = VmRequestCommand::WaitForVcenter {
+                    since: self.clock.now(),
+                    error_code: error.code().to_owned(),
+                };
+                match self
+                    .execute::<VmRequest>(actor, &request_stream(request_id), &command)
+                    .await
+                {
+                    Ok((state, written)) => {
+                        self.record_request_timeline(actor.tenant, request_id, &written)
+                            .await?;
+                        state.waiting_since.unwrap_or_else(|| self.clock.now())
+                    }
+                    // A concurrent run got there first: go by what it wrote.
+                    Err(ServiceError::Domain(DomainError::InvalidTransition { .. })) => {
+                        let current = self
+                            .request(actor.tenant, request_id)
+                            .await?
+                            .ok_or(ServiceError::RequestNotFound(request_id))?;
+                        match current.waiting_since {
+                            Some(since) => since,
+                            None => {
+                                return Ok(ProvisionOutcome::Skipped {
+                                    status: current.status,
+                                    reason: skip_reason(&current),
+                                });
+                            }
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let waited = (self.clock.now() - since).to_std().unwrap_or_default();
+        let deadline = config.timeouts.unavailable_deadline();
+        if waited < deadline {
+            warn!(error = %error, code = error.code(), %since, "vCenter unavailable; provisioning waits for it");
+            return Ok(ProvisionOutcome::Deferred { vm_id, error });
+        }
+        warn!(error = %error, code = error.code(), %since, ?deadline, "vCenter unavailable past the tenant's deadline; failing the request");
+        let failure = crate::vm::VmProvisioningFailed {
+            error_code: error.code().to_owned(),
+            message: format!(
+                "vCenter unreachable since {}; gave up after waiting {} minutes, this tenant's limit. Submit the request again once vCenter is back",
+                utc_minute(since),
+                deadline.as_secs().div_ceil(60)
+            ),
+            retryable: true,
+        };
+        self.execute_vm(
+            actor,
+            vm_id,
+            VmCommand::RecordFailed {
+                error_code: failure.error_code.clone(),
+                message: failure.message.clone(),
+                retryable: failure.retryable,
+            },
+        )
+        .await?;
+        self.finish_failed(actor, request_id, vm_id, failure, Some(error))
+            .await
     }
 
     /// Makes sure the VM stream exists (a crash may have happened between the
@@ -1081,7 +1218,24 @@ pub fn timeline_entry_for(event: &VmRequestEvent) -> (TimelineEntryType, String)
                 }
             ),
         ),
+        VmRequestEvent::VmRequestWaitingForVcenter(e) => (
+            TimelineEntryType::WaitingForVcenter,
+            format!(
+                "Waiting for vCenter: unreachable since {}; provisioning continues when it is back",
+                utc_minute(e.since)
+            ),
+        ),
+        VmRequestEvent::VmRequestVcenterReachable(_) => (
+            TimelineEntryType::VcenterReachable,
+            "vCenter is reachable again; provisioning continues".to_owned(),
+        ),
     }
+}
+
+/// A time as users read it in messages, with the date: a wait can outlast
+/// midnight.
+fn utc_minute(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M UTC").to_string()
 }
 
 /// A failure message a user (or their platform team) can act on. It names

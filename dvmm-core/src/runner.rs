@@ -9,8 +9,21 @@
 //!   work runs and complete the job once its outcome is recorded. A worker
 //!   that dies stops renewing; its lease expires and another worker claims
 //!   the job and resumes the request, adopting the VM already created.
-//! - Retryable vSphere failures are retried with exponential backoff and
-//!   jitter up to `max_attempts`; the last attempt records the failure.
+//! - Retryable failures *about the request* (a task that timed out or
+//!   failed, …) are retried with exponential backoff and jitter up to
+//!   `max_attempts`; the last attempt records the failure.
+//! - An unreachable vCenter ([`VsphereError::is_unavailable`]) costs time,
+//!   not attempts: the runner *parks* that endpoint (keyed by
+//!   [`crate::config::VcenterEndpoint::key`]). While it is parked, claimed
+//!   jobs of tenants on it are not attempted: they are postponed (no attempt
+//!   counted) after the request records that it waits ("Waiting for
+//!   vCenter", once per outage), except one *probe* job per backoff delay
+//!   ([`RunnerConfig::backoff`] over the outage). Jobs claimed while a probe
+//!   runs are held (their leases renewed) so that they start the moment the
+//!   probe gets through; any attempt that reaches vCenter unparks it. Other
+//!   endpoints' work goes on throughout. A request that waits longer than
+//!   its tenant's `timeouts.unavailable_deadline_secs` fails, saying since
+//!   when vCenter was unreachable.
 //! - Shutdown stops claiming, lets in-flight work finish until a deadline, then
 //!   cancels and releases what is left for another worker.
 //!
@@ -23,6 +36,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use futures::future::{AbortHandle, Abortable, Aborted};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -33,7 +47,7 @@ use crate::backoff::Backoff;
 use crate::clock::{Clock, IdGenerator};
 use crate::event::DomainEvent;
 use crate::ids::{TenantId, VmRequestId};
-use crate::ports::{EventStore, StoreError, TimelineSink, VspherePort};
+use crate::ports::{EventStore, StoreError, TimelineSink, VsphereError, VspherePort};
 use crate::provisioning::{ProvisionOutcome, ProvisioningService, ServiceError};
 use crate::vm_request::{VmRequest, VmRequestEvent, VmRequestStatus};
 
@@ -85,6 +99,16 @@ pub trait WorkQueue: Send + Sync {
 
     /// Gives the job back with one more attempt counted, runnable after `delay`.
     fn retry_later(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        delay: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Gives the job back without counting an attempt, runnable after
+    /// `delay` (only if `worker` holds it): the job waits for something that
+    /// is not about the request, such as its vCenter being reachable again.
+    fn postpone(
         &self,
         worker: &str,
         request_id: VmRequestId,
@@ -162,6 +186,14 @@ impl<T: WorkQueue + ?Sized> WorkQueue for Arc<T> {
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         (**self).retry_later(worker, request_id, delay)
     }
+    fn postpone(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        delay: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).postpone(worker, request_id, delay)
+    }
     fn release(
         &self,
         worker: &str,
@@ -207,7 +239,8 @@ pub struct RunnerConfig {
     /// Attempts before a retryable failure is recorded (default 5).
     pub max_attempts: u32,
     /// Delay before retrying a request (default 1 s doubling up to 60 s,
-    /// with jitter).
+    /// with jitter), and between probes of a parked (unreachable) vCenter,
+    /// counted over the outage.
     pub backoff: Backoff,
     /// How long shutdown waits for in-flight work (default 30 s).
     pub shutdown_deadline: Duration,
@@ -241,6 +274,9 @@ pub struct RunnerReport {
     pub retried: u64,
     /// Jobs given back at shutdown or after a lost lease.
     pub released: u64,
+    /// Times a job was given back without counting an attempt because its
+    /// vCenter could not be reached.
+    pub waited: u64,
 }
 
 /// The background runner. See the [module docs](self).
@@ -260,7 +296,151 @@ impl<S, V, T, C, I, Q, K, W> fmt::Debug for ProvisioningRunner<S, V, T, C, I, Q,
     }
 }
 
-type JobResult = (Job, Result<Result<ProvisionOutcome, ServiceError>, Aborted>);
+/// What a job runs.
+#[derive(Clone, Debug)]
+enum JobKind {
+    /// A provisioning attempt, which calls vSphere.
+    Attempt,
+    /// Records that the request waits for its parked vCenter (and fails it
+    /// past its deadline) without calling vSphere.
+    Wait(VsphereError),
+}
+
+type JobResult = (
+    Job,
+    JobKind,
+    Result<Result<ProvisionOutcome, ServiceError>, Aborted>,
+);
+
+/// A vCenter that could not be reached, and when to try it again.
+#[derive(Debug)]
+struct Park {
+    /// When this runner first found it unreachable.
+    since: DateTime<Utc>,
+    /// Failed probes (and the attempt that parked it) in this outage.
+    failures: u32,
+    /// When the next probe may start.
+    next_probe: DateTime<Utc>,
+    /// The job probing it right now.
+    probe: Option<VmRequestId>,
+    /// What the last attempt met.
+    error: VsphereError,
+}
+
+/// The parked endpoints, by [`crate::config::VcenterEndpoint::key`].
+#[derive(Debug, Default)]
+struct Parks {
+    by_endpoint: HashMap<String, Park>,
+}
+
+/// What to do with a claimed job.
+enum Dispatch {
+    Start(Job, JobKind),
+    Hold(Job),
+}
+
+fn after(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+impl Parks {
+    /// An attempt against `endpoint` met an unavailable vCenter. Parks it,
+    /// or counts a failed probe; returns how long the job should wait.
+    fn unavailable(
+        &mut self,
+        endpoint: &str,
+        job: VmRequestId,
+        error: &VsphereError,
+        now: DateTime<Utc>,
+        backoff: &Backoff,
+    ) -> Duration {
+        let park = self
+            .by_endpoint
+            .entry(endpoint.to_owned())
+            .or_insert_with(|| {
+                let delay = backoff.delay(1);
+                warn!(endpoint, %error, ?delay, "vCenter unreachable; parking its work");
+                Park {
+                    since: now,
+                    failures: 1,
+                    next_probe: after(now, delay),
+                    probe: None,
+                    error: error.clone(),
+                }
+            });
+        if park.probe == Some(job) {
+            park.failures = park.failures.saturating_add(1);
+            let delay = backoff.delay(park.failures);
+            park.next_probe = after(now, delay);
+            park.probe = None;
+            park.error = error.clone();
+            info!(endpoint, %error, failures = park.failures, since = %park.since, ?delay, "vCenter still unreachable");
+        }
+        (park.next_probe - now).to_std().unwrap_or_default()
+    }
+
+    /// An attempt got an answer from `endpoint`: its work may go on.
+    fn reachable(&mut self, endpoint: &str) {
+        if let Some(park) = self.by_endpoint.remove(endpoint) {
+            info!(endpoint, since = %park.since, "vCenter reachable again; resuming its work");
+        }
+    }
+
+    /// `job` ended without telling whether `endpoint` is back (skipped,
+    /// store failure, lease lost): if it was the probe, another job probes.
+    fn inconclusive(&mut self, endpoint: &str, job: VmRequestId) {
+        if let Some(park) = self.by_endpoint.get_mut(endpoint)
+            && park.probe == Some(job)
+        {
+            park.probe = None;
+        }
+    }
+
+    /// What to do with a job of `endpoint` claimed now.
+    fn dispatch(
+        &mut self,
+        endpoint: Option<&str>,
+        job: Job,
+        now: DateTime<Utc>,
+        can_hold: bool,
+    ) -> Dispatch {
+        let Some(park) = endpoint.and_then(|e| self.by_endpoint.get_mut(e)) else {
+            return Dispatch::Start(job, JobKind::Attempt);
+        };
+        match park.probe {
+            None if now >= park.next_probe => {
+                debug!(request_id = %job.request_id, "probing a parked vCenter");
+                park.probe = Some(job.request_id);
+                Dispatch::Start(job, JobKind::Attempt)
+            }
+            Some(_) if can_hold => Dispatch::Hold(job),
+            _ => Dispatch::Start(job, JobKind::Wait(park.error.clone())),
+        }
+    }
+
+    /// How long a job of `endpoint` that waits should stay away: until the
+    /// next probe, or one backoff step while a probe runs.
+    fn wait_delay(
+        &self,
+        endpoint: Option<&str>,
+        now: DateTime<Utc>,
+        backoff: &Backoff,
+    ) -> Option<Duration> {
+        let park = self.by_endpoint.get(endpoint?)?;
+        Some(if park.probe.is_some() || park.next_probe <= now {
+            backoff.delay(park.failures.saturating_add(1))
+        } else {
+            (park.next_probe - now).to_std().unwrap_or_default()
+        })
+    }
+
+    fn is_parked(&self, endpoint: Option<&str>) -> bool {
+        endpoint.is_some_and(|e| self.by_endpoint.contains_key(e))
+    }
+}
 
 impl<S, V, T, C, I, Q, K, W> ProvisioningRunner<S, V, T, C, I, Q, K, W>
 where
@@ -343,7 +523,7 @@ where
     ///
     /// # Errors
     /// Only when the queue itself fails while shutting down; failures while
-    /// running are logged and retried on the next tick.
+    /// running (including an unreachable vCenter) are logged and retried.
     pub async fn run(
         &self,
         shutdown: impl Future<Output = ()> + Send,
@@ -352,6 +532,8 @@ where
         let mut inflight: FuturesUnordered<_> = FuturesUnordered::new();
         let mut finished: VecDeque<JobResult> = VecDeque::new();
         let mut handles: HashMap<VmRequestId, AbortHandle> = HashMap::new();
+        let mut held: Vec<Job> = Vec::new();
+        let mut parks = Parks::default();
         let mut shutdown = pin!(shutdown.fuse());
         // Timers are re-armed only when they fire: completions in between
         // must not postpone them. Feeding and claiming run every poll
@@ -364,15 +546,22 @@ where
         loop {
             futures::select_biased! {
                 _ = shutdown.as_mut() => {
-                    info!(in_flight = inflight.len(), "shutdown requested: no new claims");
-                    self.drain(&worker, &mut inflight, &mut finished, &mut handles, &mut report)
+                    info!(in_flight = inflight.len(), held = held.len(), "shutdown requested: no new claims");
+                    for job in held.drain(..) {
+                        let release = self.queue.release(&worker, job.request_id);
+                        if let Err(error) = keep_polling(&mut inflight, &mut finished, release).await {
+                            warn!(request_id = %job.request_id, %error, "could not release a held job; its lease will expire");
+                        }
+                        report.released += 1;
+                    }
+                    self.drain(&worker, &mut inflight, &mut finished, &mut handles, &mut parks, &mut report)
                         .await?;
                     break;
                 }
                 done = next_finished(&mut inflight).fuse() => finished.extend(done),
                 _ = renew_tick.as_mut() => {
                     renew_tick.set(self.timer.sleep(self.renew_interval()).fuse());
-                    let renew = self.renew_leases(&worker, &mut handles);
+                    let renew = self.renew_leases(&worker, &mut handles, &mut held);
                     keep_polling(&mut inflight, &mut finished, renew).await;
                 }
                 _ = tick.as_mut() => {
@@ -383,20 +572,51 @@ where
                     }
                 }
             }
-            while let Some((job, result)) = finished.pop_front() {
+            while let Some((job, kind, result)) = finished.pop_front() {
                 handles.remove(&job.request_id);
-                let settle = self.settle(&worker, job, result, &mut report);
+                let settle = self.settle(&worker, job, kind, result, &mut parks, &mut report);
                 keep_polling(&mut inflight, &mut finished, settle).await;
             }
+            // Held jobs go first: their endpoint may be back, or due for
+            // another probe.
+            let mut still_held = Vec::with_capacity(held.len());
+            for job in std::mem::take(&mut held) {
+                let endpoint = self.endpoint_of(job.tenant_id);
+                let now = self.service.clock().now();
+                let dispatch = if parks.is_parked(endpoint.as_deref()) {
+                    parks.dispatch(endpoint.as_deref(), job, now, true)
+                } else if inflight.len() < self.config.concurrency {
+                    Dispatch::Start(job, JobKind::Attempt)
+                } else {
+                    Dispatch::Hold(job)
+                };
+                match dispatch {
+                    Dispatch::Start(job, kind) => {
+                        let (handle, registration) = AbortHandle::new_pair();
+                        handles.insert(job.request_id, handle);
+                        inflight.push(self.run_job(job, kind, registration));
+                    }
+                    Dispatch::Hold(job) => still_held.push(job),
+                }
+            }
+            held = still_held;
             let free = self.config.concurrency.saturating_sub(inflight.len());
             if free > 0 {
                 let claim = self.queue.claim(&worker, free, self.config.lease);
                 match keep_polling(&mut inflight, &mut finished, claim).await {
                     Ok(jobs) => {
                         for job in jobs {
-                            let (handle, registration) = AbortHandle::new_pair();
-                            handles.insert(job.request_id, handle);
-                            inflight.push(self.run_job(job, registration));
+                            let endpoint = self.endpoint_of(job.tenant_id);
+                            let now = self.service.clock().now();
+                            let can_hold = held.len() < self.config.concurrency;
+                            match parks.dispatch(endpoint.as_deref(), job, now, can_hold) {
+                                Dispatch::Start(job, kind) => {
+                                    let (handle, registration) = AbortHandle::new_pair();
+                                    handles.insert(job.request_id, handle);
+                                    inflight.push(self.run_job(job, kind, registration));
+                                }
+                                Dispatch::Hold(job) => held.push(job),
+                            }
                         }
                     }
                     Err(error) => warn!(%error, "claiming work failed; will retry"),
@@ -405,6 +625,14 @@ where
         }
         info!(?report, "provisioning runner stopped");
         Ok(report)
+    }
+
+    /// The key of the tenant's vCenter, if the tenant is known.
+    fn endpoint_of(&self, tenant: TenantId) -> Option<String> {
+        self.service
+            .tenants()
+            .get(tenant)
+            .map(|config| config.vcenter.key())
     }
 
     /// How often held leases are renewed: a quarter of the lease, so three
@@ -416,30 +644,58 @@ where
     fn run_job(
         &self,
         job: Job,
+        kind: JobKind,
         registration: futures::future::AbortRegistration,
     ) -> impl Future<Output = JobResult> + Send + '_ {
         let last_attempt = job.attempts + 1 >= self.config.max_attempts;
+        let (tenant, request) = (job.tenant_id, job.request_id);
+        let run_kind = kind.clone();
         let work = async move {
-            if last_attempt {
-                self.service.provision(job.tenant_id, job.request_id).await
-            } else {
-                self.service
-                    .provision_attempt(job.tenant_id, job.request_id)
-                    .await
+            match run_kind {
+                JobKind::Wait(error) => {
+                    self.service.wait_for_vcenter(tenant, request, &error).await
+                }
+                JobKind::Attempt if last_attempt => self.service.provision(tenant, request).await,
+                JobKind::Attempt => self.service.provision_attempt(tenant, request).await,
             }
         };
         let work = Abortable::new(work, registration);
-        async move { (job, work.await) }
+        async move { (job, kind, work.await) }
     }
 
     async fn settle(
         &self,
         worker: &str,
         job: Job,
+        kind: JobKind,
         result: Result<Result<ProvisionOutcome, ServiceError>, Aborted>,
+        parks: &mut Parks,
         report: &mut RunnerReport,
     ) {
         let id = job.request_id;
+        let endpoint = self.endpoint_of(job.tenant_id);
+        let now = self.service.clock().now();
+        // What the attempt says about its vCenter. A wait job never called
+        // it, so it says nothing.
+        let mut wait = None;
+        if let (JobKind::Attempt, Some(endpoint)) = (&kind, endpoint.as_deref()) {
+            match &result {
+                Ok(Ok(
+                    ProvisionOutcome::Deferred { error, .. }
+                    | ProvisionOutcome::Failed { error, .. },
+                )) if error.is_unavailable() => {
+                    wait = Some(parks.unavailable(endpoint, id, error, now, &self.config.backoff));
+                }
+                Ok(Ok(
+                    ProvisionOutcome::Ready { .. }
+                    | ProvisionOutcome::Failed { .. }
+                    | ProvisionOutcome::Deferred { .. },
+                )) => parks.reachable(endpoint),
+                Ok(Ok(ProvisionOutcome::Skipped { .. }) | Err(_)) | Err(Aborted) => {
+                    parks.inconclusive(endpoint, id);
+                }
+            }
+        }
         let queue_result = match result {
             Err(Aborted) => {
                 // Lost the lease: another worker owns the job now.
@@ -470,6 +726,15 @@ where
                 report.skipped += 1;
                 self.queue.complete(worker, id).await
             }
+            Ok(Ok(ProvisionOutcome::Deferred { error, .. })) if error.is_unavailable() => {
+                // Not the request's fault: no attempt is counted.
+                let delay = wait
+                    .or_else(|| parks.wait_delay(endpoint.as_deref(), now, &self.config.backoff))
+                    .unwrap_or(Duration::ZERO);
+                debug!(request_id = %id, %error, ?delay, "waiting for vCenter");
+                report.waited += 1;
+                self.queue.postpone(worker, id, delay).await
+            }
             Ok(Ok(ProvisionOutcome::Deferred { error, .. })) => {
                 let delay = self.config.backoff.delay(job.attempts + 1);
                 info!(request_id = %id, %error, attempt = job.attempts + 1, ?delay, "retryable failure; retrying later");
@@ -490,8 +755,17 @@ where
         }
     }
 
-    async fn renew_leases(&self, worker: &str, handles: &mut HashMap<VmRequestId, AbortHandle>) {
-        let ids: Vec<VmRequestId> = handles.keys().copied().collect();
+    async fn renew_leases(
+        &self,
+        worker: &str,
+        handles: &mut HashMap<VmRequestId, AbortHandle>,
+        held: &mut Vec<Job>,
+    ) {
+        let ids: Vec<VmRequestId> = handles
+            .keys()
+            .copied()
+            .chain(held.iter().map(|job| job.request_id))
+            .collect();
         let results = futures::future::join_all(
             ids.iter()
                 .map(|id| self.queue.renew(worker, *id, self.config.lease)),
@@ -505,6 +779,7 @@ where
                     if let Some(handle) = handles.remove(&id) {
                         handle.abort();
                     }
+                    held.retain(|job| job.request_id != id);
                 }
                 Err(error) => debug!(request_id = %id, %error, "lease renewal failed; will retry"),
             }
@@ -517,6 +792,7 @@ where
         inflight: &mut FuturesUnordered<F>,
         finished: &mut VecDeque<JobResult>,
         handles: &mut HashMap<VmRequestId, AbortHandle>,
+        parks: &mut Parks,
         report: &mut RunnerReport,
     ) -> Result<(), ServiceError>
     where
@@ -524,10 +800,11 @@ where
     {
         let mut deadline = pin!(self.timer.sleep(self.config.shutdown_deadline).fuse());
         let mut tick = pin!(self.timer.sleep(self.renew_interval()).fuse());
+        let mut no_held = Vec::new();
         loop {
-            while let Some((job, result)) = finished.pop_front() {
+            while let Some((job, kind, result)) = finished.pop_front() {
                 handles.remove(&job.request_id);
-                let settle = self.settle(worker, job, result, report);
+                let settle = self.settle(worker, job, kind, result, parks, report);
                 keep_polling(inflight, finished, settle).await;
             }
             if inflight.is_empty() {
@@ -538,7 +815,7 @@ where
                 _ = deadline.as_mut() => break,
                 _ = tick.as_mut() => {
                     tick.set(self.timer.sleep(self.renew_interval()).fuse());
-                    let renew = self.renew_leases(worker, handles);
+                    let renew = self.renew_leases(worker, handles, &mut no_held);
                     keep_polling(inflight, finished, renew).await;
                 }
             }
@@ -546,9 +823,9 @@ where
         // Whatever is still running is cancelled (safe: a rerun resumes it)
         // and handed back at once. Results that arrived meanwhile are settled.
         inflight.clear();
-        while let Some((job, result)) = finished.pop_front() {
+        while let Some((job, kind, result)) = finished.pop_front() {
             handles.remove(&job.request_id);
-            self.settle(worker, job, result, report).await;
+            self.settle(worker, job, kind, result, parks, report).await;
         }
         for (id, handle) in handles.drain() {
             handle.abort();

@@ -26,6 +26,11 @@ pub enum TimelineEntryType {
     ProvisioningFailed,
     /// Guest facts (e.g. the IP) were refreshed later.
     GuestInfoRefreshed,
+    /// vCenter cannot be reached; provisioning waits for it (once per
+    /// outage).
+    WaitingForVcenter,
+    /// vCenter answered again after a wait; provisioning continues.
+    VcenterReachable,
 }
 
 impl TimelineEntryType {
@@ -40,6 +45,8 @@ impl TimelineEntryType {
             TimelineEntryType::VmReady => "VmReady",
             TimelineEntryType::ProvisioningFailed => "ProvisioningFailed",
             TimelineEntryType::GuestInfoRefreshed => "GuestInfoRefreshed",
+            TimelineEntryType::WaitingForVcenter => "WaitingForVcenter",
+            TimelineEntryType::VcenterReachable => "VcenterReachable",
         }
     }
 
@@ -54,6 +61,8 @@ impl TimelineEntryType {
             "VmReady" => TimelineEntryType::VmReady,
             "ProvisioningFailed" => TimelineEntryType::ProvisioningFailed,
             "GuestInfoRefreshed" => TimelineEntryType::GuestInfoRefreshed,
+            "WaitingForVcenter" => TimelineEntryType::WaitingForVcenter,
+            "VcenterReachable" => TimelineEntryType::VcenterReachable,
             _ => return None,
         })
     }

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Aggregate;
@@ -122,6 +123,27 @@ pub struct VmRequestProvisioningFailed {
     pub retryable: bool,
 }
 
+/// The request's vCenter could not be reached, so provisioning waits for
+/// it instead of failing. Written once per outage: the request waits until
+/// vCenter answers again or the tenant's unavailable deadline, counted from
+/// `since`, has passed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequestWaitingForVcenter {
+    /// When this request started waiting.
+    pub since: DateTime<Utc>,
+    /// What the attempt met, e.g. `Transport` or `CircuitOpen`.
+    pub error_code: String,
+}
+
+/// vCenter answered again after the request waited for it, and the request
+/// is still being provisioned (when the answer finishes it, the `Ready` or
+/// `Failed` event ends the wait instead). A later outage starts a new wait.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequestVcenterReachable {
+    /// When the wait that ends here began.
+    pub waiting_since: DateTime<Utc>,
+}
+
 /// Everything recorded on a request stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(clippy::enum_variant_names)]
@@ -140,6 +162,10 @@ pub enum VmRequestEvent {
     VmRequestReady(VmRequestReady),
     /// See [`VmRequestProvisioningFailed`].
     VmRequestProvisioningFailed(VmRequestProvisioningFailed),
+    /// See [`VmRequestWaitingForVcenter`].
+    VmRequestWaitingForVcenter(VmRequestWaitingForVcenter),
+    /// See [`VmRequestVcenterReachable`].
+    VmRequestVcenterReachable(VmRequestVcenterReachable),
 }
 
 domain_events!(VmRequestEvent {
@@ -150,6 +176,8 @@ domain_events!(VmRequestEvent {
     VmRequestProvisioningStarted(VmRequestProvisioningStarted) = 1,
     VmRequestReady(VmRequestReady) = 1,
     VmRequestProvisioningFailed(VmRequestProvisioningFailed) = 1,
+    VmRequestWaitingForVcenter(VmRequestWaitingForVcenter) = 1,
+    VmRequestVcenterReachable(VmRequestVcenterReachable) = 1,
 });
 
 /// The data of a new request.
@@ -215,6 +243,16 @@ pub enum VmRequestCommand {
         /// Whether a retry may help.
         retryable: bool,
     },
+    /// vCenter cannot be reached: the provisioning request waits for it.
+    /// Refused while it already waits (one wait per outage).
+    WaitForVcenter {
+        /// Now: when the wait starts.
+        since: DateTime<Utc>,
+        /// What the attempt met.
+        error_code: String,
+    },
+    /// vCenter answered again; refused unless the request waits.
+    MarkVcenterReachable,
 }
 
 impl VmRequestCommand {
@@ -227,6 +265,8 @@ impl VmRequestCommand {
             VmRequestCommand::StartProvisioning { .. } => "start provisioning",
             VmRequestCommand::MarkReady(_) => "mark ready",
             VmRequestCommand::MarkFailed { .. } => "mark failed",
+            VmRequestCommand::WaitForVcenter { .. } => "wait for vCenter",
+            VmRequestCommand::MarkVcenterReachable => "mark vCenter reachable",
         }
     }
 }
@@ -266,6 +306,9 @@ pub struct VmRequest {
     pub result: Option<VmProvisioningResult>,
     /// The failure, once failed.
     pub failure: Option<VmRequestProvisioningFailed>,
+    /// Since when the request waits for an unreachable vCenter, while it
+    /// does.
+    pub waiting_since: Option<DateTime<Utc>>,
 }
 
 impl VmRequest {
@@ -374,6 +417,20 @@ impl Aggregate for VmRequest {
                 message: message.clone(),
                 retryable: *retryable,
             }),
+            (S::Provisioning, C::WaitForVcenter { since, error_code })
+                if state.waiting_since.is_none() =>
+            {
+                VmRequestEvent::VmRequestWaitingForVcenter(VmRequestWaitingForVcenter {
+                    since: *since,
+                    error_code: error_code.clone(),
+                })
+            }
+            (S::Provisioning, C::MarkVcenterReachable) => {
+                let waiting_since = state.waiting_since.ok_or_else(|| state.invalid(command))?;
+                VmRequestEvent::VmRequestVcenterReachable(VmRequestVcenterReachable {
+                    waiting_since,
+                })
+            }
             _ => return Err(state.invalid(command)),
         };
         Ok(vec![event])
@@ -400,6 +457,7 @@ impl Aggregate for VmRequest {
                     vm_id: None,
                     result: None,
                     failure: None,
+                    waiting_since: None,
                 });
             }
             // An event without a creation before it is not ours to invent.
@@ -427,6 +485,7 @@ impl Aggregate for VmRequest {
             }
             E::VmRequestReady(e) => {
                 state.status = VmRequestStatus::Ready;
+                state.waiting_since = None;
                 state.result = Some(VmProvisioningResult {
                     vmware_vm_id: e.vmware_vm_id.clone(),
                     ip_address: e.ip_address,
@@ -437,7 +496,10 @@ impl Aggregate for VmRequest {
             E::VmRequestProvisioningFailed(e) => {
                 state.status = VmRequestStatus::Failed;
                 state.failure = Some(e.clone());
+                state.waiting_since = None;
             }
+            E::VmRequestWaitingForVcenter(e) => state.waiting_since = Some(e.since),
+            E::VmRequestVcenterReachable(_) => state.waiting_since = None,
         }
         Some(state)
     }

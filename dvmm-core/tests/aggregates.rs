@@ -141,6 +141,20 @@ fn cancelled() -> VmRequestEvent {
     })
 }
 
+fn waiting(since: DateTime<Utc>) -> VmRequestEvent {
+    VmRequestEvent::VmRequestWaitingForVcenter(VmRequestWaitingForVcenter {
+        since,
+        error_code: "Transport".into(),
+    })
+}
+
+fn wait_for_vcenter(since: DateTime<Utc>) -> VmRequestCommand {
+    VmRequestCommand::WaitForVcenter {
+        since,
+        error_code: "Transport".into(),
+    }
+}
+
 fn mark_failed() -> VmRequestCommand {
     VmRequestCommand::MarkFailed {
         error_code: "InsufficientResources".into(),
@@ -267,6 +281,102 @@ fn a_provisioning_request_can_fail() {
     let failure = state.failure.expect("failure recorded");
     assert!(failure.retryable);
     assert_eq!(failure.error_code, "InsufficientResources");
+}
+
+#[test]
+fn a_provisioning_request_waits_for_vcenter_once_per_outage() {
+    let given = [created(), approved(), request_provisioning_started()];
+    let state = AggregateTest::<VmRequest>::given(&given)
+        .when(wait_for_vcenter(at(60)))
+        .then_expect_events(&[waiting(at(60))])
+        .expect("state");
+    assert_eq!(
+        state.status,
+        VmRequestStatus::Provisioning,
+        "still provisioning"
+    );
+    assert_eq!(state.waiting_since, Some(at(60)));
+    // The same outage, seen again by a retry, writes nothing new.
+    let waiting_history = [
+        created(),
+        approved(),
+        request_provisioning_started(),
+        waiting(at(60)),
+    ];
+    AggregateTest::<VmRequest>::given(&waiting_history)
+        .when(wait_for_vcenter(at(120)))
+        .then_expect_error(invalid("wait for vCenter", "Provisioning"));
+    // vCenter answers: the wait ends, and the next outage is a new wait.
+    let state = AggregateTest::<VmRequest>::given(&waiting_history)
+        .when(VmRequestCommand::MarkVcenterReachable)
+        .then_expect_events(&[VmRequestEvent::VmRequestVcenterReachable(
+            VmRequestVcenterReachable {
+                waiting_since: at(60),
+            },
+        )])
+        .expect("state");
+    assert_eq!(state.waiting_since, None);
+    let mut second_outage = waiting_history.to_vec();
+    second_outage.push(VmRequestEvent::VmRequestVcenterReachable(
+        VmRequestVcenterReachable {
+            waiting_since: at(60),
+        },
+    ));
+    let state = AggregateTest::<VmRequest>::given(&second_outage)
+        .when(wait_for_vcenter(at(900)))
+        .then_expect_events(&[waiting(at(900))])
+        .expect("state");
+    assert_eq!(state.waiting_since, Some(at(900)));
+}
+
+#[test]
+fn a_waiting_request_can_still_become_ready_or_fail_and_stops_waiting() {
+    let given = [
+        created(),
+        approved(),
+        request_provisioning_started(),
+        waiting(at(60)),
+    ];
+    let state = AggregateTest::<VmRequest>::given(&given)
+        .when(VmRequestCommand::MarkReady(result_with_ip()))
+        .then_expect_events(&[request_ready()])
+        .expect("state");
+    assert_eq!(
+        (state.status, state.waiting_since),
+        (VmRequestStatus::Ready, None)
+    );
+    let state = AggregateTest::<VmRequest>::given(&given)
+        .when(mark_failed())
+        .then_expect_events(&[request_failed()])
+        .expect("state");
+    assert_eq!(
+        (state.status, state.waiting_since),
+        (VmRequestStatus::Failed, None)
+    );
+}
+
+#[test]
+fn only_a_provisioning_request_waits_and_only_a_waiting_one_is_marked_reachable() {
+    for (given, status) in [
+        (vec![created()], "Pending"),
+        (vec![created(), approved()], "Approved"),
+        (
+            vec![
+                created(),
+                approved(),
+                request_provisioning_started(),
+                request_ready(),
+            ],
+            "Ready",
+        ),
+    ] {
+        AggregateTest::<VmRequest>::given(&given)
+            .when(wait_for_vcenter(at(60)))
+            .then_expect_error(invalid("wait for vCenter", status));
+    }
+    AggregateTest::<VmRequest>::given(&[created(), approved(), request_provisioning_started()])
+        .when(VmRequestCommand::MarkVcenterReachable)
+        .then_expect_error(invalid("mark vCenter reachable", "Provisioning"));
 }
 
 // ---------------------------------------------------------------------------
@@ -832,9 +942,13 @@ fn every_request_event_round_trips_through_json() {
             warning_message: Some(IP_TIMEOUT_WARNING.into()),
         }),
         request_failed(),
+        waiting(at(60)),
+        VmRequestEvent::VmRequestVcenterReachable(VmRequestVcenterReachable {
+            waiting_since: at(60),
+        }),
     ];
     // Every variant is covered (the match has no wildcard).
-    let mut seen = [false; 7];
+    let mut seen = [false; 9];
     for e in &events {
         seen[match e {
             VmRequestEvent::VmRequestCreated(_) => 0,
@@ -844,6 +958,8 @@ fn every_request_event_round_trips_through_json() {
             VmRequestEvent::VmRequestProvisioningStarted(_) => 4,
             VmRequestEvent::VmRequestReady(_) => 5,
             VmRequestEvent::VmRequestProvisioningFailed(_) => 6,
+            VmRequestEvent::VmRequestWaitingForVcenter(_) => 7,
+            VmRequestEvent::VmRequestVcenterReachable(_) => 8,
         }] = true;
     }
     assert!(

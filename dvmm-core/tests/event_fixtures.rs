@@ -29,7 +29,7 @@ const APPROVER: &str = "f1a3c5e7-9b2d-4f60-8a4c-6e8f0b2d4f06";
 const FAILURE_MESSAGE: &str = "cluster compute-01 has not enough free memory for 4096 MiB; retry later or choose a smaller size";
 
 /// Every event type the request stream knows.
-const REQUEST_EVENT_TYPES: [&str; 7] = [
+const REQUEST_EVENT_TYPES: [&str; 9] = [
     "VmRequestCreated",
     "VmRequestApproved",
     "VmRequestRejected",
@@ -37,6 +37,8 @@ const REQUEST_EVENT_TYPES: [&str; 7] = [
     "VmRequestProvisioningStarted",
     "VmRequestReady",
     "VmRequestProvisioningFailed",
+    "VmRequestWaitingForVcenter",
+    "VmRequestVcenterReachable",
 ];
 
 /// Every event type the VM stream knows.
@@ -60,6 +62,8 @@ fn request_type_name(event: &VmRequestEvent) -> &'static str {
         VmRequestEvent::VmRequestProvisioningStarted(_) => REQUEST_EVENT_TYPES[4],
         VmRequestEvent::VmRequestReady(_) => REQUEST_EVENT_TYPES[5],
         VmRequestEvent::VmRequestProvisioningFailed(_) => REQUEST_EVENT_TYPES[6],
+        VmRequestEvent::VmRequestWaitingForVcenter(_) => REQUEST_EVENT_TYPES[7],
+        VmRequestEvent::VmRequestVcenterReachable(_) => REQUEST_EVENT_TYPES[8],
     }
 }
 
@@ -161,7 +165,7 @@ fn every_known_event_type_has_a_v1_fixture_and_nothing_else_is_there() {
         .chain(VM_EVENT_TYPES.iter())
         .copied()
         .collect();
-    assert_eq!(known.len(), 12, "type names are distinct");
+    assert_eq!(known.len(), 14, "type names are distinct");
     for name in REQUEST_EVENT_TYPES {
         assert_eq!(
             VmRequestEvent::current_version(name),
@@ -311,6 +315,16 @@ fn request_fixtures_carry_their_values() {
                 assert_eq!(e.error_code, "InsufficientResources");
                 assert_eq!(e.message, FAILURE_MESSAGE);
                 assert!(e.retryable);
+            }
+            VmRequestEvent::VmRequestWaitingForVcenter(e) => {
+                assert_eq!(stored.version, 4);
+                assert_eq!(e.since, time("2026-01-15T12:01:07.500Z"));
+                assert_eq!(e.error_code, "CircuitOpen");
+            }
+            VmRequestEvent::VmRequestVcenterReachable(e) => {
+                assert_eq!(stored.version, 5);
+                assert_eq!(e.waiting_since, time("2026-01-15T12:01:07.500Z"));
+                assert_eq!(stored.metadata.occurred_at, time("2026-01-15T12:13:40Z"));
             }
         }
     }

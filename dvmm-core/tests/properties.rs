@@ -417,6 +417,8 @@ fn check_request_data(state: &VmRequest, command: &VmRequestCommand) -> Result<(
             prop_assert_eq!(failure.retryable, *retryable);
             prop_assert_eq!(Some(failure.vm_id), state.vm_id);
         }
+        C::WaitForVcenter { since, .. } => prop_assert_eq!(state.waiting_since, Some(*since)),
+        C::MarkVcenterReachable => prop_assert_eq!(state.waiting_since, None),
     }
     Ok(())
 }

@@ -1,9 +1,11 @@
 #![doc = include_str!("../README.md")]
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use dvmm_core::clock::{Clock, SystemClock};
 use dvmm_core::event::{NewEvent, StoredEvent, StreamId};
 use dvmm_core::ids::{EventId, TenantId, VmRequestId};
 use dvmm_core::ports::{AppendOutcome, EventStore, StoreError, TimelineSink};
@@ -233,10 +235,26 @@ impl TimelineSink for MemoryTimeline {
 }
 
 /// An in-memory [`WorkQueue`] for one process: jobs in arrival order, leases
-/// measured with [`std::time::Instant`].
-#[derive(Default, Debug)]
+/// and due times measured on a [`Clock`] (the system clock unless
+/// [`MemoryWorkQueue::with_clock`] says otherwise, e.g. a test clock that
+/// follows paused time).
 pub struct MemoryWorkQueue {
     jobs: Mutex<QueueState>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for MemoryWorkQueue {
+    fn default() -> Self {
+        Self::with_clock(Arc::new(SystemClock))
+    }
+}
+
+impl std::fmt::Debug for MemoryWorkQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryWorkQueue")
+            .field("pending", &self.pending())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Default, Debug)]
@@ -255,19 +273,61 @@ struct QueuedJob {
 
 #[derive(Debug, PartialEq)]
 enum JobState {
-    Queued { not_before: Instant },
-    Leased { worker: String, until: Instant },
+    Queued {
+        not_before: DateTime<Utc>,
+    },
+    Leased {
+        worker: String,
+        until: DateTime<Utc>,
+    },
     Done,
 }
 
 impl MemoryWorkQueue {
-    /// An empty queue.
+    /// An empty queue on the system clock.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// An empty queue whose leases and due times follow `clock`.
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            jobs: Mutex::new(QueueState::default()),
+            clock,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, QueueState> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `delay` from now; a delay too large to represent means "far future".
+    fn after(&self, delay: Duration) -> DateTime<Utc> {
+        let now = self.clock.now();
+        chrono::Duration::from_std(delay)
+            .ok()
+            .and_then(|d| now.checked_add_signed(d))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
+
+    /// How many attempts the job has counted, if it is known.
+    pub fn attempts(&self, request_id: VmRequestId) -> Option<u32> {
+        self.lock().jobs.get(&request_id).map(|job| job.attempts)
+    }
+
+    /// Puts a held job back in the queue, due after `delay`, counting an
+    /// attempt or not.
+    fn requeue(&self, worker: &str, request_id: VmRequestId, delay: Duration, attempt: bool) {
+        let not_before = self.after(delay);
+        let mut state = self.lock();
+        if let Some(job) = state.jobs.get_mut(&request_id)
+            && matches!(&job.state, JobState::Leased { worker: w, .. } if w == worker)
+        {
+            if attempt {
+                job.attempts += 1;
+            }
+            job.state = JobState::Queued { not_before };
+        }
     }
 
     /// Jobs not done yet (queued or leased).
@@ -288,7 +348,7 @@ impl WorkQueue for MemoryWorkQueue {
                     tenant_id: tenant,
                     attempts: 0,
                     state: JobState::Queued {
-                        not_before: Instant::now(),
+                        not_before: self.clock.now(),
                     },
                 },
             );
@@ -302,7 +362,8 @@ impl WorkQueue for MemoryWorkQueue {
         max: usize,
         lease: Duration,
     ) -> Result<Vec<Job>, StoreError> {
-        let now = Instant::now();
+        let now = self.clock.now();
+        let until = self.after(lease);
         let mut guard = self.lock();
         let state = &mut *guard;
         let mut claimed = Vec::new();
@@ -320,7 +381,7 @@ impl WorkQueue for MemoryWorkQueue {
             if runnable && claimed.len() < max {
                 job.state = JobState::Leased {
                     worker: worker.to_owned(),
-                    until: now + lease,
+                    until,
                 };
                 claimed.push(Job {
                     tenant_id: job.tenant_id,
@@ -340,6 +401,7 @@ impl WorkQueue for MemoryWorkQueue {
         request_id: VmRequestId,
         lease: Duration,
     ) -> Result<bool, StoreError> {
+        let new_until = self.after(lease);
         let mut state = self.lock();
         Ok(match state.jobs.get_mut(&request_id) {
             Some(QueuedJob {
@@ -350,7 +412,7 @@ impl WorkQueue for MemoryWorkQueue {
                     },
                 ..
             }) if holder == worker => {
-                *until = Instant::now() + lease;
+                *until = new_until;
                 true
             }
             _ => false,
@@ -378,27 +440,22 @@ impl WorkQueue for MemoryWorkQueue {
         request_id: VmRequestId,
         delay: Duration,
     ) -> Result<(), StoreError> {
-        let mut state = self.lock();
-        if let Some(job) = state.jobs.get_mut(&request_id)
-            && matches!(&job.state, JobState::Leased { worker: w, .. } if w == worker)
-        {
-            job.attempts += 1;
-            job.state = JobState::Queued {
-                not_before: Instant::now() + delay,
-            };
-        }
+        self.requeue(worker, request_id, delay, true);
+        Ok(())
+    }
+
+    async fn postpone(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
+        self.requeue(worker, request_id, delay, false);
         Ok(())
     }
 
     async fn release(&self, worker: &str, request_id: VmRequestId) -> Result<(), StoreError> {
-        let mut state = self.lock();
-        if let Some(job) = state.jobs.get_mut(&request_id)
-            && matches!(&job.state, JobState::Leased { worker: w, .. } if w == worker)
-        {
-            job.state = JobState::Queued {
-                not_before: Instant::now(),
-            };
-        }
+        self.requeue(worker, request_id, Duration::ZERO, false);
         Ok(())
     }
 }

@@ -23,7 +23,7 @@ use crate::tenant::begin_for_tenant;
 /// - A lease is a deadline on the database clock (`now()`), so workers on
 ///   hosts with skewed clocks agree on when it expired. Once it has, the next
 ///   claim by any worker takes the job over.
-/// - `renew`, `complete`, `retry_later` and `release` act only while the
+/// - `renew`, `complete`, `retry_later`, `postpone` and `release` act only while the
 ///   named worker still holds the lease, so a worker that lost its job to a
 ///   takeover cannot disturb the new holder.
 ///
@@ -246,6 +246,26 @@ impl WorkQueue for PgWorkQueue {
         self.update_held(
             "reschedule a job",
             "state = 'queued', worker = NULL, attempts = attempts + 1, \
+             due_at = now() + make_interval(secs => $3)",
+            worker,
+            request_id,
+            Some(delay),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn postpone(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
+        // `retry_later` without the attempt: waiting for an unreachable
+        // vCenter is not the request's fault.
+        self.update_held(
+            "postpone a job",
+            "state = 'queued', worker = NULL, \
              due_at = now() + make_interval(secs => $3)",
             worker,
             request_id,

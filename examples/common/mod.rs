@@ -66,7 +66,7 @@ impl VcenterArgs {
                 password: Secret::new(password),
                 insecure: self.insecure,
                 thumbprint: self.thumbprint.clone(),
-            allow_plain_http: false,
+                allow_plain_http: false,
             },
             datacenter: self.datacenter.clone(),
             cluster: self.cluster.clone(),
