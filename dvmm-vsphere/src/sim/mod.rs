@@ -25,12 +25,18 @@
 //!   the result without IP and with
 //!   [`IP_TIMEOUT_WARNING`];
 //! - fault injection by [`FaultRule`] (operation, trigger, fault) and
-//!   introspection ([`Simulator::vms`], [`Simulator::call_count`]).
+//!   introspection ([`Simulator::vms`], [`Simulator::call_count`]);
+//! - endpoint outages ([`Simulator::set_endpoint_down`],
+//!   [`Simulator::set_endpoint_down_for_calls`]): calls to that vCenter URL
+//!   fail with `VsphereError::Transport` (connection refused) without
+//!   touching the inventory, as a vCenter that is restarting would, while
+//!   other URLs served by the same simulator keep working.
 //!
 //! The VM appears in the inventory the moment its clone starts: on the first
 //! poll of `create_vm`, after an injected [`Fault::Delay`]. Until its clone,
 //! reconfigure, customize and power-on delays have passed it reads as
-//! powered off. The spec's `endpoint` is ignored.
+//! powered off. The spec's `endpoint` only matters for outages: one
+//! simulator can stand for several vCenters, each known by its URL.
 //!
 //! ```
 //! use dvmm_core::spec::{VmName, VmSpec};
@@ -80,7 +86,9 @@ use std::net::IpAddr;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use dvmm_core::config::{ConfigError, Secret, TenantConfig, Timeouts, VcenterEndpoint};
+use dvmm_core::config::{
+    ConfigError, Secret, TenantConfig, Timeouts, VcenterEndpoint, endpoint_key,
+};
 use dvmm_core::spec::{IP_TIMEOUT_WARNING, PowerState, SizeTable, VmGuestInfo};
 use dvmm_core::{
     TenantId, VcenterEndpoint as Endpoint, VmProvisioningResult, VmSpec, VmwareVmId, VsphereError,
@@ -99,7 +107,7 @@ pub use inventory::{
 };
 pub use model::SimVm;
 
-use model::{IpStatus, Placement, Progress, State, later, normalize_folder};
+use model::{IpStatus, Outage, Placement, Progress, State, later, normalize_folder};
 
 /// The in-process vCenter. Cheap to clone: clones share one inventory.
 #[derive(Clone)]
@@ -139,6 +147,8 @@ fn transient(message: &str) -> VsphereError {
 }
 
 const TRANSIENT_MESSAGE: &str = "simulated transient failure: connection reset by peer";
+const REFUSED_MESSAGE: &str = "simulated outage: connection refused";
+const DROPPED_MESSAGE: &str = "simulated outage: the connection dropped while waiting for the VM";
 const LOST_ANSWER_MESSAGE: &str = "simulated failure: connection lost after the clone was started";
 
 impl Simulator {
@@ -166,6 +176,40 @@ impl Simulator {
     pub fn add_fault(&self, rule: FaultRule) {
         tracing::debug!(?rule, "simulator: fault rule added");
         self.state().rules_mut().push(rule);
+    }
+
+    /// Takes the vCenter at `url` down until [`Simulator::set_endpoint_up`]:
+    /// every call to it fails with [`VsphereError::Transport`], and
+    /// `create_vm` calls waiting for a VM lose their connection the same
+    /// way. What vCenter was doing goes on (a clone that was started
+    /// finishes), and the next `create_vm` after the outage adopts it. URLs
+    /// are compared by [`dvmm_core::config::endpoint_key`].
+    pub fn set_endpoint_down(&self, url: &str) {
+        tracing::debug!(url, "simulator: endpoint down");
+        self.state()
+            .set_outage(endpoint_key(url), Some(Outage::UntilUp));
+        self.inner.vm_changed.notify_waiters();
+    }
+
+    /// Refuses the next `calls` new calls to `url` as
+    /// [`Simulator::set_endpoint_down`] does, then serves it again. Calls
+    /// already in progress are not cut.
+    pub fn set_endpoint_down_for_calls(&self, url: &str, calls: u32) {
+        tracing::debug!(url, calls, "simulator: endpoint down for a number of calls");
+        self.state()
+            .set_outage(endpoint_key(url), Some(Outage::Calls(calls)));
+    }
+
+    /// Ends an outage of `url`.
+    pub fn set_endpoint_up(&self, url: &str) {
+        tracing::debug!(url, "simulator: endpoint up");
+        self.state().set_outage(endpoint_key(url), None);
+    }
+
+    /// Calls refused because their endpoint was down (they are counted in
+    /// [`Simulator::call_count`] too).
+    pub fn unreachable_calls(&self) -> u64 {
+        self.state().unreachable_calls()
     }
 
     /// Removes every fault rule.
@@ -298,8 +342,12 @@ impl Simulator {
     }
 
     async fn create(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
+        let endpoint = endpoint_key(&spec.endpoint.url);
         let (fault, placed) = {
             let mut state = self.state();
+            if state.refuse_call(Operation::CreateVm, &endpoint) {
+                return Err(transient(REFUSED_MESSAGE));
+            }
             let fault = state.begin(Operation::CreateVm);
             // The common case takes the lock once.
             let placed = match fault {
@@ -346,7 +394,12 @@ impl Simulator {
             return Ok(result(Some(ip), placement));
         }
         let ip = self
-            .wait_until_ready(placement.number, spec.ip_wait_timeout, lose_answer)
+            .wait_until_ready(
+                placement.number,
+                spec.ip_wait_timeout,
+                lose_answer,
+                &endpoint,
+            )
             .await?;
         tracing::debug!(?ip, "simulator: VM ready");
         Ok(result(ip, placement))
@@ -355,12 +408,14 @@ impl Simulator {
     /// Waits for the VM to power on, then up to `timeout` for the guest's
     /// IP; wakes when the next step is due or a test hook changed the VM
     /// (`set_delays`, `set_guest_ip`, …). With `lose_answer`, fails with a
-    /// transport error once the VM is powered on.
+    /// transport error once the VM is powered on; so does an outage of
+    /// `endpoint`, at once.
     async fn wait_until_ready(
         &self,
         number: u64,
         timeout: std::time::Duration,
         lose_answer: bool,
+        endpoint: &str,
     ) -> Result<Option<IpAddr>, VsphereError> {
         // The IP wait starts when the VM is first seen powered on.
         let mut deadline = None;
@@ -370,7 +425,13 @@ impl Simulator {
             let mut changed = pin!(self.inner.vm_changed.notified());
             changed.as_mut().enable();
             let now = Instant::now();
-            let progress = self.state().progress(number, now)?;
+            let progress = {
+                let state = self.state();
+                if state.is_down(endpoint) {
+                    return Err(transient(DROPPED_MESSAGE));
+                }
+                state.progress(number, now)?
+            };
             let wake = match progress {
                 Progress::PoweringOn(at) => at,
                 Progress::Running(_) if lose_answer => {
@@ -391,12 +452,16 @@ impl Simulator {
         }
     }
 
-    fn begin_read(&self, operation: Operation) -> Option<Fault> {
-        let fault = self.state().begin(operation);
+    fn begin_read(&self, operation: Operation, url: &str) -> Result<Option<Fault>, VsphereError> {
+        let mut state = self.state();
+        if state.refuse_call(operation, &endpoint_key(url)) {
+            return Err(transient(REFUSED_MESSAGE));
+        }
+        let fault = state.begin(operation);
         if let Some(fault) = &fault {
             tracing::debug!(?fault, "simulator: fault injected");
         }
-        fault
+        Ok(fault)
     }
 
     async fn apply_read_fault(
@@ -421,8 +486,8 @@ impl Simulator {
         }
     }
 
-    async fn get(&self, id: &VmwareVmId) -> Result<VmGuestInfo, VsphereError> {
-        let fault = self.begin_read(Operation::GetVm);
+    async fn get(&self, endpoint: &Endpoint, id: &VmwareVmId) -> Result<VmGuestInfo, VsphereError> {
+        let fault = self.begin_read(Operation::GetVm, &endpoint.url)?;
         if fault.is_some() {
             Self::apply_read_fault(fault, id.as_str(), "").await?;
         }
@@ -430,7 +495,7 @@ impl Simulator {
     }
 
     async fn find(&self, spec: &VmSpec) -> Result<Option<VmGuestInfo>, VsphereError> {
-        let fault = self.begin_read(Operation::FindVm);
+        let fault = self.begin_read(Operation::FindVm, &spec.endpoint.url)?;
         if fault.is_some() {
             let folder = normalize_folder(&spec.folder_path);
             Self::apply_read_fault(fault, spec.name.as_str(), &folder).await?;
@@ -466,11 +531,11 @@ impl VspherePort for Simulator {
 
     fn get_vm(
         &self,
-        _endpoint: &Endpoint,
+        endpoint: &Endpoint,
         id: &VmwareVmId,
     ) -> impl Future<Output = Result<VmGuestInfo, VsphereError>> + Send {
         let span = tracing::debug_span!("sim.get_vm", vmware_vm_id = %id);
-        self.get(id).instrument(span)
+        self.get(endpoint, id).instrument(span)
     }
 
     fn find_vm(

@@ -293,6 +293,18 @@ pub(crate) struct State {
     rules: FaultRules,
     calls: [u64; Operation::ALL.len()],
     rng: StdRng,
+    /// Unreachable endpoints by [`dvmm_core::config::endpoint_key`].
+    outages: std::collections::HashMap<String, Outage>,
+    unreachable_calls: u64,
+}
+
+/// How long an endpoint stays unreachable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outage {
+    /// Until the test says it is back.
+    UntilUp,
+    /// For this many more calls.
+    Calls(u32),
 }
 
 fn not_found(kind: &str, name: &str) -> VsphereError {
@@ -363,7 +375,42 @@ impl State {
             rules: FaultRules::default(),
             calls: [0; Operation::ALL.len()],
             rng: StdRng::seed_from_u64(config.seed),
+            outages: std::collections::HashMap::new(),
+            unreachable_calls: 0,
         }
+    }
+
+    pub(crate) fn set_outage(&mut self, endpoint: String, outage: Option<Outage>) {
+        match outage {
+            Some(Outage::Calls(0)) | None => self.outages.remove(&endpoint),
+            Some(outage) => self.outages.insert(endpoint, outage),
+        };
+    }
+
+    /// Whether a new call of `operation` to `endpoint` is refused; counts
+    /// it (as a call of the operation, too) and spends a counted outage.
+    pub(crate) fn refuse_call(&mut self, operation: Operation, endpoint: &str) -> bool {
+        let Some(outage) = self.outages.get_mut(endpoint) else {
+            return false;
+        };
+        if let Outage::Calls(left) = outage {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                self.outages.remove(endpoint);
+            }
+        }
+        self.calls[operation.index()] += 1;
+        self.unreachable_calls += 1;
+        true
+    }
+
+    /// Whether calls already connected to `endpoint` lose their connection.
+    pub(crate) fn is_down(&self, endpoint: &str) -> bool {
+        self.outages.get(endpoint) == Some(&Outage::UntilUp)
+    }
+
+    pub(crate) fn unreachable_calls(&self) -> u64 {
+        self.unreachable_calls
     }
 
     pub(crate) fn rules_mut(&mut self) -> &mut FaultRules {

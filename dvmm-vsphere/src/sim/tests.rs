@@ -681,3 +681,103 @@ fn debug_is_a_summary_and_introspection_works_outside_a_runtime() {
     assert_eq!(Operation::CreateVm.to_string(), "create_vm");
     let _: VmId = id(1);
 }
+
+fn at_url(mut spec: VmSpec, url: &str) -> VmSpec {
+    spec.endpoint.url = url.to_owned();
+    spec
+}
+
+#[tokio::test]
+async fn a_down_endpoint_refuses_every_call_and_other_endpoints_keep_working() {
+    let sim = Simulator::default();
+    let a = "https://vc-a.example.test/sdk";
+    let b = "https://vc-b.example.test/sdk";
+    sim.set_endpoint_down("HTTPS://VC-A.example.test:443/sdk/");
+    let err = sim
+        .create_vm(&at_url(spec(&sim, "app01", 1), a))
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(sim.vms().is_empty(), "a refused call changes nothing");
+    let mut down = endpoint();
+    down.url = a.into();
+    let err = sim
+        .get_vm(&down, &VmwareVmId::new("vm-1000"))
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    let err = sim
+        .find_vm(&at_url(spec(&sim, "app01", 1), a))
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_eq!(sim.unreachable_calls(), 3);
+    assert_eq!(
+        sim.call_count(Operation::CreateVm),
+        1,
+        "refused calls count"
+    );
+
+    let other = sim
+        .create_vm(&at_url(spec(&sim, "app02", 2), b))
+        .await
+        .unwrap();
+    assert_eq!(sim.vms().len(), 1, "{other:?}");
+
+    sim.set_endpoint_up(a);
+    sim.create_vm(&at_url(spec(&sim, "app01", 1), a))
+        .await
+        .unwrap();
+    assert_eq!(sim.vms().len(), 2);
+    assert_eq!(sim.unreachable_calls(), 3);
+}
+
+#[tokio::test]
+async fn an_outage_of_n_calls_ends_by_itself() {
+    let sim = Simulator::default();
+    let url = "https://vc.example.test/sdk";
+    sim.set_endpoint_down_for_calls(url, 2);
+    for _ in 0..2 {
+        let err = sim
+            .create_vm(&at_url(spec(&sim, "app01", 1), url))
+            .await
+            .unwrap_err();
+        assert!(err.is_unavailable(), "{err:?}");
+    }
+    sim.create_vm(&at_url(spec(&sim, "app01", 1), url))
+        .await
+        .unwrap();
+    assert_eq!(sim.unreachable_calls(), 2);
+    assert_eq!(sim.vms().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_cuts_a_waiting_call_and_the_clone_is_adopted_afterwards() {
+    let sim = Simulator::new(SimulatorConfig {
+        delays: Delays {
+            clone: Duration::from_secs(20),
+            ..Delays::none()
+        },
+        ..SimulatorConfig::default()
+    });
+    let url = "https://vc.example.test/sdk";
+    let spec = at_url(spec(&sim, "app01", 1), url);
+    let call = tokio::spawn({
+        let (sim, spec) = (sim.clone(), spec.clone());
+        async move { sim.create_vm(&spec).await }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(sim.vms().len(), 1, "the clone started");
+    sim.set_endpoint_down(url);
+    let err = tokio::time::timeout(Duration::from_secs(1), call)
+        .await
+        .expect("the waiting call ends when the endpoint goes down")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    sim.set_endpoint_up(url);
+    let result = sim.create_vm(&spec).await.unwrap();
+    assert_eq!(sim.vms().len(), 1, "adopted, not cloned twice");
+    assert_eq!(result.vmware_vm_id.as_str(), "vm-1000");
+}
