@@ -171,8 +171,9 @@ async fn a_thousand_approvals_with_faults_all_end_ready_without_duplicates() {
             .all(|s| *s == VmRequestStatus::Ready)
     );
     assert_eq!(report.ready, 1000);
+    // Transient connection faults are waited out (no attempt counted).
     assert!(
-        report.retried > 0,
+        report.retried + report.waited > 0,
         "faults were injected, so some attempts were retried"
     );
     let vms = s.sim.vms();
