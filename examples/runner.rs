@@ -23,6 +23,12 @@
 //! folder in vSphere, D = VM names found there more than once). Use a fresh
 //! `--tenant` per run on a shared database, since the counts cover all of the
 //! tenant's requests.
+//!
+//! A vCenter outage does not stop the workers: requests wait for it (see the
+//! "Waiting for vCenter" timeline entries) and resume when it is back. If
+//! vSphere still cannot be read when the run ends, V and D are printed as 0,
+//! a `not counted:` line before the summary says so, and the exit status is
+//! 1: ready and failed always come from the store.
 
 use dvmm::Backoff;
 use std::collections::HashMap;
@@ -380,24 +386,64 @@ impl Run {
         for report in reports {
             let report = report.map_err(|e| e.to_string())?;
             eprintln!(
-                "worker: ready {} failed {} skipped {} retried {} released {}",
-                report.ready, report.failed, report.skipped, report.retried, report.released
+                "worker: ready {} failed {} skipped {} retried {} released {} waited for vCenter {}",
+                report.ready,
+                report.failed,
+                report.skipped,
+                report.retried,
+                report.released,
+                report.waited
             );
         }
         let counts = tracker.counts();
-        let names = audit.vm_names().await.map_err(|e| e.to_string())?;
-        let mut per_name: HashMap<&str, usize> = HashMap::new();
-        for name in &names {
-            *per_name.entry(name).or_default() += 1;
-        }
+        // The store has the answer for ready and failed; vSphere is only
+        // asked for the audit, and an unreachable vCenter must not turn a
+        // finished run into an error without those counts.
+        let (vms, duplicates, audited) = match self.count_vms(&audit).await {
+            Ok(names) => {
+                let mut per_name: HashMap<&str, usize> = HashMap::new();
+                for name in &names {
+                    *per_name.entry(name).or_default() += 1;
+                }
+                let duplicates = per_name.values().filter(|n| **n > 1).count();
+                (names.len(), duplicates, true)
+            }
+            Err(error) => {
+                println!(
+                    "not counted: vms and duplicates (vSphere could not be read: {error}); \
+                     ready and failed are from the store"
+                );
+                (0, 0, false)
+            }
+        };
         Ok(Summary {
             ready: counts.ready,
             failed: counts.failed,
-            vms: names.len(),
-            duplicates: per_name.values().filter(|n| **n > 1).count(),
+            vms,
+            duplicates,
             elapsed: self.started.elapsed(),
-            finished,
+            finished: finished && audited,
         })
+    }
+
+    /// The VM names in vSphere, asking a few times over about half a minute
+    /// (but not past `--max-secs`) when vCenter cannot be reached.
+    async fn count_vms(&self, audit: &Audit) -> Result<Vec<String>, VsphereError> {
+        let deadline = self.started + Duration::from_secs(self.args.max_secs);
+        let mut attempt = 0;
+        loop {
+            match audit.vm_names().await {
+                Ok(names) => return Ok(names),
+                Err(error)
+                    if error.is_unavailable() && attempt < 5 && Instant::now() < deadline =>
+                {
+                    attempt += 1;
+                    eprintln!("counting VMs in vSphere failed ({error}); trying again");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     async fn file_approvals<S, V, T>(
