@@ -21,15 +21,15 @@ const LEASE: Duration = Duration::from_secs(60);
 /// in the file `DVMM_SKIP_LOG` names, when set).
 async fn db(test: &str) -> Option<TestDb> {
     let present = std::env::var("DATABASE_URL").is_ok_and(|url| !url.is_empty());
-    if !present && std::env::var("DVMM_REQUIRE_SERVICES").as_deref() != Ok("1") {
-        if let Ok(path) = std::env::var("DVMM_SKIP_LOG")
-            && let Ok(mut log) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-        {
-            let _ = writeln!(log, "{test}: DATABASE_URL is not set");
-        }
+    if !present
+        && std::env::var("DVMM_REQUIRE_SERVICES").as_deref() != Ok("1")
+        && let Ok(path) = std::env::var("DVMM_SKIP_LOG")
+        && let Ok(mut log) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        let _ = writeln!(log, "{test}: DATABASE_URL is not set");
     }
     TestDb::create(test).await
 }
