@@ -322,6 +322,14 @@ where
             eprintln!("provisioning failed: {error}");
             ExitCode::from(1)
         }
+        ProvisionOutcome::Deferred { error, .. } if error.is_unavailable() => {
+            eprintln!(
+                "vCenter could not be reached ({error}); the request waits for it: \
+                 run again later to resume (it fails only after the tenant's \
+                 timeouts.unavailable_deadline_secs)"
+            );
+            ExitCode::from(1)
+        }
         ProvisionOutcome::Deferred { error, .. } => {
             eprintln!("provisioning interrupted by a temporary failure: {error}");
             ExitCode::from(1)

@@ -868,3 +868,84 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backoff::FixedJitter;
+
+    fn job(n: u128) -> Job {
+        Job {
+            tenant_id: TenantId::from_uuid(uuid::Uuid::from_u128(1)),
+            request_id: VmRequestId::from_uuid(uuid::Uuid::from_u128(n)),
+            attempts: 0,
+        }
+    }
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::seconds(secs)
+    }
+
+    fn refused() -> VsphereError {
+        VsphereError::Transport {
+            message: "connection refused".into(),
+        }
+    }
+
+    fn kind(dispatch: &Dispatch) -> &'static str {
+        match dispatch {
+            Dispatch::Start(_, JobKind::Attempt) => "attempt",
+            Dispatch::Start(_, JobKind::Wait(_)) => "wait",
+            Dispatch::Hold(_) => "hold",
+        }
+    }
+
+    #[test]
+    fn one_probe_per_backoff_step_and_the_rest_waits_or_is_held() {
+        let backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(60))
+            .with_jitter(FixedJitter(1.0));
+        let mut parks = Parks::default();
+        let a = Some("vc-a:443");
+        assert_eq!(kind(&parks.dispatch(a, job(1), at(0), true)), "attempt");
+        // The attempt meets an outage: parked, next probe in 2 s.
+        let wait = parks.unavailable("vc-a:443", job(1).request_id, &refused(), at(0), &backoff);
+        assert_eq!(wait, Duration::from_secs(2));
+        assert_eq!(kind(&parks.dispatch(a, job(2), at(1), true)), "wait");
+        assert_eq!(
+            parks.wait_delay(a, at(1), &backoff),
+            Some(Duration::from_secs(1)),
+            "until the next probe"
+        );
+        // Another endpoint is not affected.
+        assert_eq!(
+            kind(&parks.dispatch(Some("vc-b:443"), job(3), at(1), true)),
+            "attempt"
+        );
+        // Due: one job probes, the next ones are held while it runs.
+        assert_eq!(kind(&parks.dispatch(a, job(4), at(2), true)), "attempt");
+        assert_eq!(kind(&parks.dispatch(a, job(5), at(2), true)), "hold");
+        assert_eq!(kind(&parks.dispatch(a, job(6), at(2), false)), "wait");
+        // The probe fails: the next one is a longer step away.
+        let wait = parks.unavailable("vc-a:443", job(4).request_id, &refused(), at(3), &backoff);
+        assert_eq!(wait, Duration::from_secs(4));
+        // A failure of a job that is not the probe changes nothing.
+        let wait = parks.unavailable("vc-a:443", job(9).request_id, &refused(), at(4), &backoff);
+        assert_eq!(wait, Duration::from_secs(3));
+        // An inconclusive probe lets another job probe at once.
+        assert_eq!(kind(&parks.dispatch(a, job(7), at(7), true)), "attempt");
+        parks.inconclusive("vc-a:443", job(7).request_id);
+        assert_eq!(kind(&parks.dispatch(a, job(8), at(7), true)), "attempt");
+        // It gets through: the endpoint is unparked.
+        parks.reachable("vc-a:443");
+        assert!(!parks.is_parked(a));
+        assert_eq!(kind(&parks.dispatch(a, job(10), at(8), true)), "attempt");
+        assert_eq!(parks.wait_delay(a, at(8), &backoff), None);
+    }
+
+    #[test]
+    fn jobs_of_unknown_tenants_are_never_parked() {
+        let mut parks = Parks::default();
+        assert_eq!(kind(&parks.dispatch(None, job(1), at(0), true)), "attempt");
+        assert!(!parks.is_parked(None));
+    }
+}
