@@ -497,3 +497,44 @@ async fn a_second_outage_is_a_new_wait() {
         "only the task timeout counted"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_that_gets_through_starts_the_waiting_work_at_once() {
+    let w = world(3600);
+    w.sim.set_endpoint_down(VC_A);
+    let acme = w.approve(&w.acme, 4, "a").await;
+    let runner = w.runner("w1");
+    let scenario = async {
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(w.sim.vms().is_empty());
+        w.sim.set_endpoint_up(VC_A);
+        let first = tokio::time::timeout(Duration::from_secs(60), async {
+            while w.sim.vms().is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::Instant::now()
+        })
+        .await
+        .expect("a probe got through within a backoff step of the return");
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while w.sim.vms().len() < 4 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("every clone started");
+        // A clone takes 17 s here: the others did not wait for the probe's.
+        assert!(
+            first.elapsed() <= Duration::from_secs(2),
+            "the waiting work started {:?} after the probe's",
+            first.elapsed()
+        );
+        w.settle(&w.acme, &acme, Duration::from_secs(300)).await;
+    };
+    let report = tokio::time::timeout(Duration::from_secs(3600), runner.run(scenario))
+        .await
+        .expect("the scenario ends")
+        .expect("the runner stops cleanly");
+    assert_eq!(report.ready, 4, "{report:?}");
+    assert_eq!(w.sim.vms().len(), 4);
+}

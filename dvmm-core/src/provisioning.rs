@@ -639,6 +639,46 @@ where
             .await
     }
 
+    /// Asks the request's vCenter a cheap question (whether the request's VM
+    /// exists) to learn whether it can be used again: `None` when it
+    /// answered (whatever the answer), else the error that says it is still
+    /// unavailable. For a background runner probing a vCenter it parked;
+    /// nothing is recorded.
+    ///
+    /// # Errors
+    /// [`ServiceError::RequestNotFound`], [`ServiceError::UnknownTenant`], or a
+    /// store failure.
+    pub async fn check_vcenter(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> Result<Option<VsphereError>, ServiceError> {
+        let request = self
+            .request(tenant, request_id)
+            .await?
+            .ok_or(ServiceError::RequestNotFound(request_id))?;
+        let config = self.tenant(tenant)?;
+        // find_vm looks up the name in the folder; the id only matters to
+        // adoption, so a request not started yet can use a placeholder.
+        let vm_id = request.vm_id.unwrap_or(VmId::from_uuid(uuid::Uuid::nil()));
+        let spec = VmSpec::for_request(
+            config,
+            request_id,
+            vm_id,
+            &request.vm_name,
+            &request.project_prefix,
+            request.resources,
+        );
+        match self.vsphere.find_vm(&spec).await {
+            Err(error) if error.is_unavailable() => Ok(Some(error)),
+            Err(error) => {
+                debug!(%error, "vCenter answered the probe with an error; it is reachable");
+                Ok(None)
+            }
+            Ok(_) => Ok(None),
+        }
+    }
+
     /// Records, without calling vSphere, that the request waits for its
     /// vCenter, which is known to be unusable (`error`, e.g. what the last
     /// attempt against that vCenter met): for a background runner that holds

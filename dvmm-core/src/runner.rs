@@ -18,12 +18,15 @@
 //!   jobs of tenants on it are not attempted: they are postponed (no attempt
 //!   counted) after the request records that it waits ("Waiting for
 //!   vCenter", once per outage), except one *probe* job per backoff delay
-//!   ([`RunnerConfig::backoff`] over the outage). Jobs claimed while a probe
-//!   runs are held (their leases renewed) so that they start the moment the
-//!   probe gets through; any attempt that reaches vCenter unparks it. Other
-//!   endpoints' work goes on throughout. A request that waits longer than
-//!   its tenant's `timeouts.unavailable_deadline_secs` fails, saying since
-//!   when vCenter was unreachable.
+//!   ([`RunnerConfig::backoff`] over the outage). The probe first asks
+//!   vCenter something cheap ([`ProvisioningService::check_vcenter`]); when
+//!   it answers, the endpoint is unparked at once and the probe goes on as
+//!   an ordinary attempt. Jobs claimed while a probe runs are held (their
+//!   leases renewed) so that they start the moment it gets through; any
+//!   attempt that reaches vCenter unparks it too. Other endpoints' work goes
+//!   on throughout. A request that waits longer than its tenant's
+//!   `timeouts.unavailable_deadline_secs` fails, saying since when vCenter
+//!   was unreachable.
 //! - Shutdown stops claiming, lets in-flight work finish until a deadline, then
 //!   cancels and releases what is left for another worker.
 //!
@@ -304,6 +307,10 @@ enum JobKind {
     /// Records that the request waits for its parked vCenter (and fails it
     /// past its deadline) without calling vSphere.
     Wait(VsphereError),
+    /// Probes a parked vCenter with a cheap read first: when it answers,
+    /// the runner hears at once (the endpoint's other work starts) and the
+    /// job goes on as an attempt; otherwise the request waits.
+    Probe,
 }
 
 type JobResult = (
@@ -414,7 +421,7 @@ impl Parks {
             None if now >= park.next_probe => {
                 debug!(request_id = %job.request_id, "probing a parked vCenter");
                 park.probe = Some(job.request_id);
-                Dispatch::Start(job, JobKind::Attempt)
+                Dispatch::Start(job, JobKind::Probe)
             }
             Some(_) if can_hold => Dispatch::Hold(job),
             _ => Dispatch::Start(job, JobKind::Wait(park.error.clone())),
@@ -534,6 +541,9 @@ where
         let mut handles: HashMap<VmRequestId, AbortHandle> = HashMap::new();
         let mut held: Vec<Job> = Vec::new();
         let mut parks = Parks::default();
+        // Probes say here when their vCenter answered, long before their
+        // provisioning ends.
+        let (reachable_tx, mut reachable_rx) = futures::channel::mpsc::unbounded::<String>();
         let mut shutdown = pin!(shutdown.fuse());
         // Timers are re-armed only when they fire: completions in between
         // must not postpone them. Feeding and claiming run every poll
@@ -559,6 +569,11 @@ where
                     break;
                 }
                 done = next_finished(&mut inflight).fuse() => finished.extend(done),
+                endpoint = reachable_rx.next() => {
+                    if let Some(endpoint) = endpoint {
+                        parks.reachable(&endpoint);
+                    }
+                }
                 _ = renew_tick.as_mut() => {
                     renew_tick.set(self.timer.sleep(self.renew_interval()).fuse());
                     let renew = self.renew_leases(&worker, &mut handles, &mut held);
@@ -594,7 +609,7 @@ where
                     Dispatch::Start(job, kind) => {
                         let (handle, registration) = AbortHandle::new_pair();
                         handles.insert(job.request_id, handle);
-                        inflight.push(self.run_job(job, kind, registration));
+                        inflight.push(self.run_job(job, kind, registration, &reachable_tx));
                     }
                     Dispatch::Hold(job) => still_held.push(job),
                 }
@@ -613,7 +628,12 @@ where
                                 Dispatch::Start(job, kind) => {
                                     let (handle, registration) = AbortHandle::new_pair();
                                     handles.insert(job.request_id, handle);
-                                    inflight.push(self.run_job(job, kind, registration));
+                                    inflight.push(self.run_job(
+                                        job,
+                                        kind,
+                                        registration,
+                                        &reachable_tx,
+                                    ));
                                 }
                                 Dispatch::Hold(job) => held.push(job),
                             }
@@ -646,17 +666,32 @@ where
         job: Job,
         kind: JobKind,
         registration: futures::future::AbortRegistration,
+        reachable: &futures::channel::mpsc::UnboundedSender<String>,
     ) -> impl Future<Output = JobResult> + Send + '_ {
         let last_attempt = job.attempts + 1 >= self.config.max_attempts;
         let (tenant, request) = (job.tenant_id, job.request_id);
         let run_kind = kind.clone();
+        let reachable = reachable.clone();
         let work = async move {
+            if let JobKind::Probe = run_kind {
+                if let Some(error) = self.service.check_vcenter(tenant, request).await? {
+                    return self.service.wait_for_vcenter(tenant, request, &error).await;
+                }
+                if let Some(endpoint) = self.endpoint_of(tenant) {
+                    // A runner that has stopped listening needs no news.
+                    let _ = reachable.unbounded_send(endpoint);
+                }
+            }
             match run_kind {
                 JobKind::Wait(error) => {
                     self.service.wait_for_vcenter(tenant, request, &error).await
                 }
-                JobKind::Attempt if last_attempt => self.service.provision(tenant, request).await,
-                JobKind::Attempt => self.service.provision_attempt(tenant, request).await,
+                JobKind::Attempt | JobKind::Probe if last_attempt => {
+                    self.service.provision(tenant, request).await
+                }
+                JobKind::Attempt | JobKind::Probe => {
+                    self.service.provision_attempt(tenant, request).await
+                }
             }
         };
         let work = Abortable::new(work, registration);
@@ -678,7 +713,7 @@ where
         // What the attempt says about its vCenter. A wait job never called
         // it, so it says nothing.
         let mut wait = None;
-        if let (JobKind::Attempt, Some(endpoint)) = (&kind, endpoint.as_deref()) {
+        if let (JobKind::Attempt | JobKind::Probe, Some(endpoint)) = (&kind, endpoint.as_deref()) {
             match &result {
                 Ok(Ok(
                     ProvisionOutcome::Deferred { error, .. }
@@ -895,6 +930,7 @@ mod tests {
     fn kind(dispatch: &Dispatch) -> &'static str {
         match dispatch {
             Dispatch::Start(_, JobKind::Attempt) => "attempt",
+            Dispatch::Start(_, JobKind::Probe) => "probe",
             Dispatch::Start(_, JobKind::Wait(_)) => "wait",
             Dispatch::Hold(_) => "hold",
         }
@@ -922,7 +958,7 @@ mod tests {
             "attempt"
         );
         // Due: one job probes, the next ones are held while it runs.
-        assert_eq!(kind(&parks.dispatch(a, job(4), at(2), true)), "attempt");
+        assert_eq!(kind(&parks.dispatch(a, job(4), at(2), true)), "probe");
         assert_eq!(kind(&parks.dispatch(a, job(5), at(2), true)), "hold");
         assert_eq!(kind(&parks.dispatch(a, job(6), at(2), false)), "wait");
         // The probe fails: the next one is a longer step away.
@@ -932,9 +968,9 @@ mod tests {
         let wait = parks.unavailable("vc-a:443", job(9).request_id, &refused(), at(4), &backoff);
         assert_eq!(wait, Duration::from_secs(3));
         // An inconclusive probe lets another job probe at once.
-        assert_eq!(kind(&parks.dispatch(a, job(7), at(7), true)), "attempt");
+        assert_eq!(kind(&parks.dispatch(a, job(7), at(7), true)), "probe");
         parks.inconclusive("vc-a:443", job(7).request_id);
-        assert_eq!(kind(&parks.dispatch(a, job(8), at(7), true)), "attempt");
+        assert_eq!(kind(&parks.dispatch(a, job(8), at(7), true)), "probe");
         // It gets through: the endpoint is unparked.
         parks.reachable("vc-a:443");
         assert!(!parks.is_parked(a));
