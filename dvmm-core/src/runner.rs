@@ -338,6 +338,11 @@ struct Park {
 #[derive(Debug, Default)]
 struct Parks {
     by_endpoint: HashMap<String, Park>,
+    /// Endpoints unparked lately: (when, the outage's failures and start).
+    /// A vCenter that answers a probe but fails the work again at once
+    /// (half up, a flapping proxy) keeps backing off instead of starting
+    /// over at the shortest delay each time.
+    recent: HashMap<String, (DateTime<Utc>, u32, DateTime<Utc>)>,
 }
 
 /// What to do with a claimed job.
@@ -364,15 +369,24 @@ impl Parks {
         now: DateTime<Utc>,
         backoff: &Backoff,
     ) -> Duration {
+        let recent = self.recent.remove(endpoint);
         let park = self
             .by_endpoint
             .entry(endpoint.to_owned())
             .or_insert_with(|| {
-                let delay = backoff.delay(1);
-                warn!(endpoint, %error, ?delay, "vCenter unreachable; parking its work");
+                let (failures, since) = match recent {
+                    Some((unparked, failures, since))
+                        if (now - unparked).to_std().unwrap_or_default() <= backoff.max() =>
+                    {
+                        (failures.saturating_add(1), since)
+                    }
+                    _ => (1, now),
+                };
+                let delay = backoff.delay(failures);
+                warn!(endpoint, %error, ?delay, failures, "vCenter unreachable; parking its work");
                 Park {
-                    since: now,
-                    failures: 1,
+                    since,
+                    failures,
                     next_probe: after(now, delay),
                     probe: None,
                     error: error.clone(),
@@ -389,11 +403,19 @@ impl Parks {
         (park.next_probe - now).to_std().unwrap_or_default()
     }
 
-    /// An attempt got an answer from `endpoint`: its work may go on.
-    fn reachable(&mut self, endpoint: &str) {
+    /// `endpoint` answered: its work may go on.
+    fn reachable(&mut self, endpoint: &str, now: DateTime<Utc>) {
         if let Some(park) = self.by_endpoint.remove(endpoint) {
             info!(endpoint, since = %park.since, "vCenter reachable again; resuming its work");
+            self.recent
+                .insert(endpoint.to_owned(), (now, park.failures, park.since));
         }
+    }
+
+    /// A provisioning on `endpoint` went all the way through: it is really
+    /// back, so a later failure starts a new outage.
+    fn worked(&mut self, endpoint: &str) {
+        self.recent.remove(endpoint);
     }
 
     /// `job` ended without telling whether `endpoint` is back (skipped,
@@ -571,7 +593,7 @@ where
                 done = next_finished(&mut inflight).fuse() => finished.extend(done),
                 endpoint = reachable_rx.next() => {
                     if let Some(endpoint) = endpoint {
-                        parks.reachable(&endpoint);
+                        parks.reachable(&endpoint, self.service.clock().now());
                     }
                 }
                 _ = renew_tick.as_mut() => {
@@ -721,11 +743,13 @@ where
                 )) if error.is_unavailable() => {
                     wait = Some(parks.unavailable(endpoint, id, error, now, &self.config.backoff));
                 }
-                Ok(Ok(
-                    ProvisionOutcome::Ready { .. }
-                    | ProvisionOutcome::Failed { .. }
-                    | ProvisionOutcome::Deferred { .. },
-                )) => parks.reachable(endpoint),
+                Ok(Ok(ProvisionOutcome::Ready { .. })) => {
+                    parks.reachable(endpoint, now);
+                    parks.worked(endpoint);
+                }
+                Ok(Ok(ProvisionOutcome::Failed { .. } | ProvisionOutcome::Deferred { .. })) => {
+                    parks.reachable(endpoint, now);
+                }
                 Ok(Ok(ProvisionOutcome::Skipped { .. }) | Err(_)) | Err(Aborted) => {
                     parks.inconclusive(endpoint, id);
                 }
@@ -972,10 +996,46 @@ mod tests {
         parks.inconclusive("vc-a:443", job(7).request_id);
         assert_eq!(kind(&parks.dispatch(a, job(8), at(7), true)), "probe");
         // It gets through: the endpoint is unparked.
-        parks.reachable("vc-a:443");
+        parks.reachable("vc-a:443", at(8));
         assert!(!parks.is_parked(a));
         assert_eq!(kind(&parks.dispatch(a, job(10), at(8), true)), "attempt");
         assert_eq!(parks.wait_delay(a, at(8), &backoff), None);
+    }
+
+    #[test]
+    fn a_vcenter_that_fails_again_right_after_answering_keeps_backing_off() {
+        let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60))
+            .with_jitter(FixedJitter(1.0));
+        let mut parks = Parks::default();
+        let a = "vc-a:443";
+        assert_eq!(
+            parks.unavailable(a, job(1).request_id, &refused(), at(0), &backoff),
+            Duration::from_secs(1)
+        );
+        let mut now = 0;
+        for step in 2..=4u32 {
+            // The probe is answered, the work fails again at once.
+            now += 1 << (step - 2);
+            parks.reachable(a, at(now));
+            let wait = parks.unavailable(
+                a,
+                job(u128::from(step)).request_id,
+                &refused(),
+                at(now),
+                &backoff,
+            );
+            assert_eq!(wait, Duration::from_secs(1 << (step - 1)), "step {step}");
+        }
+        assert_eq!(parks.by_endpoint[a].since, at(0), "one outage all along");
+        // Up for longer than the longest delay: the next outage starts over.
+        parks.reachable(a, at(now));
+        let wait = parks.unavailable(a, job(9).request_id, &refused(), at(now + 61), &backoff);
+        assert_eq!(wait, Duration::from_secs(1));
+        // So does one right after a provisioning that went through.
+        parks.reachable(a, at(now + 62));
+        parks.worked(a);
+        let wait = parks.unavailable(a, job(10).request_id, &refused(), at(now + 62), &backoff);
+        assert_eq!(wait, Duration::from_secs(1));
     }
 
     #[test]
