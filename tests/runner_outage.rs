@@ -210,7 +210,7 @@ async fn a_vcsim_killed_and_restarted_under_a_running_runner_loses_no_request() 
             "no request failed while vcsim was down: {during:?}"
         );
         vcsim = Some(Vcsim::start(&bin, port));
-        tokio::time::timeout(Duration::from_secs(120), async {
+        let settled = tokio::time::timeout(Duration::from_secs(120), async {
             loop {
                 let now = statuses().await;
                 if now.iter().all(|s| {
@@ -221,8 +221,18 @@ async fn a_vcsim_killed_and_restarted_under_a_running_runner_loses_no_request() 
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
-        .await
-        .expect("every request settled within two minutes of the restart");
+        .await;
+        if settled.is_err() {
+            let now = statuses().await;
+            panic!(
+                "not every request settled within two minutes of the restart: \
+                 {} ready, {} provisioning, {} failed (RUST_LOG=dvmm_core::runner=info \
+                 shows whether the runner parked and probed the vCenter)",
+                count(&now, VmRequestStatus::Ready),
+                count(&now, VmRequestStatus::Provisioning),
+                count(&now, VmRequestStatus::Failed)
+            );
+        }
     };
     let report = tokio::time::timeout(Duration::from_secs(600), runner.run(scenario))
         .await
