@@ -1,19 +1,21 @@
-//! The SOAP layer: the envelope writer, a namespace-aware response reader and
-//! fault decoding.
+//! The response reader: a namespace-aware reader of SOAP answers into a
+//! small element tree ([`Node`]).
 //!
-//! Responses are read into a small element tree ([`Node`]). vim25 types its
-//! values with `xsi:type`, but the prefix that stands for the
+//! vim25 types its values with `xsi:type`, but the prefix that stands for the
 //! `XMLSchema-instance` namespace varies (vCenter and vcsim declare a local
 //! `XMLSchema-instance` prefix on property values and use `xsi` on faults),
 //! so the reader resolves prefixes instead of matching them literally.
+//! Declarations are kept on a stack of scopes that only elements declaring
+//! namespaces touch, so resolution stays linear in the size of the answer.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 use std::sync::OnceLock;
 
 use dvmm_core::ports::VsphereError;
 use quick_xml::Reader;
 use quick_xml::events::{BytesStart, Event};
+
+use super::fault::{Fault, decode_fault};
 
 /// The SOAP 1.1 envelope namespace.
 pub const SOAP_ENV_NS: &str = "http://schemas.xmlsoap.org/soap/envelope/";
@@ -243,7 +245,7 @@ impl From<ReadError> for VsphereError {
     }
 }
 
-fn local_name(qname: &[u8]) -> &[u8] {
+pub(crate) fn local_name(qname: &[u8]) -> &[u8] {
     match qname.iter().rposition(|b| *b == b':') {
         Some(i) => &qname[i + 1..],
         None => qname,
@@ -1159,119 +1161,6 @@ pub fn parse_document(bytes: &[u8]) -> Result<(Node, Option<String>), ReadError>
     let root = root.ok_or_else(|| ReadError::Malformed("no root element".into()))?;
     Ok((root, root_ns))
 }
-
-/// A SOAP fault as the server sent it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Fault {
-    /// The vim25 fault type (`NotAuthenticated`, `DuplicateName`, …), or the
-    /// SOAP `faultcode` when the detail names no type.
-    pub kind: String,
-    /// `faultstring`, possibly empty.
-    pub message: String,
-    /// The fault's detail element, when present.
-    pub detail: Option<Node>,
-}
-
-impl Fault {
-    /// Reads a vim25 fault object (a `<fault xsi:type="…">` element or a
-    /// `<…Fault>` detail element).
-    pub fn from_fault_node(node: &Node, message: impl Into<String>) -> Self {
-        let kind = node
-            .xsi_type
-            .as_deref()
-            .map(str::to_owned)
-            .unwrap_or_else(|| {
-                node.name
-                    .strip_suffix("Fault")
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or(&node.name)
-                    .to_owned()
-            });
-        Self {
-            kind,
-            message: message.into(),
-            detail: Some(node.clone()),
-        }
-    }
-
-    /// Reads a `LocalizedMethodFault` (task `info.error`, `missingSet/fault`).
-    pub fn from_localized(node: &Node) -> Self {
-        let message = node.child_text("localizedMessage").unwrap_or_default();
-        match node.child("fault") {
-            Some(fault) => Self::from_fault_node(fault, message),
-            None => Self {
-                kind: node.xsi_type.as_deref().unwrap_or("MethodFault").to_owned(),
-                message: message.to_owned(),
-                detail: None,
-            },
-        }
-    }
-
-    fn detail_text(&self, name: &str) -> Option<&str> {
-        self.detail.as_ref().and_then(|d| d.child_text(name))
-    }
-
-    fn message_or_kind(&self) -> String {
-        if self.message.trim().is_empty() {
-            self.kind.clone()
-        } else {
-            self.message.clone()
-        }
-    }
-
-    /// Maps the fault onto the port's error. `username` names the user in
-    /// `InvalidLogin`.
-    pub fn into_error(self, username: &str) -> VsphereError {
-        match self.kind.as_str() {
-            "InvalidLogin" | "InvalidLoginFault" => VsphereError::InvalidLogin {
-                username: username.to_owned(),
-            },
-            "NotAuthenticated" => VsphereError::NotAuthenticated,
-            "DuplicateName" => {
-                let name = self.detail_text("name").unwrap_or_default().to_owned();
-                let location = self
-                    .detail
-                    .as_ref()
-                    .and_then(|d| d.child("object"))
-                    .map(|o| o.text.clone())
-                    .unwrap_or_default();
-                VsphereError::DuplicateName { name, location }
-            }
-            "ManagedObjectNotFound" => {
-                let obj = self.detail.as_ref().and_then(|d| d.child("obj"));
-                VsphereError::NotFound {
-                    kind: obj
-                        .and_then(|o| o.mo_type.as_deref().map(str::to_owned))
-                        .unwrap_or_else(|| "managed object".into()),
-                    name: obj.map(|o| o.text.clone()).unwrap_or_default(),
-                }
-            }
-            "InvalidPowerState" => {
-                let mut message = self.message.clone();
-                if message.trim().is_empty() || message.starts_with("*types.") {
-                    let existing = self.detail_text("existingState").unwrap_or("unknown");
-                    let requested = self.detail_text("requestedState").unwrap_or("another");
-                    message = format!("VM is {existing}, the operation needs {requested}");
-                }
-                VsphereError::InvalidPowerState { message }
-            }
-            kind if kind.starts_with("Insufficient")
-                || kind == "NotEnoughLicenses"
-                || kind == "NoDiskSpace"
-                || kind == "OutOfBounds" =>
-            {
-                VsphereError::InsufficientResources {
-                    message: format!("{kind}: {}", self.message_or_kind()),
-                }
-            }
-            _ => VsphereError::TaskFailed {
-                message: self.message_or_kind(),
-                fault: self.kind,
-            },
-        }
-    }
-}
-
 /// A decoded response: either the body's payload element or a fault.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
@@ -1307,182 +1196,6 @@ pub fn read_response(bytes: &[u8]) -> Result<Response, ReadError> {
         return Ok(Response::Fault(decode_fault(&payload)));
     }
     Ok(Response::Ok(payload))
-}
-
-/// Decodes a `soapenv:Fault` element.
-pub fn decode_fault(fault: &Node) -> Fault {
-    let message = fault
-        .child_text("faultstring")
-        .unwrap_or_default()
-        .to_owned();
-    match fault.child("detail").and_then(|d| d.children.first()) {
-        Some(detail) => Fault::from_fault_node(detail, message),
-        None => Fault {
-            kind: fault
-                .child_text("faultcode")
-                .map(|c| local_name(c.as_bytes()))
-                .and_then(|c| std::str::from_utf8(c).ok())
-                .filter(|c| !c.is_empty())
-                .unwrap_or("ServerFaultCode")
-                .to_owned(),
-            message,
-            detail: None,
-        },
-    }
-}
-
-/// Escapes text for element content and attribute values.
-pub fn escape_into(out: &mut String, text: &str) {
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            // Characters XML 1.0 cannot carry at all are dropped rather than
-            // producing a document the server rejects as a whole.
-            c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => {}
-            c => out.push(c),
-        }
-    }
-}
-
-/// Writes one request envelope. Elements are written in call order; the
-/// caller is responsible for vim25's element order.
-#[derive(Debug)]
-pub struct Envelope {
-    buf: String,
-    method: &'static str,
-}
-
-impl Envelope {
-    /// Starts the request of `method` (e.g. `RetrievePropertiesEx`).
-    pub fn new(method: &'static str) -> Self {
-        let mut buf = String::with_capacity(512);
-        buf.push_str(concat!(
-            r#"<?xml version="1.0" encoding="UTF-8"?>"#,
-            r#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" "#,
-            r#"xmlns:xsd="http://www.w3.org/2001/XMLSchema" "#,
-            r#"xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body>"#
-        ));
-        buf.push('<');
-        buf.push_str(method);
-        buf.push_str(r#" xmlns="urn:vim25">"#);
-        Self { buf, method }
-    }
-
-    /// The method this envelope calls.
-    pub fn method(&self) -> &'static str {
-        self.method
-    }
-
-    /// `<tag type="Kind">value</tag>`: a managed object reference.
-    pub fn moref(&mut self, tag: &str, kind: &str, value: &str) -> &mut Self {
-        let _ = write!(self.buf, "<{tag} type=\"");
-        escape_into(&mut self.buf, kind);
-        self.buf.push_str("\">");
-        escape_into(&mut self.buf, value);
-        let _ = write!(self.buf, "</{tag}>");
-        self
-    }
-
-    /// `<tag>text</tag>`.
-    pub fn text(&mut self, tag: &str, text: &str) -> &mut Self {
-        let _ = write!(self.buf, "<{tag}>");
-        escape_into(&mut self.buf, text);
-        let _ = write!(self.buf, "</{tag}>");
-        self
-    }
-
-    /// `<tag xsi:type="ty">text</tag>`.
-    pub fn typed_text(&mut self, tag: &str, ty: &str, text: &str) -> &mut Self {
-        let _ = write!(self.buf, "<{tag} xsi:type=\"{ty}\">");
-        escape_into(&mut self.buf, text);
-        let _ = write!(self.buf, "</{tag}>");
-        self
-    }
-
-    /// Opens `<tag>`.
-    pub fn open(&mut self, tag: &str) -> &mut Self {
-        let _ = write!(self.buf, "<{tag}>");
-        self
-    }
-
-    /// Opens `<tag xsi:type="ty">`.
-    pub fn open_typed(&mut self, tag: &str, ty: &str) -> &mut Self {
-        let _ = write!(self.buf, "<{tag} xsi:type=\"{ty}\">");
-        self
-    }
-
-    /// Closes `</tag>`.
-    pub fn close(&mut self, tag: &str) -> &mut Self {
-        let _ = write!(self.buf, "</{tag}>");
-        self
-    }
-
-    /// Writes an element read from a response back out, with its `xsi:type`
-    /// and managed-object `type`: this is how devices are edited "as read".
-    pub fn node(&mut self, node: &Node) -> &mut Self {
-        self.node_as(&node.name, node)
-    }
-
-    /// Like [`Envelope::node`] under another element name.
-    pub fn node_as(&mut self, tag: &str, node: &Node) -> &mut Self {
-        let _ = write!(self.buf, "<{tag}");
-        if let Some(ty) = &node.xsi_type {
-            self.buf.push_str(" xsi:type=\"");
-            escape_into(&mut self.buf, &xsi_qualified(ty));
-            self.buf.push('"');
-        }
-        if let Some(ty) = &node.mo_type {
-            self.buf.push_str(" type=\"");
-            escape_into(&mut self.buf, ty);
-            self.buf.push('"');
-        }
-        self.buf.push('>');
-        if node.children.is_empty() {
-            escape_into(&mut self.buf, &node.text);
-        } else {
-            for child in &node.children {
-                self.node(child);
-            }
-        }
-        let _ = write!(self.buf, "</{tag}>");
-        self
-    }
-
-    /// Finishes the document.
-    pub fn finish(mut self) -> String {
-        let _ = write!(
-            self.buf,
-            "</{}></soapenv:Body></soapenv:Envelope>",
-            self.method
-        );
-        self.buf
-    }
-}
-
-/// XML Schema built-in types need the `xsd:` prefix when written back.
-fn xsi_qualified(ty: &str) -> String {
-    const XSD: &[&str] = &[
-        "string",
-        "boolean",
-        "int",
-        "long",
-        "short",
-        "byte",
-        "float",
-        "double",
-        "dateTime",
-        "base64Binary",
-        "anyURI",
-    ];
-    if XSD.contains(&ty) {
-        format!("xsd:{ty}")
-    } else {
-        ty.to_owned()
-    }
 }
 
 #[cfg(test)]
@@ -1523,70 +1236,6 @@ mod tests {
         assert!(read_response(b"").is_err());
         let deep = "<a>".repeat(MAX_DEPTH + 1);
         assert_eq!(read_response(deep.as_bytes()), Err(ReadError::TooDeep));
-    }
-
-    #[test]
-    fn writer_escapes_and_round_trips_nodes() {
-        let mut env = Envelope::new("Login");
-        env.moref("_this", "SessionManager", "SessionManager")
-            .text("userName", "a<b>&\"c'")
-            .typed_text("value", "xsd:string", "v");
-        let mut device = Node::new("device");
-        device.xsi_type = Some("VirtualDisk".into());
-        device.children.push(Node::with_text("key", "2000"));
-        let mut net = Node::with_text("network", "network-7");
-        net.mo_type = Some("Network".into());
-        device.children.push(net);
-        env.node(&device);
-        let xml = env.finish();
-        assert!(xml.contains("<userName>a&lt;b&gt;&amp;&quot;c&apos;</userName>"));
-        let Response::Ok(login) = read_response(xml.as_bytes()).unwrap() else {
-            panic!("fault")
-        };
-        assert_eq!(login.child_text("userName"), Some("a<b>&\"c'"));
-        assert_eq!(
-            login.child("value").unwrap().xsi_type.as_deref(),
-            Some("string")
-        );
-        assert_eq!(login.child("device"), Some(&device));
-    }
-
-    #[test]
-    fn faults_map_to_typed_errors() {
-        let fault = |kind: &str, detail: Vec<Node>| Fault {
-            kind: kind.into(),
-            message: String::new(),
-            detail: Some(Node {
-                children: detail,
-                ..Node::new("x")
-            }),
-        };
-        assert_eq!(
-            fault("InvalidLogin", vec![]).into_error("bob"),
-            VsphereError::InvalidLogin {
-                username: "bob".into()
-            }
-        );
-        let mut obj = Node::with_text("obj", "vm-9");
-        obj.mo_type = Some("VirtualMachine".into());
-        assert_eq!(
-            fault("ManagedObjectNotFound", vec![obj]).into_error("u"),
-            VsphereError::NotFound {
-                kind: "VirtualMachine".into(),
-                name: "vm-9".into()
-            }
-        );
-        assert!(matches!(
-            fault("InsufficientMemoryResourcesFault", vec![]).into_error("u"),
-            VsphereError::InsufficientResources { .. }
-        ));
-        assert_eq!(
-            fault("InvalidDeviceSpec", vec![]).into_error("u"),
-            VsphereError::TaskFailed {
-                fault: "InvalidDeviceSpec".into(),
-                message: "InvalidDeviceSpec".into()
-            }
-        );
     }
 
     #[test]
