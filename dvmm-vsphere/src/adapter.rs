@@ -1,19 +1,21 @@
 //! [`SoapVsphere`]: the [`VspherePort`] implementation over vim25 SOAP.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dvmm_core::config::VcenterEndpoint;
 use dvmm_core::ids::{VmId, VmwareVmId};
 use dvmm_core::ports::{VsphereError, VspherePort};
 use dvmm_core::spec::{IP_TIMEOUT_WARNING, VmGuestInfo, VmProvisioningResult, VmSpec};
-use rand::Rng;
 use tracing::Instrument;
 
 use crate::methods::{self, CloneSpec, ConfigSpec};
-use crate::session::{Session, SessionPool, SoapOptions};
+use crate::options::SoapOptions;
+use crate::session::{Connector, HttpConnector, Session, SessionPool};
 use crate::types::{GuestInfo, Hardware, MoRef, NetworkBacking, PowerState, VmProperties};
 use crate::wait;
 
@@ -22,10 +24,51 @@ pub const VM_ID_KEY: &str = "dvmm.vmId";
 
 /// Inventory resolved once per session and reused.
 #[derive(Clone, Debug)]
-pub(crate) enum Cached {
+enum Cached {
     Ref(MoRef),
     Network(NetworkBacking),
     Template(MoRef, Hardware),
+}
+
+/// Resolved inventory of one session, keyed by what was asked. It lives
+/// here, above the session, because only the adapter knows what it means.
+#[derive(Debug, Default)]
+struct InventoryCache(Mutex<HashMap<String, Cached>>);
+
+impl InventoryCache {
+    fn get(&self, key: &str) -> Option<Cached> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn put(&self, key: String, value: Cached) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, value);
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// A session with its inventory cache; reads as the session.
+#[derive(Clone, Debug)]
+struct Conn {
+    session: Arc<Session>,
+    cache: Arc<InventoryCache>,
+}
+
+impl Deref for Conn {
+    type Target = Session;
+
+    fn deref(&self) -> &Session {
+        &self.session
+    }
 }
 
 /// Properties read back from a VM before deciding what to change.
@@ -70,21 +113,50 @@ pub struct SoapVsphere {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug, Default)]
 struct Inner {
     options: Arc<SoapOptions>,
     pool: SessionPool,
     requests: Arc<AtomicU64>,
+    connector: Box<dyn Connector>,
+    caches: Mutex<HashMap<u64, Arc<InventoryCache>>>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            options: Arc::default(),
+            pool: SessionPool::default(),
+            requests: Arc::default(),
+            connector: Box::new(HttpConnector),
+            caches: Mutex::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoapVsphere")
+            .field("options", &self.options)
+            .field("requests", &self.requests)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SoapVsphere {
     /// A client with these options. Nothing is connected yet.
     pub fn new(options: SoapOptions) -> Self {
+        Self::with_connector(options, HttpConnector)
+    }
+
+    /// A client whose sessions send through the transports `connector`
+    /// makes (e.g. a [`ScriptedTransport`](crate::transport::scripted::ScriptedTransport)
+    /// in tests); the session, retry and breaker layers stay the same.
+    pub fn with_connector(options: SoapOptions, connector: impl Connector + 'static) -> Self {
         Self {
             inner: Arc::new(Inner {
                 options: Arc::new(options),
-                pool: SessionPool::default(),
-                requests: Arc::new(AtomicU64::new(0)),
+                connector: Box::new(connector),
+                ..Inner::default()
             }),
         }
     }
@@ -97,6 +169,11 @@ impl SoapVsphere {
     /// Logs out every session. The client stays usable: the next call logs
     /// in again.
     pub async fn shutdown(&self) {
+        self.inner
+            .caches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         for session in self.inner.pool.drain() {
             if let Err(e) = session.logout().await {
                 tracing::warn!(url = %session.url(), error = %e, "logout failed");
@@ -143,16 +220,25 @@ impl SoapVsphere {
     }
 
     fn session(&self, endpoint: &VcenterEndpoint) -> Result<Arc<Session>, VsphereError> {
-        self.inner
-            .pool
-            .get(endpoint, &self.inner.options, &self.inner.requests)
+        self.inner.pool.get(
+            endpoint,
+            &self.inner.options,
+            &self.inner.requests,
+            self.inner.connector.as_ref(),
+        )
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
-        let base = self.inner.options.retry_base_delay.as_secs_f64();
-        let full = (base * 2f64.powi(attempt as i32))
-            .min(self.inner.options.max_retry_delay.as_secs_f64());
-        Duration::from_secs_f64(full / 2.0 + rand::thread_rng().gen_range(0.0..=full / 2.0))
+    fn conn(&self, endpoint: &VcenterEndpoint) -> Result<Conn, VsphereError> {
+        let session = self.session(endpoint)?;
+        let cache = self
+            .inner
+            .caches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(session.id())
+            .or_default()
+            .clone();
+        Ok(Conn { session, cache })
     }
 }
 
@@ -179,31 +265,6 @@ fn vm_path(spec: &VmSpec) -> String {
     path
 }
 
-fn cache_get(session: &Session, key: &str) -> Option<Cached> {
-    session
-        .cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(key)
-        .cloned()
-}
-
-fn cache_put(session: &Session, key: String, value: Cached) {
-    session
-        .cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, value);
-}
-
-fn cache_clear(session: &Session) {
-    session
-        .cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clear();
-}
-
 fn not_found(kind: &str, name: impl Into<String>) -> VsphereError {
     VsphereError::NotFound {
         kind: kind.into(),
@@ -212,14 +273,14 @@ fn not_found(kind: &str, name: impl Into<String>) -> VsphereError {
 }
 
 /// Looks up an inventory path, caching hits.
-async fn lookup(session: &Session, path: &str) -> Result<Option<MoRef>, VsphereError> {
+async fn lookup(session: &Conn, path: &str) -> Result<Option<MoRef>, VsphereError> {
     let key = format!("path:{path}");
-    if let Some(Cached::Ref(r)) = cache_get(session, &key) {
+    if let Some(Cached::Ref(r)) = session.cache.get(&key) {
         return Ok(Some(r));
     }
     let found = methods::find_by_inventory_path(session, path).await?;
     if let Some(r) = &found {
-        cache_put(session, key, Cached::Ref(r.clone()));
+        session.cache.put(key, Cached::Ref(r.clone()));
     }
     Ok(found)
 }
@@ -234,7 +295,7 @@ struct Inventory {
     template_hardware: Hardware,
 }
 
-async fn resolve(session: &Arc<Session>, spec: &VmSpec) -> Result<Inventory, VsphereError> {
+async fn resolve(session: &Conn, spec: &VmSpec) -> Result<Inventory, VsphereError> {
     let dc = escape_component(&spec.datacenter);
     if lookup(session, &dc).await?.is_none() {
         return Err(not_found("datacenter", &spec.datacenter));
@@ -288,12 +349,12 @@ async fn resolve(session: &Arc<Session>, spec: &VmSpec) -> Result<Inventory, Vsp
 }
 
 async fn resolve_network(
-    session: &Session,
+    session: &Conn,
     dc: &str,
     name: &str,
 ) -> Result<NetworkBacking, VsphereError> {
     let key = format!("network:{dc}|{name}");
-    if let Some(Cached::Network(n)) = cache_get(session, &key) {
+    if let Some(Cached::Network(n)) = session.cache.get(&key) {
         return Ok(n);
     }
     let net = lookup(session, &format!("{dc}/network/{}", escape_component(name)))
@@ -349,18 +410,18 @@ async fn resolve_network(
             ));
         }
     };
-    cache_put(session, key, Cached::Network(backing.clone()));
+    session.cache.put(key, Cached::Network(backing.clone()));
     Ok(backing)
 }
 
 async fn resolve_template(
-    session: &Session,
+    session: &Conn,
     dc: &str,
     vm_folder: &MoRef,
     template: &str,
 ) -> Result<(MoRef, Hardware), VsphereError> {
     let key = format!("template:{dc}|{template}");
-    if let Some(Cached::Template(r, hw)) = cache_get(session, &key) {
+    if let Some(Cached::Template(r, hw)) = session.cache.get(&key) {
         return Ok((r, hw));
     }
     let found = if let Some(absolute) = template.strip_prefix('/') {
@@ -391,8 +452,7 @@ async fn resolve_template(
         .first()
         .map(|c| VmProperties::from_content(c).hardware)
         .unwrap_or_default();
-    cache_put(
-        session,
+    session.cache.put(
         key,
         Cached::Template(template_ref.clone(), hardware.clone()),
     );
@@ -402,7 +462,7 @@ async fn resolve_template(
 /// Makes sure `{vm folder}/{folder_path}` exists; racing creators both win
 /// (`DuplicateName` means someone else just made it).
 async fn ensure_folder(
-    session: &Session,
+    session: &Conn,
     spec: &VmSpec,
     vm_folder: &MoRef,
 ) -> Result<MoRef, VsphereError> {
@@ -428,7 +488,9 @@ async fn ensure_folder(
                     })?,
                 Err(e) => return Err(e),
             };
-        cache_put(session, format!("path:{path}"), Cached::Ref(parent.clone()));
+        session
+            .cache
+            .put(format!("path:{path}"), Cached::Ref(parent.clone()));
     }
     Ok(parent)
 }
@@ -535,9 +597,13 @@ fn result_of(vm: &MoRef, spec: &VmSpec, ip: Option<IpAddr>) -> VmProvisioningRes
 }
 
 impl SoapVsphere {
+    /// Clones the VM. `CloneVM_Task` is never sent twice blindly: when
+    /// its answer is lost in transit the clone may still have happened, so
+    /// the VM is looked for first; found (and carrying our id) it is
+    /// adopted, not found the clone is sent exactly once more.
     async fn clone_new(
         &self,
-        session: &Arc<Session>,
+        session: &Conn,
         spec: &VmSpec,
         inv: &Inventory,
         folder: &MoRef,
@@ -551,9 +617,9 @@ impl SoapVsphere {
             pool: inv.pool.clone(),
             config: reconcile(spec, inv, &template_props, true),
         };
-        let mut attempt = 0;
-        loop {
-            let task = match methods::clone_vm(
+        let mut resent = false;
+        let task = loop {
+            match methods::clone_vm(
                 session,
                 &inv.template,
                 folder,
@@ -562,60 +628,64 @@ impl SoapVsphere {
             )
             .await
             {
-                Ok(task) => task,
-                Err(e) if e.is_retryable() && attempt < self.inner.options.max_retries => {
-                    // The answer was lost, not necessarily the clone: retry
-                    // only when no VM of that name appeared.
-                    tracing::warn!(error = %e, "CloneVM_Task failed in transit; checking for the VM");
-                    tokio::time::sleep(self.backoff(attempt)).await;
-                    attempt += 1;
+                Ok(task) => break task,
+                // Only a transport failure can hide a clone that happened;
+                // an open breaker means nothing was sent.
+                Err(e @ VsphereError::Transport { .. }) if !resent => {
+                    tracing::warn!(error = %e, "CloneVM_Task's answer was lost; looking for the VM");
                     match existing_vm(session, spec).await {
                         Ok(Some(vm)) => return Ok(vm),
-                        Ok(None) => continue,
-                        Err(VsphereError::CircuitOpen { .. }) => return Err(e),
+                        Ok(None) => resent = true,
+                        // Cannot tell whether the clone happened: give up
+                        // this time; the next attempt looks first.
+                        Err(VsphereError::Transport { .. } | VsphereError::CircuitOpen { .. }) => {
+                            return Err(e);
+                        }
                         Err(other) => return Err(other),
                     }
                 }
                 Err(e) => return Err(e),
-            };
-            tracing::info!(task = %task.value, "clone started");
-            return match wait::wait_for_task(session, &task, "CloneVM_Task", spec.task_timeout)
-                .await
-            {
-                Ok(result) => result.as_ref().and_then(MoRef::from_node).ok_or_else(|| {
-                    VsphereError::Protocol {
+            }
+        };
+        tracing::info!(task = %task.value, "clone started");
+        match wait::wait_for_task(&session.session, &task, "CloneVM_Task", spec.task_timeout).await
+        {
+            Ok(result) => {
+                result
+                    .as_ref()
+                    .and_then(MoRef::from_node)
+                    .ok_or_else(|| VsphereError::Protocol {
                         message: format!("clone task {} finished without a VM", task.value),
-                    }
-                }),
-                Err(VsphereError::DuplicateName { .. }) => existing_vm(session, spec)
-                    .await?
-                    .ok_or_else(|| duplicate(spec)),
-                Err(e) => Err(e),
-            };
+                    })
+            }
+            Err(VsphereError::DuplicateName { .. }) => existing_vm(session, spec)
+                .await?
+                .ok_or_else(|| duplicate(spec)),
+            Err(e) => Err(e),
         }
     }
 
     async fn run_task(
         &self,
-        session: &Arc<Session>,
+        session: &Conn,
         task: Result<MoRef, VsphereError>,
         operation: &str,
         timeout: Duration,
     ) -> Result<(), VsphereError> {
         let task = task?;
         tracing::info!(task = %task.value, operation, "task started");
-        wait::wait_for_task(session, &task, operation, timeout)
+        wait::wait_for_task(&session.session, &task, operation, timeout)
             .await
             .map(|_| ())
     }
 
     async fn create(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
-        let session = self.session(&spec.endpoint)?;
+        let session = self.conn(&spec.endpoint)?;
         let inv = match resolve(&session, spec).await {
             Ok(inv) => inv,
             Err(VsphereError::NotFound { .. }) => {
                 // A cached reference may have gone stale; look again once.
-                cache_clear(&session);
+                session.cache.clear();
                 resolve(&session, spec).await?
             }
             Err(e) => return Err(e),
@@ -677,7 +747,7 @@ impl SoapVsphere {
         }
         let mut guest = GuestInfo::default();
         let up = wait::wait_until(
-            session.clone(),
+            session.session.clone(),
             vm.clone(),
             GUEST_PATHS,
             spec.ip_wait_timeout,
@@ -731,9 +801,9 @@ impl VspherePort for SoapVsphere {
                 // A cached reference (template, pool, folder) may be stale:
                 // the next attempt resolves the inventory afresh.
                 if matches!(e, VsphereError::NotFound { .. })
-                    && let Ok(session) = self.session(&spec.endpoint)
+                    && let Ok(session) = self.conn(&spec.endpoint)
                 {
-                    cache_clear(&session);
+                    session.cache.clear();
                 }
             }
         }

@@ -1,17 +1,19 @@
 #![doc = include_str!("../README.md")]
 
 pub mod adapter;
-pub mod breaker;
+pub(crate) mod breaker;
 pub mod methods;
+pub mod options;
 pub mod session;
 pub mod sim;
 pub mod soap;
 pub mod tls;
+pub mod transport;
 pub mod types;
 pub mod wait;
 
 pub use adapter::{SoapVsphere, VM_ID_KEY};
-pub use session::SoapOptions;
+pub use options::SoapOptions;
 
 #[cfg(test)]
 mod fixture_tests;

@@ -78,7 +78,9 @@ pub async fn find_vms_named_below(
 
 /// The reference and `name` of every VM and template below `folder`
 /// (recursively through sub-folders), following `ContinueRetrievePropertiesEx`
-/// when the server pages the answer. `page_size` asks for pages of at most
+/// when the server pages the answer (at most
+/// [`SoapOptions::max_continuation_pages`](crate::SoapOptions::max_continuation_pages)
+/// pages). `page_size` asks for pages of at most
 /// that many objects (`maxObjects`); `None` leaves it to the server.
 ///
 /// # Errors
@@ -119,6 +121,7 @@ pub async fn vm_names_below(
         })
         .await?;
     let mut found = Vec::new();
+    let mut pages = 0u32;
     loop {
         let token = node
             .child("returnval")
@@ -130,6 +133,17 @@ pub async fn vm_names_below(
             Some((o.obj?, name))
         }));
         let Some(token) = token else { break };
+        pages += 1;
+        if pages > session.options().max_continuation_pages {
+            // A server that never stops paging must not grow the result
+            // without end.
+            return Err(VsphereError::Protocol {
+                message: format!(
+                    "RetrievePropertiesEx answered more than {} continuation pages",
+                    session.options().max_continuation_pages
+                ),
+            });
+        }
         // The continuation answers with the same `returnval` shape.
         node = session
             .call(

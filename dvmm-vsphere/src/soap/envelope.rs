@@ -23,10 +23,23 @@ pub fn escape_into(out: &mut String, text: &str) {
 
 /// Writes one request envelope. Elements are written in call order; the
 /// caller is responsible for vim25's element order.
-#[derive(Debug)]
 pub struct Envelope {
     buf: String,
     method: &'static str,
+}
+
+impl std::fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = f.debug_struct("Envelope");
+        out.field("method", &self.method);
+        // A Login body holds the password.
+        if self.method == "Login" {
+            out.field("body", &"<redacted>");
+        } else {
+            out.field("body", &self.buf);
+        }
+        out.finish()
+    }
 }
 
 impl Envelope {
@@ -187,5 +200,18 @@ mod tests {
             Some("string")
         );
         assert_eq!(login.child("device"), Some(&device));
+    }
+
+    #[test]
+    fn debug_redacts_login_bodies() {
+        let mut env = Envelope::new("Login");
+        env.text("userName", "alice").text("password", "s3cret-pw");
+        let shown = format!("{env:?}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert!(!shown.contains("alice"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+        let mut other = Envelope::new("FindByInventoryPath");
+        other.text("inventoryPath", "DC0/vm");
+        assert!(format!("{other:?}").contains("DC0/vm"));
     }
 }
