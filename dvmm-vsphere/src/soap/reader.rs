@@ -663,16 +663,22 @@ fn shared_name(local: &[u8]) -> Result<Cow<'static, str>, ReadError> {
     }
 }
 
-/// In-scope namespace declarations: (element depth, prefix, URI). Only
-/// elements that declare namespaces touch it, so plain vim25 payloads pay
-/// nothing for resolution.
+/// In-scope namespace declarations: a stack of (element depth, prefix,
+/// URI) in document order, and an index from each prefix to its innermost
+/// declaration, so that resolving a prefix costs the same however many
+/// declarations are in scope (a hostile answer can declare thousands on
+/// the root, and a scan per typed element would make reading it quadratic).
+/// Only elements that declare namespaces touch it, so plain vim25 payloads
+/// pay nothing for resolution.
 #[derive(Default)]
 struct Scopes {
     decls: Vec<Declaration>,
+    innermost: std::collections::HashMap<Cow<'static, [u8]>, usize>,
 }
 
-/// Where a namespace was declared (element depth), its prefix and its URI.
-type Declaration = (usize, Cow<'static, [u8]>, Cow<'static, [u8]>);
+/// Where a namespace was declared (element depth), its prefix, its URI,
+/// and the declaration of the same prefix it shadows.
+type Declaration = (usize, Cow<'static, [u8]>, Cow<'static, [u8]>, Option<usize>);
 
 /// Prefixes and namespaces that vim25 answers declare over and over (vcsim
 /// declares the schema-instance namespace again on every property value):
@@ -703,21 +709,26 @@ fn namespace_part(bytes: &[u8]) -> Cow<'static, [u8]> {
 
 impl Scopes {
     fn declare(&mut self, depth: usize, prefix: &[u8], uri: &[u8]) {
+        let prefix = namespace_part(prefix);
+        let shadowed = self.innermost.insert(prefix.clone(), self.decls.len());
         self.decls
-            .push((depth, namespace_part(prefix), namespace_part(uri)));
+            .push((depth, prefix, namespace_part(uri), shadowed));
     }
 
     fn resolve(&self, prefix: &[u8]) -> Option<&[u8]> {
-        self.decls
-            .iter()
-            .rev()
-            .find(|(_, p, _)| p.as_ref() == prefix)
-            .map(|(_, _, uri)| uri.as_ref())
+        self.innermost
+            .get(prefix)
+            .map(|&i| self.decls[i].2.as_ref())
     }
 
     fn leave(&mut self, depth: usize) {
-        while self.decls.last().is_some_and(|(d, _, _)| *d >= depth) {
-            self.decls.pop();
+        while self.decls.last().is_some_and(|(d, ..)| *d >= depth) {
+            if let Some((_, prefix, _, shadowed)) = self.decls.pop() {
+                match shadowed {
+                    Some(outer) => self.innermost.insert(prefix, outer),
+                    None => self.innermost.remove(&prefix),
+                };
+            }
         }
     }
 }
@@ -1349,5 +1360,40 @@ mod tests {
             }
         }
         assert_eq!(plain_count, 5, "the well-formed cases take the plain path");
+    }
+
+    #[test]
+    fn many_declarations_in_scope_keep_reading_linear() {
+        // Thousands of prefixes declared on the root, then thousands of
+        // elements typed through the outermost one: a scan of the
+        // declarations per element would take minutes here.
+        let n = 100_000;
+        let mut xml = String::from(r#"<r xmlns:first="http://www.w3.org/2001/XMLSchema-instance""#);
+        for i in 0..n {
+            xml.push_str(&format!(r#" xmlns:p{i}="urn:x{i}""#));
+        }
+        xml.push('>');
+        for _ in 0..n {
+            xml.push_str(r#"<v first:type="xsd:int">1</v>"#);
+        }
+        xml.push_str("</r>");
+        let started = std::time::Instant::now();
+        let (root, _) = parse_document(xml.as_bytes()).unwrap();
+        let took = started.elapsed();
+        assert_eq!(root.children.len(), n);
+        assert_eq!(root.children[n - 1].xsi_type.as_deref(), Some("int"));
+        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    }
+
+    #[test]
+    fn an_inner_declaration_shadows_and_then_restores_the_outer_one() {
+        let xml = concat!(
+            r#"<r xmlns:a="http://www.w3.org/2001/XMLSchema-instance">"#,
+            r#"<s xmlns:a="urn:other"><t a:type="Inner"/></s>"#,
+            r#"<u a:type="Outer"/></r>"#
+        );
+        let (root, _) = parse_document(xml.as_bytes()).unwrap();
+        assert_eq!(root.path("s.t").unwrap().xsi_type, None);
+        assert_eq!(root.child("u").unwrap().xsi_type.as_deref(), Some("Outer"));
     }
 }
