@@ -8,7 +8,7 @@
 //! |---|---|
 //! | [`crate::session`] | `RetrieveServiceContent` + `Login`, one re-login on `NotAuthenticated`, pauses after refused logins |
 //! | [`retry::Retry`] | retries transport failures of calls that are safe to repeat, with [`Backoff`](dvmm_core::backoff::Backoff) |
-//! | [`crate::breaker::BreakerTransport`] | fails fast while the endpoint is down; one probe at a time, always settled |
+//! | `breaker::BreakerTransport` (crate-private) | fails fast while the endpoint is down; one probe at a time, always settled |
 //! | [`Counted`] | counts what is actually sent |
 //! | [`http::HttpTransport`] (or [`scripted::ScriptedTransport`] in tests) | TLS, the session cookie, the call's total deadline, the answer size cap |
 //!
