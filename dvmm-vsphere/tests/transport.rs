@@ -590,3 +590,95 @@ async fn create_vm_against_a_refusing_endpoint_sends_the_documented_number_of_re
     assert!(err.is_unavailable(), "{err:?}");
     assert_eq!(vsphere.request_count(), documented);
 }
+
+#[tokio::test(start_paused = true)]
+async fn continuation_pages_are_capped_and_long_polls_get_their_own_deadline() {
+    let script = ScriptedTransport::new();
+    let spec = vm_spec(PASSWORD);
+    let page = Step::ok(
+        "RetrievePropertiesEx",
+        concat!(
+            r#"<returnval><token>more</token><objects><obj type="VirtualMachine">vm-1</obj>"#,
+            r#"<propSet><name>name</name><val xsi:type="xsd:string">a</val></propSet></objects></returnval>"#
+        ),
+    );
+    let Step::Answer(page) = page else {
+        unreachable!()
+    };
+    // A server that hands out a continuation token on every page.
+    script.push("RetrievePropertiesEx", Step::Answer(page.clone()));
+    let continued = page.replace(
+        "RetrievePropertiesExResponse",
+        "ContinueRetrievePropertiesExResponse",
+    );
+    // Bounded itself, so that a client without a cap fails this test
+    // instead of hanging it.
+    let last = continued.replace("<token>more</token>", "");
+    let served = std::sync::atomic::AtomicU32::new(0);
+    script.fallback(move |call| match call.method {
+        "ContinueRetrievePropertiesEx"
+            if served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 1000 =>
+        {
+            Step::Answer(continued.clone())
+        }
+        "ContinueRetrievePropertiesEx" => Step::Answer(last.clone()),
+        other => Step::Error(VsphereError::Protocol {
+            message: format!("not scripted: {other}"),
+        }),
+    });
+    script
+        .push(
+            "RetrieveServiceContent",
+            Step::Answer(fixture("RetrieveServiceContent")),
+        )
+        .push("Login", Step::Answer(fixture("Login")));
+    let options = SoapOptions {
+        max_continuation_pages: 7,
+        ..options()
+    };
+    let session = dvmm_vsphere::session::Session::over(
+        Arc::new(script.clone()),
+        &spec.endpoint,
+        Arc::new(options.clone()),
+    );
+    let folder = dvmm_vsphere::types::MoRef::new("Folder", "group-v3");
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        dvmm_vsphere::methods::vm_names_below(&session, &folder, Some(1)),
+    )
+    .await
+    .expect("paging ended");
+    let err = match err {
+        Err(e) => e,
+        Ok(found) => panic!("paging was not capped: {} names", found.len()),
+    };
+    assert!(
+        matches!(&err, VsphereError::Protocol { message } if message.contains("7 continuation pages")),
+        "{err:?}"
+    );
+    assert_eq!(script.count("ContinueRetrievePropertiesEx"), 7);
+
+    // The deadline of a long poll: its server-side wait plus the margin.
+    script.push(
+        "WaitForUpdatesEx",
+        Step::Answer(fixture("WaitForUpdatesEx-timeout")),
+    );
+    let collector = dvmm_vsphere::types::MoRef::new("PropertyCollector", "pc-1");
+    dvmm_vsphere::methods::wait_for_updates(&session, &collector, "", 40)
+        .await
+        .expect("an empty update");
+    let sent = script.requests();
+    let poll = sent
+        .iter()
+        .find(|r| r.method == "WaitForUpdatesEx")
+        .unwrap();
+    assert_eq!(
+        poll.deadline,
+        Duration::from_secs(40) + options.long_poll_margin
+    );
+    let find = sent
+        .iter()
+        .find(|r| r.method == "RetrievePropertiesEx")
+        .unwrap();
+    assert_eq!(find.deadline, options.request_timeout);
+}
