@@ -519,3 +519,53 @@ impl SessionPool {
 pub(crate) fn this(env: &mut Envelope, obj: &MoRef) {
     env.moref("_this", &obj.kind, &obj.value);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::scripted::ScriptedTransport;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn the_stack_and_its_calls_are_send() {
+        let endpoint = VcenterEndpoint {
+            url: "https://vc.test/sdk".into(),
+            username: "u".into(),
+            password: Secret::new("p"),
+            insecure: false,
+            thumbprint: None,
+        };
+        let session = Session::over(
+            Arc::new(ScriptedTransport::new()),
+            &endpoint,
+            Arc::new(SoapOptions::default()),
+        );
+        let call = session.call("FindByInventoryPath", true, Duration::ZERO, |sc, env| {
+            this(env, &sc.search_index);
+        });
+        assert_send(&call);
+        assert_send(&session.content());
+        assert_send(&session.logout());
+    }
+
+    #[test]
+    fn session_keys_tell_passwords_apart_without_showing_them() {
+        let a = VcenterEndpoint {
+            url: "https://vc.test/sdk".into(),
+            username: "u".into(),
+            password: Secret::new("first-secret"),
+            insecure: false,
+            thumbprint: None,
+        };
+        let b = VcenterEndpoint {
+            password: Secret::new("second-secret"),
+            ..a.clone()
+        };
+        let (ka, kb) = (SessionKey::of(&a).unwrap(), SessionKey::of(&b).unwrap());
+        assert_ne!(ka, kb);
+        assert_eq!(ka, SessionKey::of(&a.clone()).unwrap());
+        let shown = format!("{ka:?}");
+        assert!(!shown.contains("first-secret"), "{shown}");
+    }
+}
