@@ -94,7 +94,7 @@ const INFO_PATHS: &[&str] = &[
 /// The vim25 SOAP client as a [`VspherePort`].
 ///
 /// Cheap to construct and to clone (clones share sessions). Sessions are
-/// opened lazily, one per distinct vCenter URL, user and TLS policy, and
+/// opened lazily, one per distinct vCenter URL, user, password and TLS policy, and
 /// shared by every provisioning; call [`SoapVsphere::shutdown`] to log them
 /// out.
 ///

@@ -69,3 +69,103 @@ impl Transport for Retry {
         Box::pin(self.run(call))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use dvmm_core::backoff::FixedJitter;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::transport::scripted::{ScriptedTransport, Step};
+
+    fn call(idempotent: bool) -> Call {
+        Call {
+            method: "RetrievePropertiesEx",
+            body: String::new(),
+            deadline: Duration::from_secs(60),
+            idempotent,
+        }
+    }
+
+    fn retry(script: &ScriptedTransport) -> Retry {
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1))
+            .with_jitter(FixedJitter(1.0));
+        Retry::new(Arc::new(script.clone()), 3, backoff)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transport_failures_of_repeatable_calls_wait_the_backoff_between_tries() {
+        let script = ScriptedTransport::new();
+        for _ in 0..3 {
+            script.push("RetrievePropertiesEx", Step::transport("connection reset"));
+        }
+        script.push("RetrievePropertiesEx", Step::ok("RetrievePropertiesEx", ""));
+        let started = Instant::now();
+        let answer = retry(&script).round_trip(&call(true)).await;
+        assert!(matches!(answer, Ok(Response::Ok(_))), "{answer:?}");
+        assert_eq!(script.count("RetrievePropertiesEx"), 4);
+        assert_eq!(started.elapsed(), Duration::from_millis(100 + 200 + 400));
+
+        // One more failure than retries: the last error goes up.
+        let script = ScriptedTransport::new();
+        for _ in 0..5 {
+            script.push("RetrievePropertiesEx", Step::transport("connection reset"));
+        }
+        let answer = retry(&script).round_trip(&call(true)).await;
+        assert!(matches!(answer, Err(VsphereError::Transport { .. })));
+        assert_eq!(script.count("RetrievePropertiesEx"), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_else_is_retried() {
+        let failures = [
+            (Step::transport("connection reset"), false),
+            (Step::fault("NoPermission"), true),
+            (
+                Step::Error(VsphereError::Tls {
+                    message: "bad certificate".into(),
+                }),
+                true,
+            ),
+            (
+                Step::Error(VsphereError::AnswerTooLarge { limit_bytes: 10 }),
+                true,
+            ),
+            (
+                Step::Error(VsphereError::CircuitOpen {
+                    endpoint: "vc".into(),
+                }),
+                true,
+            ),
+        ];
+        for (step, idempotent) in failures {
+            let script = ScriptedTransport::new();
+            script.push("RetrievePropertiesEx", step.clone());
+            let _ = retry(&script).round_trip(&call(idempotent)).await;
+            assert_eq!(script.count("RetrievePropertiesEx"), 1, "{step:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_breaker_opened_by_our_failures_reports_the_transport_error() {
+        let script = ScriptedTransport::new();
+        script
+            .push(
+                "RetrievePropertiesEx",
+                Step::transport("connection refused"),
+            )
+            .push(
+                "RetrievePropertiesEx",
+                Step::Error(VsphereError::CircuitOpen {
+                    endpoint: "vc".into(),
+                }),
+            );
+        let answer = retry(&script).round_trip(&call(true)).await;
+        assert!(
+            matches!(&answer, Err(VsphereError::Transport { message }) if message == "connection refused"),
+            "{answer:?}"
+        );
+    }
+}
