@@ -682,3 +682,28 @@ async fn continuation_pages_are_capped_and_long_polls_get_their_own_deadline() {
         .unwrap();
     assert_eq!(find.deadline, options.request_timeout);
 }
+
+#[tokio::test]
+async fn a_connection_closed_without_an_answer_says_the_endpoint_is_unavailable() {
+    // The server reads the request and hangs up: what a vCenter restarting
+    // under the client looks like.
+    let (url, connections) = server(|stream| async move { drop(stream) }).await;
+    let vsphere = SoapVsphere::new(SoapOptions {
+        max_retries: 2,
+        retry_base_delay: Duration::from_millis(20),
+        max_retry_delay: Duration::from_millis(40),
+        ..options()
+    });
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        vsphere.create_vm(&plain_http(&url)),
+    )
+    .await
+    .expect("the closed connection was noticed")
+    .unwrap_err();
+    assert!(
+        matches!(&err, VsphereError::Transport { message } if !message.contains("127.0.0.1")),
+        "{err:?}"
+    );
+    assert_eq!(*connections.lock().unwrap(), 3, "one try and two retries");
+}
