@@ -535,6 +535,7 @@ mod tests {
             password: Secret::new("p"),
             insecure: false,
             thumbprint: None,
+            allow_plain_http: false,
         };
         let session = Session::over(
             Arc::new(ScriptedTransport::new()),
@@ -557,6 +558,7 @@ mod tests {
             password: Secret::new("first-secret"),
             insecure: false,
             thumbprint: None,
+            allow_plain_http: false,
         };
         let b = VcenterEndpoint {
             password: Secret::new("second-secret"),
