@@ -30,29 +30,19 @@ enum Cached {
     Template(MoRef, Hardware),
 }
 
-/// Resolved inventory of one session, keyed by what was asked. It lives
-/// here, above the session, because only the adapter knows what it means.
+/// Resolved inventory of one session, keyed by what was asked, each entry
+/// with the login it was learned under. It lives here, above the session,
+/// because only the adapter knows what it means.
 #[derive(Debug, Default)]
-struct InventoryCache(Mutex<HashMap<String, Cached>>);
+struct InventoryCache(Mutex<HashMap<String, (u64, Cached)>>);
 
 impl InventoryCache {
-    fn get(&self, key: &str) -> Option<Cached> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
-    }
-
-    fn put(&self, key: String, value: Cached) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, value);
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Cached)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn clear(&self) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.lock().clear();
     }
 }
 
@@ -61,6 +51,25 @@ impl InventoryCache {
 struct Conn {
     session: Arc<Session>,
     cache: Arc<InventoryCache>,
+}
+
+impl Conn {
+    /// What was resolved for `key` under the current login. An entry from
+    /// an earlier login is not used: the session had to log in again, so
+    /// the server may have restarted with another inventory (a folder made
+    /// before is gone, and cloning into its stale reference fails).
+    fn cached(&self, key: &str) -> Option<Cached> {
+        let login = self.session.logins();
+        match self.cache.lock().get(key) {
+            Some((learned, value)) if *learned == login => Some(value.clone()),
+            _ => None,
+        }
+    }
+
+    fn remember(&self, key: String, value: Cached) {
+        let login = self.session.logins();
+        self.cache.lock().insert(key, (login, value));
+    }
 }
 
 impl Deref for Conn {
@@ -275,12 +284,12 @@ fn not_found(kind: &str, name: impl Into<String>) -> VsphereError {
 /// Looks up an inventory path, caching hits.
 async fn lookup(session: &Conn, path: &str) -> Result<Option<MoRef>, VsphereError> {
     let key = format!("path:{path}");
-    if let Some(Cached::Ref(r)) = session.cache.get(&key) {
+    if let Some(Cached::Ref(r)) = session.cached(&key) {
         return Ok(Some(r));
     }
     let found = methods::find_by_inventory_path(session, path).await?;
     if let Some(r) = &found {
-        session.cache.put(key, Cached::Ref(r.clone()));
+        session.remember(key, Cached::Ref(r.clone()));
     }
     Ok(found)
 }
@@ -354,7 +363,7 @@ async fn resolve_network(
     name: &str,
 ) -> Result<NetworkBacking, VsphereError> {
     let key = format!("network:{dc}|{name}");
-    if let Some(Cached::Network(n)) = session.cache.get(&key) {
+    if let Some(Cached::Network(n)) = session.cached(&key) {
         return Ok(n);
     }
     let net = lookup(session, &format!("{dc}/network/{}", escape_component(name)))
@@ -410,7 +419,7 @@ async fn resolve_network(
             ));
         }
     };
-    session.cache.put(key, Cached::Network(backing.clone()));
+    session.remember(key, Cached::Network(backing.clone()));
     Ok(backing)
 }
 
@@ -421,7 +430,7 @@ async fn resolve_template(
     template: &str,
 ) -> Result<(MoRef, Hardware), VsphereError> {
     let key = format!("template:{dc}|{template}");
-    if let Some(Cached::Template(r, hw)) = session.cache.get(&key) {
+    if let Some(Cached::Template(r, hw)) = session.cached(&key) {
         return Ok((r, hw));
     }
     let found = if let Some(absolute) = template.strip_prefix('/') {
@@ -452,7 +461,7 @@ async fn resolve_template(
         .first()
         .map(|c| VmProperties::from_content(c).hardware)
         .unwrap_or_default();
-    session.cache.put(
+    session.remember(
         key,
         Cached::Template(template_ref.clone(), hardware.clone()),
     );
@@ -488,9 +497,7 @@ async fn ensure_folder(
                     })?,
                 Err(e) => return Err(e),
             };
-        session
-            .cache
-            .put(format!("path:{path}"), Cached::Ref(parent.clone()));
+        session.remember(format!("path:{path}"), Cached::Ref(parent.clone()));
     }
     Ok(parent)
 }

@@ -361,6 +361,14 @@ impl Session {
         self.id
     }
 
+    /// How many times this session has logged in. A new login may mean the
+    /// server restarted and forgot what it knew (a vcsim restart, a vCenter
+    /// restored from backup), so what was learned under an older login,
+    /// such as resolved inventory, should be looked up again.
+    pub fn logins(&self) -> u64 {
+        self.auth.generation.load(Ordering::Relaxed)
+    }
+
     /// The endpoint URL.
     pub fn url(&self) -> &str {
         &self.url

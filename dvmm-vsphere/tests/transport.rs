@@ -709,3 +709,38 @@ async fn a_connection_closed_without_an_answer_says_the_endpoint_is_unavailable(
     );
     assert_eq!(*connections.lock().unwrap(), 3, "one try and two retries");
 }
+
+#[tokio::test(start_paused = true)]
+async fn inventory_learned_before_a_relogin_is_looked_up_again() {
+    let script = ScriptedTransport::new();
+    let spec = vm_spec(PASSWORD);
+    let world = fake_vcenter(&script, &spec);
+    let vsphere = client(&script, options());
+    let lookups = || script.count("FindByInventoryPath");
+    create(&vsphere, &spec).await.expect("first");
+    let first = lookups();
+
+    world.lock().unwrap().vm_exists = false;
+    let before = lookups();
+    create(&vsphere, &spec).await.expect("second, same login");
+    let cached = lookups() - before;
+
+    // The server forgot the session (it restarted): what the client learned
+    // of its inventory may be gone with it.
+    world.lock().unwrap().vm_exists = false;
+    script.push("FindByInventoryPath", Step::fault("NotAuthenticated"));
+    create(&vsphere, &spec).await.expect("third, logs in again");
+    world.lock().unwrap().vm_exists = false;
+    let before = lookups();
+    create(&vsphere, &spec)
+        .await
+        .expect("fourth, after the re-login");
+    let relearned = lookups() - before;
+
+    assert_eq!(script.count("Login"), 2);
+    assert!(cached < first, "the second provisioning used the cache");
+    assert!(
+        relearned > cached + 1,
+        "after the re-login the inventory was resolved again ({relearned} lookups, {cached} with the cache)"
+    );
+}
