@@ -1,34 +1,230 @@
 //! The background runner on the memory adapters and the simulator.
+//!
+//! Tests about leases (takeover, renewal, release at shutdown) run on tokio's
+//! paused clock, so their margins are virtual and the outcome does not depend
+//! on how busy the machine is. [`MemoryWorkQueue`] measures leases with
+//! `std::time::Instant`, which paused time cannot move, so those tests use
+//! [`PausedClockQueue`], a queue with the same contract on tokio's clock.
 
 mod common;
 
 use dvmm::Backoff;
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{new_request, tenant_config, user};
-use dvmm::core::runner::WorkQueue;
+use dvmm::core::runner::{Job, WorkQueue};
 use dvmm::store::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{
     Delays, Fault, FaultRule, Operation, Simulator, SimulatorConfig, Trigger,
 };
 use dvmm::{
-    EventStore, ProvisioningRunner, ProvisioningService, RunnerConfig, TenantConfig, Tenants,
-    TokioTimer, VmRequestId, VmRequestStatus, VsphereError,
+    EventStore, ProvisioningRunner, ProvisioningService, RunnerConfig, RunnerReport, StoreError,
+    TenantConfig, TenantId, Tenants, TokioTimer, VmRequestId, VmRequestStatus, VsphereError,
 };
+use tokio::time::Instant;
 
 type Service = ProvisioningService<Arc<MemoryEventStore>, Simulator, Arc<MemoryTimeline>>;
-type Runner = ProvisioningRunner<
+type Runner<Q> = ProvisioningRunner<
     Arc<MemoryEventStore>,
     Simulator,
     Arc<MemoryTimeline>,
     dvmm::core::SystemClock,
     dvmm::core::RandomIds,
-    Arc<MemoryWorkQueue>,
+    Arc<Q>,
     Arc<MemoryCheckpoints>,
     TokioTimer,
 >;
+
+/// How long a whole run may take before the test fails instead of hanging.
+/// On paused time this costs nothing: the clock jumps when all tasks idle.
+const RUN_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Awaits `future`, failing the test with what it was waiting for if
+/// `limit` passes first.
+async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("gave up after {limit:?} waiting for {what}"),
+    }
+}
+
+/// A [`WorkQueue`] with [`MemoryWorkQueue`]'s contract whose leases and
+/// retry delays are measured on tokio's clock, so paused time drives them.
+#[derive(Default)]
+struct PausedClockQueue {
+    jobs: Mutex<Vec<(VmRequestId, PausedJob)>>,
+}
+
+struct PausedJob {
+    tenant_id: TenantId,
+    attempts: u32,
+    state: PausedJobState,
+}
+
+#[derive(PartialEq)]
+enum PausedJobState {
+    Queued { not_before: Instant },
+    Leased { worker: String, until: Instant },
+    Done,
+}
+
+impl PausedClockQueue {
+    fn with_job<T>(
+        &self,
+        request_id: VmRequestId,
+        f: impl FnOnce(&mut PausedJob) -> T,
+    ) -> Option<T> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.iter_mut()
+            .find(|(id, _)| *id == request_id)
+            .map(|(_, job)| f(job))
+    }
+
+    /// Runs `f` on the job if `worker` holds its lease.
+    fn if_held(&self, worker: &str, request_id: VmRequestId, f: impl FnOnce(&mut PausedJob)) {
+        self.with_job(request_id, |job| {
+            if matches!(&job.state, PausedJobState::Leased { worker: w, .. } if w == worker) {
+                f(job);
+            }
+        });
+    }
+
+    /// Jobs not done yet (queued or leased).
+    fn pending(&self) -> usize {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.iter()
+            .filter(|(_, job)| job.state != PausedJobState::Done)
+            .count()
+    }
+}
+
+impl WorkQueue for PausedClockQueue {
+    async fn enqueue(&self, tenant: TenantId, request_id: VmRequestId) -> Result<(), StoreError> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if !jobs.iter().any(|(id, _)| *id == request_id) {
+            jobs.push((
+                request_id,
+                PausedJob {
+                    tenant_id: tenant,
+                    attempts: 0,
+                    state: PausedJobState::Queued {
+                        not_before: Instant::now(),
+                    },
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Job>, StoreError> {
+        let now = Instant::now();
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut claimed = Vec::new();
+        for (id, job) in jobs.iter_mut() {
+            if claimed.len() == max {
+                break;
+            }
+            let runnable = match &job.state {
+                PausedJobState::Queued { not_before } => *not_before <= now,
+                PausedJobState::Leased { until, .. } => *until <= now,
+                PausedJobState::Done => false,
+            };
+            if runnable {
+                job.state = PausedJobState::Leased {
+                    worker: worker.to_owned(),
+                    until: now + lease,
+                };
+                claimed.push(Job {
+                    tenant_id: job.tenant_id,
+                    request_id: *id,
+                    attempts: job.attempts,
+                });
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn renew(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut renewed = false;
+        self.if_held(worker, request_id, |job| {
+            job.state = PausedJobState::Leased {
+                worker: worker.to_owned(),
+                until: Instant::now() + lease,
+            };
+            renewed = true;
+        });
+        Ok(renewed)
+    }
+
+    async fn complete(&self, worker: &str, request_id: VmRequestId) -> Result<(), StoreError> {
+        self.if_held(worker, request_id, |job| job.state = PausedJobState::Done);
+        Ok(())
+    }
+
+    async fn retry_later(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
+        self.if_held(worker, request_id, |job| {
+            job.attempts += 1;
+            job.state = PausedJobState::Queued {
+                not_before: Instant::now() + delay,
+            };
+        });
+        Ok(())
+    }
+
+    async fn postpone(
+        &self,
+        worker: &str,
+        request_id: VmRequestId,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
+        self.if_held(worker, request_id, |job| {
+            job.state = PausedJobState::Queued {
+                not_before: Instant::now() + delay,
+            };
+        });
+        Ok(())
+    }
+
+    async fn release(&self, worker: &str, request_id: VmRequestId) -> Result<(), StoreError> {
+        self.if_held(worker, request_id, |job| {
+            job.state = PausedJobState::Queued {
+                not_before: Instant::now(),
+            };
+        });
+        Ok(())
+    }
+}
+
+/// Who holds which lease right now, for assertions about takeovers.
+impl PausedClockQueue {
+    fn holders(&self) -> HashMap<VmRequestId, String> {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.iter()
+            .filter_map(|(id, job)| match &job.state {
+                PausedJobState::Leased { worker, .. } => Some((*id, worker.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
 
 fn fast_config(worker: &str, concurrency: usize) -> RunnerConfig {
     RunnerConfig {
@@ -42,18 +238,20 @@ fn fast_config(worker: &str, concurrency: usize) -> RunnerConfig {
     }
 }
 
-struct Setup {
+struct Setup<Q = MemoryWorkQueue> {
     service: Arc<Service>,
     store: Arc<MemoryEventStore>,
     sim: Simulator,
     tenant: TenantConfig,
-    queue: Arc<MemoryWorkQueue>,
+    queue: Arc<Q>,
     checkpoints: Arc<MemoryCheckpoints>,
 }
 
-// The service calls create_vm once per attempt; the attempt count the
-// callers pass is kept only so their call sites read as before.
-fn setup(sim: Simulator, _vsphere_attempts: u32) -> Setup {
+fn setup(sim: Simulator) -> Setup {
+    setup_with_queue(sim, MemoryWorkQueue::new())
+}
+
+fn setup_with_queue<Q>(sim: Simulator, queue: Q) -> Setup<Q> {
     let tenant = tenant_config("acme", 5);
     let store = Arc::new(MemoryEventStore::new());
     let service = Arc::new(ProvisioningService::new(
@@ -67,13 +265,13 @@ fn setup(sim: Simulator, _vsphere_attempts: u32) -> Setup {
         store,
         sim,
         tenant,
-        queue: Arc::new(MemoryWorkQueue::new()),
+        queue: Arc::new(queue),
         checkpoints: Arc::new(MemoryCheckpoints::new()),
     }
 }
 
-impl Setup {
-    fn runner(&self, config: RunnerConfig) -> Runner {
+impl<Q: WorkQueue> Setup<Q> {
+    fn runner(&self, config: RunnerConfig) -> Runner<Q> {
         ProvisioningRunner::new(
             self.service.clone(),
             self.queue.clone(),
@@ -115,18 +313,39 @@ impl Setup {
         out
     }
 
-    /// Completes once every request has left Approved/Provisioning.
+    /// Completes once every request has left Approved/Provisioning; fails
+    /// the test, naming the statuses, if that takes longer than
+    /// [`RUN_DEADLINE`].
     async fn settled(&self, ids: &[VmRequestId]) {
+        let deadline = Instant::now() + RUN_DEADLINE;
         loop {
             let statuses = self.statuses(ids).await;
-            if statuses
+            let busy = statuses
                 .iter()
-                .all(|s| !matches!(s, VmRequestStatus::Approved | VmRequestStatus::Provisioning))
-            {
+                .filter(|s| matches!(s, VmRequestStatus::Approved | VmRequestStatus::Provisioning))
+                .count();
+            if busy == 0 {
                 return;
             }
+            assert!(
+                Instant::now() < deadline,
+                "gave up after {RUN_DEADLINE:?} waiting for {} requests to settle: \
+                 {busy} still approved or provisioning ({statuses:?})",
+                ids.len()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Runs `runner` until the requests settle, within [`RUN_DEADLINE`].
+    async fn run_until_settled(&self, runner: &Runner<Q>, ids: &[VmRequestId]) -> RunnerReport {
+        within(
+            RUN_DEADLINE + Duration::from_secs(10),
+            "the runner to stop after the requests settled",
+            runner.run(self.settled(ids)),
+        )
+        .await
+        .expect("the runner's queue never failed")
     }
 }
 
@@ -157,13 +376,10 @@ async fn a_thousand_approvals_with_faults_all_end_ready_without_duplicates() {
         Fault::CreatedButCallFailed,
     ));
     // One attempt per call, so the runner's retry path does the work.
-    let s = setup(sim, 1);
+    let s = setup(sim);
     let ids = s.approve(1000).await;
     let runner = s.runner(fast_config("w1", 32));
-    let report = tokio::time::timeout(Duration::from_secs(120), runner.run(s.settled(&ids)))
-        .await
-        .expect("the runner finishes within two minutes")
-        .unwrap();
+    let report = s.run_until_settled(&runner, &ids).await;
     assert!(
         s.statuses(&ids)
             .await
@@ -214,13 +430,13 @@ async fn retryable_failures_are_retried_up_to_the_limit_then_recorded() {
             operation: "CloneVM_Task".into(),
         }),
     ));
-    let s = setup(sim, 1);
+    let s = setup(sim);
     let ids = s.approve(1).await;
     let runner = s.runner(RunnerConfig {
         max_attempts: 3,
         ..fast_config("w1", 4)
     });
-    let report = runner.run(s.settled(&ids)).await.unwrap();
+    let report = s.run_until_settled(&runner, &ids).await;
     assert_eq!(s.statuses(&ids).await, [VmRequestStatus::Failed]);
     assert_eq!(s.sim.call_count(Operation::CreateVm), 3, "three attempts");
     assert_eq!((report.retried, report.failed), (2, 1));
@@ -243,13 +459,11 @@ async fn permanent_failures_fail_at_once_with_the_reason() {
             message: "no host can run it".into(),
         }),
     ));
-    let s = setup(sim, 1);
+    let s = setup(sim);
     let ids = s.approve(1).await;
     let report = s
-        .runner(fast_config("w1", 4))
-        .run(s.settled(&ids))
-        .await
-        .unwrap();
+        .run_until_settled(&s.runner(fast_config("w1", 4)), &ids)
+        .await;
     assert_eq!(s.sim.call_count(Operation::CreateVm), 1);
     assert_eq!((report.retried, report.failed), (0, 1));
     let timeline = s
@@ -266,35 +480,57 @@ async fn permanent_failures_fail_at_once_with_the_reason() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_releases_unfinished_work_and_another_worker_finishes_it_without_duplicates() {
-    let sim = Simulator::new(SimulatorConfig {
+/// A simulator whose clones take `clone` of tokio time.
+fn slow_clones(clone: Duration) -> Simulator {
+    Simulator::new(SimulatorConfig {
         delays: Delays {
-            clone: Duration::from_millis(1500),
+            clone,
             ..Delays::default()
         },
         ..SimulatorConfig::default()
-    });
-    let s = setup(sim, 1);
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_releases_unfinished_work_and_another_worker_finishes_it_without_duplicates() {
+    // Clones take a minute; shutdown comes after 10 s and drains for 5 s,
+    // so the four in-flight jobs cannot finish and must be handed back.
+    let clone = Duration::from_secs(60);
+    let s = setup_with_queue(slow_clones(clone), PausedClockQueue::default());
     let ids = s.approve(6).await;
     let first = s.runner(RunnerConfig {
-        shutdown_deadline: Duration::from_millis(100),
+        lease: Duration::from_secs(120),
+        shutdown_deadline: Duration::from_secs(5),
         ..fast_config("w1", 4)
     });
-    let report = first
-        .run(tokio::time::sleep(Duration::from_millis(300)))
-        .await
-        .unwrap();
+    let started = Instant::now();
+    let report = within(
+        RUN_DEADLINE,
+        "the first runner to shut down",
+        first.run(tokio::time::sleep(Duration::from_secs(10))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(15),
+        "shutdown waited exactly its deadline for the unfinished clones"
+    );
     assert_eq!(
         report.released, 4,
         "the four in-flight jobs were handed back"
     );
     assert_eq!(report.ready, 0);
     assert_eq!(s.queue.pending(), 6, "nothing was lost");
+    assert!(
+        s.queue.holders().is_empty(),
+        "no lease is held after shutdown"
+    );
     // The clones the first worker started keep running in vSphere; the
     // second worker adopts them instead of cloning again.
-    let second = s.runner(fast_config("w2", 8));
-    let report = second.run(s.settled(&ids)).await.unwrap();
+    let report = s
+        .run_until_settled(&s.runner(fast_config("w2", 8)), &ids)
+        .await;
     assert_eq!(report.ready, 6);
     assert!(
         s.statuses(&ids)
@@ -303,41 +539,61 @@ async fn shutdown_releases_unfinished_work_and_another_worker_finishes_it_withou
             .all(|s| *s == VmRequestStatus::Ready)
     );
     assert_eq!(s.sim.vms().len(), 6, "no duplicate VMs");
+    assert_eq!(s.queue.pending(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_dead_workers_claims_are_taken_over_after_the_lease() {
-    let sim = Simulator::new(SimulatorConfig {
-        delays: Delays {
-            clone: Duration::from_millis(1500),
-            ..Delays::default()
-        },
-        ..SimulatorConfig::default()
-    });
-    let s = setup(sim, 1);
+    let lease = Duration::from_secs(30);
+    let s = setup_with_queue(
+        slow_clones(Duration::from_secs(5)),
+        PausedClockQueue::default(),
+    );
     let ids = s.approve(3).await;
-    let lease = Duration::from_millis(300);
     let dead = s.runner(RunnerConfig {
         lease,
         ..fast_config("dead", 8)
     });
-    // The worker "dies": its future is dropped without any shutdown.
-    let _ =
-        tokio::time::timeout(Duration::from_millis(100), dead.run(std::future::pending())).await;
+    // The worker "dies" after one second: its future is dropped without any
+    // shutdown, so its leases are neither released nor renewed.
+    let claimed_at = Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(1), dead.run(std::future::pending())).await;
+    let held = s.queue.holders();
+    assert_eq!(held.len(), 3, "the dead worker held every job: {held:?}");
+    assert!(held.values().all(|w| w == "dead"), "{held:?}");
     assert!(
         s.queue.claim("probe", 10, lease).await.unwrap().is_empty(),
         "the dead worker's leases still hold"
     );
-    let started = std::time::Instant::now();
     let survivor = s.runner(RunnerConfig {
         lease,
         ..fast_config("survivor", 8)
     });
-    survivor.run(s.settled(&ids)).await.unwrap();
+    // Watch the leases while the survivor runs: untouched one poll before
+    // they expire, all the survivor's one poll after.
+    let watch = async {
+        tokio::time::sleep_until(claimed_at + lease - Duration::from_millis(10)).await;
+        let before = s.queue.holders();
+        tokio::time::sleep_until(claimed_at + lease + Duration::from_millis(10)).await;
+        (before, s.queue.holders())
+    };
+    let (report, (before, after)) = tokio::join!(s.run_until_settled(&survivor, &ids), watch);
+    let finished = claimed_at.elapsed();
     assert!(
-        started.elapsed() >= Duration::from_millis(150),
-        "taken over only after the lease expired"
+        before.len() == 3 && before.values().all(|w| w == "dead"),
+        "10 ms before the lease ran out the survivor had taken over: {before:?}"
     );
+    // The clones finished long ago, so the survivor adopts and completes
+    // them as soon as it claims them.
+    assert!(
+        after.values().all(|w| w == "survivor"),
+        "10 ms after the lease ran out (polls every 5 ms) the dead worker still held {after:?}"
+    );
+    assert!(
+        finished >= lease && finished < lease + Duration::from_secs(1),
+        "the requests settled {finished:?} after the dead worker claimed them with a {lease:?} lease"
+    );
+    assert_eq!(report.ready, 3);
     assert!(
         s.statuses(&ids)
             .await
@@ -353,10 +609,10 @@ async fn a_dead_workers_claims_are_taken_over_after_the_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_approved_before_the_runner_started_and_across_restarts_are_all_provisioned() {
-    let s = setup(Simulator::default(), 3);
+    let s = setup(Simulator::default());
     let early = s.approve(5).await;
-    let runner = s.runner(fast_config("w1", 4));
-    runner.run(s.settled(&early)).await.unwrap();
+    s.run_until_settled(&s.runner(fast_config("w1", 4)), &early)
+        .await;
     // A restart: a new runner continues from the checkpoint and only picks
     // up the new approvals.
     let late = {
@@ -376,28 +632,19 @@ async fn requests_approved_before_the_runner_started_and_across_restarts_are_all
         ids
     };
     let report = s
-        .runner(fast_config("w2", 4))
-        .run(s.settled(&late))
-        .await
-        .unwrap();
+        .run_until_settled(&s.runner(fast_config("w2", 4)), &late)
+        .await;
     assert_eq!(report.ready, 3, "only the new approvals were run");
     assert_eq!(s.sim.vms().len(), 8);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn provisionings_longer_than_the_lease_keep_it_by_renewal() {
     // Each clone takes four leases. Whichever worker claims first takes all
     // six; the other has room all the while and must never take one over.
-    let sim = Simulator::new(SimulatorConfig {
-        delays: Delays {
-            clone: Duration::from_millis(1200),
-            ..Delays::default()
-        },
-        ..SimulatorConfig::default()
-    });
-    let s = setup(sim, 1);
+    let lease = Duration::from_secs(10);
+    let s = setup_with_queue(slow_clones(4 * lease), PausedClockQueue::default());
     let ids = s.approve(6).await;
-    let lease = Duration::from_millis(300);
     let a = s.runner(RunnerConfig {
         lease,
         ..fast_config("a", 6)
@@ -406,8 +653,13 @@ async fn provisionings_longer_than_the_lease_keep_it_by_renewal() {
         lease,
         ..fast_config("b", 6)
     });
-    let (ra, rb) = tokio::join!(a.run(s.settled(&ids)), b.run(s.settled(&ids)));
-    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    let started = Instant::now();
+    let (ra, rb) = tokio::join!(s.run_until_settled(&a, &ids), s.run_until_settled(&b, &ids));
+    assert!(
+        started.elapsed() >= 4 * lease,
+        "the clones outlived four leases ({:?})",
+        started.elapsed()
+    );
     assert_eq!(ra.ready + rb.ready, 6);
     assert_eq!(ra.released + rb.released, 0, "a lease was lost");
     assert_eq!(
@@ -415,4 +667,5 @@ async fn provisionings_longer_than_the_lease_keep_it_by_renewal() {
         6,
         "a job was taken over and run twice"
     );
+    assert_eq!(s.sim.vms().len(), 6);
 }
