@@ -173,7 +173,9 @@ fn eight_concurrent_creates_on_threads_make_one_vm() {
         .enable_time()
         .build()
         .unwrap();
-    runtime.block_on(async {
+    // A deadlock in the model would hang here: give up with a message.
+    let limit = Duration::from_secs(60);
+    let rounds = async {
         for round in 0..50 {
             let sim = Simulator::default();
             let spec = spec(&sim, "app01", round);
@@ -191,6 +193,11 @@ fn eight_concurrent_creates_on_threads_make_one_vm() {
             assert!(ids.iter().all(|id| id.as_str() == "vm-1000"), "{ids:?}");
             assert_eq!(sim.vms().len(), 1);
         }
+    };
+    runtime.block_on(async {
+        tokio::time::timeout(limit, rounds)
+            .await
+            .unwrap_or_else(|_| panic!("50 rounds of 8 concurrent creates took over {limit:?}"));
     });
 }
 
@@ -244,6 +251,7 @@ async fn counted_faults_then_success_and_call_counts() {
     let mut attempts = 0;
     let result = loop {
         attempts += 1;
+        assert!(attempts <= 10, "3 counted faults, yet 10 calls failed");
         match sim.create_vm(&spec).await {
             Ok(result) => break result,
             Err(e) => assert!(e.is_retryable(), "{e:?}"),

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Vcsim, fast_options, spec};
+use common::{CALL_DEADLINE, Vcsim, fast_options, spec, within};
 use dvmm_core::ports::{VsphereError, VspherePort};
 use dvmm_vsphere::SoapVsphere;
 use dvmm_vsphere::tls::{format_thumbprint, thumbprint_of};
@@ -51,7 +51,13 @@ async fn verification_is_on_by_default_and_pinning_works() {
 
     // Default: a self-signed certificate is rejected, with a clear error.
     let vsphere = SoapVsphere::new(fast_options());
-    match vsphere.find_vm(&spec_with(endpoint.clone())).await {
+    match within(
+        CALL_DEADLINE,
+        "find_vm",
+        vsphere.find_vm(&spec_with(endpoint.clone())),
+    )
+    .await
+    {
         Err(VsphereError::Tls { message }) => {
             assert!(message.contains("thumbprint"), "{message}");
         }
@@ -66,16 +72,28 @@ async fn verification_is_on_by_default_and_pinning_works() {
         let mut pinned = endpoint.clone();
         pinned.thumbprint = Some(pin);
         let vsphere = SoapVsphere::new(fast_options());
-        assert_eq!(vsphere.find_vm(&spec_with(pinned)).await.unwrap(), None);
+        assert_eq!(
+            within(
+                CALL_DEADLINE,
+                "find_vm",
+                vsphere.find_vm(&spec_with(pinned))
+            )
+            .await
+            .unwrap(),
+            None
+        );
     }
 
     // A wrong thumbprint is rejected, even with insecure set.
     let mut wrong = endpoint.clone();
     wrong.thumbprint = Some(format_thumbprint(&[0xAB; 32]));
     wrong.insecure = true;
-    match SoapVsphere::new(fast_options())
-        .find_vm(&spec_with(wrong))
-        .await
+    match within(
+        CALL_DEADLINE,
+        "find_vm",
+        SoapVsphere::new(fast_options()).find_vm(&spec_with(wrong)),
+    )
+    .await
     {
         Err(VsphereError::Tls { message }) => {
             assert!(message.contains("does not match"), "{message}")
@@ -87,9 +105,12 @@ async fn verification_is_on_by_default_and_pinning_works() {
     let mut malformed = endpoint.clone();
     malformed.thumbprint = Some("12:34".into());
     assert!(matches!(
-        SoapVsphere::new(fast_options())
-            .find_vm(&spec_with(malformed))
-            .await,
+        within(
+            CALL_DEADLINE,
+            "find_vm",
+            SoapVsphere::new(fast_options()).find_vm(&spec_with(malformed))
+        )
+        .await,
         Err(VsphereError::Tls { .. })
     ));
 
@@ -97,10 +118,13 @@ async fn verification_is_on_by_default_and_pinning_works() {
     let mut insecure = endpoint;
     insecure.insecure = true;
     assert_eq!(
-        SoapVsphere::new(fast_options())
-            .find_vm(&spec_with(insecure))
-            .await
-            .unwrap(),
+        within(
+            CALL_DEADLINE,
+            "find_vm",
+            SoapVsphere::new(fast_options()).find_vm(&spec_with(insecure))
+        )
+        .await
+        .unwrap(),
         None
     );
 }
@@ -111,17 +135,23 @@ async fn insecure_accepts_vcsims_default_weak_certificate() {
     let mut endpoint = sim.endpoint("user", "pass");
     let vsphere = SoapVsphere::new(fast_options());
     assert_eq!(
-        vsphere
-            .find_vm(&spec(endpoint.clone(), "a/b", "b-c", "VM Network"))
-            .await
-            .unwrap(),
+        within(
+            CALL_DEADLINE,
+            "find_vm",
+            vsphere.find_vm(&spec(endpoint.clone(), "a/b", "b-c", "VM Network"))
+        )
+        .await
+        .unwrap(),
         None
     );
     endpoint.insecure = false;
     assert!(matches!(
-        SoapVsphere::new(fast_options())
-            .find_vm(&spec(endpoint, "a/b", "b-c", "VM Network"))
-            .await,
+        within(
+            CALL_DEADLINE,
+            "find_vm",
+            SoapVsphere::new(fast_options()).find_vm(&spec(endpoint, "a/b", "b-c", "VM Network"))
+        )
+        .await,
         Err(VsphereError::Tls { .. })
     ));
 }

@@ -5,7 +5,7 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use common::{Vcsim, fast_options, find, observer, play_guest, read, spec};
+use common::{CALL_DEADLINE, Vcsim, fast_options, find, observer, play_guest, read, spec, within};
 use dvmm_core::ports::{VsphereError, VspherePort};
 use dvmm_core::spec::IP_TIMEOUT_WARNING;
 use dvmm_vsphere::SoapVsphere;
@@ -25,8 +25,16 @@ async fn provisions_a_vm_on_a_standard_port_group_end_to_end() {
     let guest = play_guest(own.clone(), "DC0/vm/acme/web/web-app01".into(), "10.0.0.42");
 
     let vsphere = SoapVsphere::new(fast_options());
-    let result = vsphere.create_vm(&spec).await.expect("create_vm");
-    let vm = guest.await.expect("guest player");
+    let result = within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&spec))
+        .await
+        .expect("create_vm");
+    let vm = within(
+        common::GUEST_DEADLINE + CALL_DEADLINE,
+        "the guest player",
+        guest,
+    )
+    .await
+    .expect("guest player");
 
     assert_eq!(result.vmware_vm_id.as_str(), vm.value);
     assert_eq!(
@@ -74,27 +82,42 @@ async fn provisions_a_vm_on_a_standard_port_group_end_to_end() {
     );
 
     // find_vm / get_vm see the same VM, and a rerun adopts it.
-    let found = vsphere.find_vm(&spec).await.unwrap().expect("find_vm");
+    let found = within(CALL_DEADLINE, "find_vm", vsphere.find_vm(&spec))
+        .await
+        .unwrap()
+        .expect("find_vm");
     assert_eq!(found.vmware_vm_id, result.vmware_vm_id);
     assert_eq!(found.dvmm_vm_id, Some(spec.vm_id));
     assert_eq!(found.ip_address, result.ip_address);
-    let again = vsphere.create_vm(&spec).await.expect("idempotent rerun");
-    assert_eq!(again.vmware_vm_id, result.vmware_vm_id);
-    let info = vsphere
-        .get_vm(&endpoint, &result.vmware_vm_id)
+    let again = within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&spec))
         .await
-        .unwrap();
+        .expect("idempotent rerun");
+    assert_eq!(again.vmware_vm_id, result.vmware_vm_id);
+    let info = within(
+        CALL_DEADLINE,
+        "get_vm",
+        vsphere.get_vm(&endpoint, &result.vmware_vm_id),
+    )
+    .await
+    .unwrap();
     assert!(info.tools_running);
     assert_eq!(info.name, "web-app01");
 
     // shutdown() logs the client's session out: only the observer's is left.
     let sessions = || async {
-        let sm = own.content().await.unwrap().session_manager;
-        let contents = methods::retrieve_properties(
-            &own,
-            "SessionManager",
-            &["sessionList"],
-            std::slice::from_ref(&sm),
+        let sm = within(CALL_DEADLINE, "content", own.content())
+            .await
+            .unwrap()
+            .session_manager;
+        let contents = within(
+            CALL_DEADLINE,
+            "the session list",
+            methods::retrieve_properties(
+                &own,
+                "SessionManager",
+                &["sessionList"],
+                std::slice::from_ref(&sm),
+            ),
         )
         .await
         .unwrap();
@@ -103,7 +126,7 @@ async fn provisions_a_vm_on_a_standard_port_group_end_to_end() {
             .map_or(0, |l| l.children.len())
     };
     assert_eq!(sessions().await, 2);
-    vsphere.shutdown().await;
+    within(CALL_DEADLINE, "shutdown", vsphere.shutdown()).await;
     assert_eq!(sessions().await, 1);
 }
 
@@ -115,7 +138,9 @@ async fn distributed_port_group_gets_a_dvport_backing_and_ip_timeout_warns() {
     spec.ip_wait_timeout = Duration::from_millis(700);
     let vsphere = SoapVsphere::new(fast_options());
     let started = std::time::Instant::now();
-    let result = vsphere.create_vm(&spec).await.expect("create_vm");
+    let result = within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&spec))
+        .await
+        .expect("create_vm");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(result.ip_address, None);
     assert_eq!(result.warning_message.as_deref(), Some(IP_TIMEOUT_WARNING));
@@ -156,7 +181,9 @@ async fn wrong_password_is_invalid_login() {
         "web-x",
         "VM Network",
     );
-    let err = vsphere.create_vm(&spec).await.unwrap_err();
+    let err = within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&spec))
+        .await
+        .unwrap_err();
     assert_eq!(
         err,
         VsphereError::InvalidLogin {
@@ -172,7 +199,12 @@ async fn wrong_password_is_invalid_login() {
         "web-x",
         "VM Network",
     );
-    assert!(ok.find_vm(&spec).await.unwrap().is_none());
+    assert!(
+        within(CALL_DEADLINE, "find_vm", ok.find_vm(&spec))
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,14 +221,20 @@ async fn missing_inventory_is_named_in_not_found() {
         ("template", Box::new(|s| s.template = "tpl9".into())),
     ];
     let missing = dvmm_core::ids::VmwareVmId::new("vm-99999");
-    match vsphere.get_vm(&base.endpoint, &missing).await {
+    match within(
+        CALL_DEADLINE,
+        "get_vm",
+        vsphere.get_vm(&base.endpoint, &missing),
+    )
+    .await
+    {
         Err(VsphereError::NotFound { name, .. }) => assert!(name.contains("vm-99999"), "{name}"),
         other => panic!("get_vm of a missing VM: {other:?}"),
     }
     for (kind, edit) in cases {
         let mut s = base.clone();
         edit(&mut s);
-        match vsphere.create_vm(&s).await {
+        match within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&s)).await {
             Err(VsphereError::NotFound { kind: k, .. }) => assert_eq!(k, kind),
             other => panic!("{kind}: {other:?}"),
         }
@@ -209,16 +247,62 @@ async fn session_logged_out_behind_the_clients_back_logs_in_again() {
     let endpoint = sim.endpoint("user", "pass");
     let vsphere = SoapVsphere::new(fast_options());
     let spec = spec(endpoint.clone(), "acme/web", "web-relog", "VM Network");
-    assert!(vsphere.find_vm(&spec).await.unwrap().is_none());
+    assert!(
+        within(CALL_DEADLINE, "find_vm", vsphere.find_vm(&spec))
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // The test's own session terminates every other session.
     let (_o, own) = observer(&endpoint);
-    let sm = own.content().await.unwrap().session_manager;
-    let contents = methods::retrieve_properties(
-        &own,
-        "SessionManager",
-        &["sessionList", "currentSession"],
-        std::slice::from_ref(&sm),
+    let before = vsphere.request_count();
+    let terminated = terminate_other_sessions(&own).await;
+    assert_eq!(terminated, 1, "the client's session was terminated");
+    // RetrievePropertiesEx answers NotAuthenticated inside missingSet: the
+    // client must notice and log in again transparently.
+    let vm0 =
+        dvmm_core::ids::VmwareVmId::new(find(&own, "DC0/vm/DC0_C0_RP0_VM0").await.unwrap().value);
+    let info = within(CALL_DEADLINE, "get_vm", vsphere.get_vm(&endpoint, &vm0))
+        .await
+        .expect("get_vm after re-login");
+    assert_eq!(info.name, "DC0_C0_RP0_VM0");
+    assert!(
+        vsphere.request_count() - before >= 4,
+        "call, login pair, call again"
+    );
+    // A fault-form NotAuthenticated (FindByInventoryPath) also recovers.
+    let before = vsphere.request_count();
+    let terminated = terminate_other_sessions(&own).await;
+    assert_eq!(terminated, 1, "the client's new session was terminated");
+    assert!(
+        within(CALL_DEADLINE, "find_vm", vsphere.find_vm(&spec))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        vsphere.request_count() - before >= 3,
+        "call, login, call again"
+    );
+}
+
+/// Terminates every session but `own`'s (as an administrator would behind
+/// a client's back); returns how many it terminated.
+async fn terminate_other_sessions(own: &dvmm_vsphere::session::Session) -> usize {
+    let sm = within(CALL_DEADLINE, "ServiceContent", own.content())
+        .await
+        .unwrap()
+        .session_manager;
+    let contents = within(
+        CALL_DEADLINE,
+        "the session list",
+        methods::retrieve_properties(
+            own,
+            "SessionManager",
+            &["sessionList", "currentSession"],
+            std::slice::from_ref(&sm),
+        ),
     )
     .await
     .unwrap();
@@ -237,40 +321,21 @@ async fn session_logged_out_behind_the_clients_back_logs_in_again() {
         .filter(|k| *k != mine)
         .map(str::to_owned)
         .collect();
-    assert!(!others.is_empty());
-    own.call("TerminateSession", false, Duration::ZERO, |_, env| {
-        env.moref("_this", &sm.kind, &sm.value);
-        for key in &others {
-            env.text("sessionId", key);
-        }
-    })
-    .await
-    .expect("TerminateSession");
-
-    let before = vsphere.request_count();
-    // RetrievePropertiesEx answers NotAuthenticated inside missingSet: the
-    // client must notice and log in again transparently.
-    let vm0 =
-        dvmm_core::ids::VmwareVmId::new(find(&own, "DC0/vm/DC0_C0_RP0_VM0").await.unwrap().value);
-    let info = vsphere
-        .get_vm(&endpoint, &vm0)
+    if !others.is_empty() {
+        within(
+            CALL_DEADLINE,
+            "TerminateSession",
+            own.call("TerminateSession", false, Duration::ZERO, |_, env| {
+                env.moref("_this", &sm.kind, &sm.value);
+                for key in &others {
+                    env.text("sessionId", key);
+                }
+            }),
+        )
         .await
-        .expect("get_vm after re-login");
-    assert_eq!(info.name, "DC0_C0_RP0_VM0");
-    assert!(
-        vsphere.request_count() - before >= 4,
-        "call, login pair, call again"
-    );
-    // A fault-form NotAuthenticated (FindByInventoryPath) also recovers.
-    own.call("TerminateSession", false, Duration::ZERO, |_, env| {
-        env.moref("_this", &sm.kind, &sm.value);
-        for key in &others {
-            env.text("sessionId", key);
-        }
-    })
-    .await
-    .ok();
-    assert!(vsphere.find_vm(&spec).await.unwrap().is_none());
+        .expect("TerminateSession");
+    }
+    others.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,18 +345,24 @@ async fn foreign_vm_with_the_same_name_is_a_duplicate() {
     let mut first = spec(endpoint.clone(), "acme/web", "web-dup", "VM Network");
     first.ip_wait_timeout = Duration::from_millis(300);
     let vsphere = SoapVsphere::new(fast_options());
-    vsphere.create_vm(&first).await.expect("first VM");
+    within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&first))
+        .await
+        .expect("first VM");
     let mut foreign = first.clone();
     foreign.vm_id = dvmm_core::ids::VmId::from_uuid(uuid::Uuid::new_v4());
-    match vsphere.create_vm(&foreign).await {
+    match within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&foreign)).await {
         Err(VsphereError::DuplicateName { name, .. }) => assert_eq!(name, "web-dup"),
         other => panic!("{other:?}"),
     }
     let (_o, own) = observer(&endpoint);
     let folder = find(&own, "DC0/vm/acme/web").await.unwrap();
-    let children = methods::retrieve_properties(&own, "Folder", &["childEntity"], &[folder])
-        .await
-        .unwrap();
+    let children = within(
+        CALL_DEADLINE,
+        "the folder's children",
+        methods::retrieve_properties(&own, "Folder", &["childEntity"], &[folder]),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         children[0].prop("childEntity").unwrap().children.len(),
         1,
@@ -312,30 +383,50 @@ async fn two_provisionings_race_for_a_new_folder_and_both_succeed() {
         SoapVsphere::new(fast_options()),
         SoapVsphere::new(fast_options()),
     );
-    let (ra, rb) = tokio::join!(va.create_vm(&a), vb.create_vm(&b));
+    let (ra, rb) = within(CALL_DEADLINE, "two racing create_vm calls", async {
+        tokio::join!(va.create_vm(&a), vb.create_vm(&b))
+    })
+    .await;
     let (ra, rb) = (ra.expect("a"), rb.expect("b"));
     assert_ne!(ra.vmware_vm_id, rb.vmware_vm_id);
     let (_o, own) = observer(&endpoint);
     let folder = find(&own, "DC0/vm/race/proj").await.unwrap();
-    let children = methods::retrieve_properties(&own, "Folder", &["childEntity"], &[folder])
-        .await
-        .unwrap();
+    let children = within(
+        CALL_DEADLINE,
+        "the folder's children",
+        methods::retrieve_properties(&own, "Folder", &["childEntity"], &[folder]),
+    )
+    .await
+    .unwrap();
     assert_eq!(children[0].prop("childEntity").unwrap().children.len(), 2);
 
     // The audit listing sees both, below the tenant folder and below its parent.
-    let mut names = va
-        .list_vm_names(&endpoint, "DC0", "race/proj")
-        .await
-        .unwrap();
+    let mut names = within(
+        CALL_DEADLINE,
+        "list_vm_names",
+        va.list_vm_names(&endpoint, "DC0", "race/proj"),
+    )
+    .await
+    .unwrap();
     names.sort();
     assert_eq!(names, ["proj-a", "proj-b"]);
-    let below_tenant = va.list_vm_names(&endpoint, "DC0", "race").await.unwrap();
+    let below_tenant = within(
+        CALL_DEADLINE,
+        "list_vm_names",
+        va.list_vm_names(&endpoint, "DC0", "race"),
+    )
+    .await
+    .unwrap();
     assert_eq!(below_tenant.len(), 2);
     assert!(
-        va.list_vm_names(&endpoint, "DC0", "race/nothing-here")
-            .await
-            .unwrap()
-            .is_empty()
+        within(
+            CALL_DEADLINE,
+            "list_vm_names",
+            va.list_vm_names(&endpoint, "DC0", "race/nothing-here")
+        )
+        .await
+        .unwrap()
+        .is_empty()
     );
 }
 
@@ -348,20 +439,32 @@ async fn listing_follows_continuation_pages() {
     let (_o, own) = observer(&endpoint);
     let root = find(&own, "DC0/vm").await.unwrap();
     // Pages of 40: several continuations.
-    let all = methods::vm_names_below(&own, &root, Some(40))
-        .await
-        .unwrap();
+    let all = within(
+        CALL_DEADLINE,
+        "the paged listing",
+        methods::vm_names_below(&own, &root, Some(40)),
+    )
+    .await
+    .unwrap();
     let unique: std::collections::HashSet<_> = all.iter().map(|(r, _)| r.value.clone()).collect();
     assert_eq!(unique.len(), all.len(), "a page repeated an object");
     let client = SoapVsphere::new(fast_options());
-    let listed = client.list_vm_names(&endpoint, "DC0", "").await.unwrap();
+    let listed = within(
+        CALL_DEADLINE,
+        "list_vm_names",
+        client.list_vm_names(&endpoint, "DC0", ""),
+    )
+    .await
+    .unwrap();
     assert_eq!(listed.len(), all.len());
     assert!(listed.len() >= 150, "{} VMs listed", listed.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vcsim_killed_mid_provisioning_gives_transport_error_and_opens_the_breaker() {
-    let Some(mut sim) = Vcsim::start(&["-method-delay", "CloneVM_Task:600"]) else {
+    // The clone answers after 15 s, so the kill below (2 s after the
+    // folder it clones into appears) lands while the clone call is open.
+    let Some(mut sim) = Vcsim::start(&["-method-delay", "CloneVM_Task:15000"]) else {
         return;
     };
     let endpoint = sim.endpoint("user", "pass");
@@ -375,18 +478,46 @@ async fn vcsim_killed_mid_provisioning_gives_transport_error_and_opens_the_break
     let task = {
         let vsphere = vsphere.clone();
         let spec = spec.clone();
-        tokio::spawn(async move { vsphere.create_vm(&spec).await })
+        tokio::spawn(
+            async move { within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&spec)).await },
+        )
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_o, own) = observer(&endpoint);
+    let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
+    while find(&own, "DC0/vm/acme/web").await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "create_vm made no folder acme/web within {CALL_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!task.is_finished(), "create_vm ended before the kill");
     sim.kill();
-    let err = task.await.expect("no panic").unwrap_err();
+    let err = within(CALL_DEADLINE, "create_vm to fail", task)
+        .await
+        .expect("no panic")
+        .unwrap_err();
     assert!(matches!(err, VsphereError::Transport { .. }), "{err:?}");
     assert!(err.is_retryable());
-    // Retries exhausted the threshold: the breaker now fails fast.
+    // Retries exhausted the threshold: the breaker now fails fast, without
+    // sending anything.
+    let sent = vsphere.request_count();
     let started = std::time::Instant::now();
-    let err = vsphere.find_vm(&spec).await.unwrap_err();
+    let err = within(CALL_DEADLINE, "find_vm", vsphere.find_vm(&spec))
+        .await
+        .unwrap_err();
     assert!(matches!(err, VsphereError::CircuitOpen { .. }), "{err:?}");
-    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(
+        vsphere.request_count(),
+        sent,
+        "an open breaker sends nothing"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "failing fast took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,24 +526,41 @@ async fn dropping_a_wait_destroys_its_collector() {
     let endpoint = sim.endpoint("user", "pass");
     let (_c, session) = observer(&endpoint);
     let vm = find(&session, "DC0/vm/DC0_C0_RP0_VM0").await.unwrap();
-    let mut wait =
-        dvmm_vsphere::wait::PropertyWait::open(session.clone(), vm, &["runtime.powerState"])
-            .await
-            .unwrap();
-    let first = wait.next(Duration::from_secs(1)).await.unwrap();
+    let mut wait = within(
+        CALL_DEADLINE,
+        "a property collector",
+        dvmm_vsphere::wait::PropertyWait::open(session.clone(), vm, &["runtime.powerState"]),
+    )
+    .await
+    .unwrap();
+    let first = within(
+        CALL_DEADLINE,
+        "the first update",
+        wait.next(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
     assert_eq!(first[0].0, "runtime.powerState");
     let collector = wait.collector().cloned().unwrap();
     drop(wait);
     // The destroy runs in the background; the collector soon disappears.
-    let mut gone = false;
-    for _ in 0..50 {
+    let limit = Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let r = methods::wait_for_updates(&session, &collector, "", 1).await;
+        let r = within(
+            CALL_DEADLINE,
+            "WaitForUpdatesEx on the dropped collector",
+            methods::wait_for_updates(&session, &collector, "", 1),
+        )
+        .await;
         if matches!(r, Err(VsphereError::NotFound { .. })) {
-            gone = true;
             break;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the collector still exists {limit:?} after its wait was dropped: {r:?}"
+        );
     }
-    assert!(gone, "the collector still exists");
     let _ = ConfigSpec::default();
 }

@@ -2,7 +2,8 @@
 //! inventory, and a "guest" that reports tools and an IP once a VM runs.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::future::Future;
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -34,20 +35,50 @@ fn required() -> bool {
     std::env::var("DVMM_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
 }
 
+/// Reports a skipped test: fails it under `DVMM_REQUIRE_SERVICES=1`,
+/// otherwise prints why and appends `<test name>: <why>` to the file named
+/// by `DVMM_SKIP_LOG`, so a skip shows in the suite's summary instead of
+/// passing as `ok`.
+pub fn skip(why: &str) {
+    if required() {
+        panic!("{why}, and DVMM_REQUIRE_SERVICES=1 requires it");
+    }
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unknown test");
+    eprintln!("SKIPPED {test}: {why}");
+    if let Some(path) = std::env::var_os("DVMM_SKIP_LOG") {
+        // A log that cannot be written must not fail the test it reports on.
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| writeln!(f, "{test}: {why}"));
+    }
+}
+
+/// Awaits `future`, failing the test with what it was waiting for if
+/// `limit` passes first.
+pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("gave up after {limit:?} waiting for {what}"),
+    }
+}
+
+/// How long one call to vcsim may take before the test fails instead of
+/// hanging: several times the slowest call seen on a loaded 2-core machine.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(60);
+
 impl Vcsim {
     /// Starts vcsim with extra flags; `None` (test skipped) when the binary
     /// is missing, unless `DVMM_REQUIRE_SERVICES=1`.
     pub fn start(args: &[&str]) -> Option<Vcsim> {
         let bin = vcsim_bin();
         if !bin.exists() {
-            let msg = format!(
+            skip(&format!(
                 "vcsim not found at {} (run scripts/build-vcsim.sh or set VCSIM_BIN)",
                 bin.display()
-            );
-            if required() {
-                panic!("{msg}");
-            }
-            eprintln!("SKIPPED: {msg}");
+            ));
             return None;
         }
         let mut child = Command::new(&bin)
@@ -150,40 +181,67 @@ pub fn spec(endpoint: VcenterEndpoint, folder: &str, name: &str, network: &str) 
 
 /// The VM at an inventory path, if any.
 pub async fn find(session: &Session, path: &str) -> Option<MoRef> {
-    methods::find_by_inventory_path(session, path)
-        .await
-        .ok()
-        .flatten()
+    within(
+        CALL_DEADLINE,
+        "FindByInventoryPath",
+        methods::find_by_inventory_path(session, path),
+    )
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Reads VM properties with the test's own session.
 pub async fn read(session: &Session, vm: &MoRef, paths: &[&str]) -> VmProperties {
-    let contents =
-        methods::retrieve_properties(session, "VirtualMachine", paths, std::slice::from_ref(vm))
-            .await
-            .expect("RetrievePropertiesEx");
+    let contents = within(
+        CALL_DEADLINE,
+        "RetrievePropertiesEx",
+        methods::retrieve_properties(session, "VirtualMachine", paths, std::slice::from_ref(vm)),
+    )
+    .await
+    .expect("RetrievePropertiesEx");
     VmProperties::from_content(contents.first().expect("the VM"))
 }
 
+/// How long the guest player waits for the VM to appear and power on.
+pub const GUEST_DEADLINE: Duration = Duration::from_secs(90);
+
 /// Plays the guest: once the VM at `path` is powered on, reports VMware
 /// Tools running and `ip` through vcsim's `SET.guest.*` extraConfig keys.
+/// Panics (failing the awaiting test) if the VM does not appear and power
+/// on within [`GUEST_DEADLINE`].
 pub fn play_guest(
     session: Arc<Session>,
     path: String,
     ip: &'static str,
 ) -> tokio::task::JoinHandle<MoRef> {
     tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + GUEST_DEADLINE;
         let vm = loop {
             if let Some(vm) = find(&session, &path).await {
                 break vm;
             }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "guest player: no VM at {path} after {GUEST_DEADLINE:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         loop {
-            let props = read(&session, &vm, &["runtime.powerState"]).await;
+            let props = within(
+                CALL_DEADLINE,
+                "the guest player's power state read",
+                read(&session, &vm, &["runtime.powerState"]),
+            )
+            .await;
             if props.runtime.power_state == Some(PowerState::PoweredOn) {
                 break;
             }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "guest player: {path} not powered on after {GUEST_DEADLINE:?} ({:?})",
+                props.runtime.power_state
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let change = ConfigSpec {
@@ -196,9 +254,13 @@ pub fn play_guest(
             ],
             ..ConfigSpec::default()
         };
-        let task = methods::reconfig_vm(&session, &vm, &change)
-            .await
-            .expect("guest reconfigure");
+        let task = within(
+            CALL_DEADLINE,
+            "the guest player's reconfigure",
+            methods::reconfig_vm(&session, &vm, &change),
+        )
+        .await
+        .expect("guest reconfigure");
         let _ = task;
         vm
     })
