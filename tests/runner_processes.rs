@@ -6,11 +6,13 @@
 //!
 //! Needs `DATABASE_URL` (an admin/owner URL; the test creates and drops its
 //! own database) and vcsim (`VCSIM_BIN`, default `target/vcsim/bin/vcsim`,
-//! built by `scripts/build-vcsim.sh`). Without them the test skips, unless
-//! `DVMM_REQUIRE_SERVICES=1`.
+//! built by `scripts/build-vcsim.sh`), and govc next to vcsim for the
+//! independent count of VMs. Without them the test skips (and says so in
+//! `DVMM_SKIP_LOG`), unless `DVMM_REQUIRE_SERVICES=1`.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
+use std::future::Future;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
@@ -27,11 +29,36 @@ fn required() -> bool {
     std::env::var("DVMM_REQUIRE_SERVICES").as_deref() == Ok("1")
 }
 
+/// Fails under `DVMM_REQUIRE_SERVICES=1`; otherwise prints why and appends
+/// `<test name>: <why>` to the file named by `DVMM_SKIP_LOG`, so the skip
+/// shows in the suite's summary instead of passing as `ok`.
 fn skip(why: &str) {
     if required() {
         panic!("{why}, but DVMM_REQUIRE_SERVICES=1 requires it");
     }
-    eprintln!("skipping: {why}");
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unknown test");
+    eprintln!("SKIPPED {test}: {why}");
+    if let Some(path) = std::env::var_os("DVMM_SKIP_LOG") {
+        // A log that cannot be written must not fail the test it reports on.
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| writeln!(f, "{test}: {why}"));
+    }
+}
+
+/// How long one statement against the test database may take.
+const QUERY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Awaits `future`, failing the test with what it was waiting for if
+/// `limit` passes first.
+async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("gave up after {limit:?} waiting for {what}"),
+    }
 }
 
 fn workspace() -> &'static Path {
@@ -101,7 +128,21 @@ fn runner_binary() -> PathBuf {
     if release {
         build.arg("--release");
     }
-    let status = build.status().expect("run cargo build");
+    // Usually a no-op (the test run built it); a cold build on a busy
+    // 2-core machine takes a few minutes.
+    let limit = Duration::from_secs(900);
+    let mut child = Proc(build.spawn().expect("run cargo build"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait for cargo build") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "building the runner example took over {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(status.success(), "building the runner example failed");
     let bin = profile_dir.join("examples/runner");
     assert!(bin.exists(), "{} missing after the build", bin.display());
@@ -117,16 +158,23 @@ struct TestDb {
 
 async fn create_database(url: &str) -> TestDb {
     let server = PgConnectOptions::from_str(url).expect("DATABASE_URL is a URL");
-    let maintenance = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(server.clone())
-        .await
-        .expect("connect to DATABASE_URL");
+    let maintenance = within(
+        QUERY_DEADLINE,
+        "a connection to DATABASE_URL",
+        PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(server.clone()),
+    )
+    .await
+    .expect("connect to DATABASE_URL");
     let name = format!("dvmm_t_{}", &Uuid::new_v4().simple().to_string()[..12]);
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&maintenance)
-        .await
-        .expect("create the test database");
+    within(
+        QUERY_DEADLINE,
+        "CREATE DATABASE",
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&maintenance),
+    )
+    .await
+    .expect("create the test database");
     maintenance.close().await;
     // Same server and credentials, other database.
     let mut parsed = url.split('?');
@@ -139,11 +187,15 @@ async fn create_database(url: &str) -> TestDb {
         Some(q) => format!("{prefix}/{name}?{q}"),
         None => format!("{prefix}/{name}"),
     };
-    let admin = PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(server.clone().database(&name))
-        .await
-        .expect("connect to the test database");
+    let admin = within(
+        QUERY_DEADLINE,
+        "a connection to the test database",
+        PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(server.clone().database(&name)),
+    )
+    .await
+    .expect("connect to the test database");
     TestDb {
         name,
         url: db_url,
@@ -155,42 +207,82 @@ async fn create_database(url: &str) -> TestDb {
 impl TestDb {
     async fn drop(self) {
         self.admin.close().await;
-        let maintenance = PgPoolOptions::new()
-            .max_connections(1)
-            .connect_with(self.server.clone())
-            .await
-            .expect("connect to DATABASE_URL");
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&maintenance)
+        let maintenance = within(
+            QUERY_DEADLINE,
+            "a connection to DATABASE_URL",
+            PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(self.server.clone()),
+        )
+        .await
+        .expect("connect to DATABASE_URL");
+        within(
+            QUERY_DEADLINE,
+            "DROP DATABASE",
+            sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&maintenance),
+        )
         .await
         .expect("drop the test database");
         // The example's login for this database (see examples/runner.rs).
-        sqlx::query(&format!("DROP ROLE IF EXISTS dvmm_runner_{}", self.name))
-            .execute(&maintenance)
-            .await
-            .expect("drop the example's role");
-    }
-
-    async fn leased_by(&self, worker: &str) -> HashSet<Uuid> {
-        sqlx::query_scalar(
-            "SELECT request_id FROM dvmm_jobs WHERE state = 'leased' AND worker = $1",
+        within(
+            QUERY_DEADLINE,
+            "DROP ROLE",
+            sqlx::query(&format!("DROP ROLE IF EXISTS dvmm_runner_{}", self.name))
+                .execute(&maintenance),
         )
-        .bind(worker)
-        .fetch_all(&self.admin)
         .await
-        .map(|ids: Vec<Uuid>| ids.into_iter().collect())
-        .unwrap_or_default()
+        .expect("drop the example's role");
     }
 
-    async fn done(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM dvmm_jobs WHERE state = 'done'")
-            .fetch_one(&self.admin)
-            .await
-            .unwrap_or(0)
+    /// Jobs `worker` holds a lease on. A database error fails the test: an
+    /// empty answer would read as a takeover.
+    async fn leased_by(&self, worker: &str) -> HashSet<Uuid> {
+        let ids: Vec<Uuid> = within(
+            QUERY_DEADLINE,
+            "the leases of a worker",
+            sqlx::query_scalar(
+                "SELECT request_id FROM dvmm_jobs WHERE state = 'leased' AND worker = $1",
+            )
+            .bind(worker)
+            .fetch_all(&self.admin),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("reading the leases of {worker}: {e}"));
+        ids.into_iter().collect()
     }
+
+    /// Jobs done so far. Before the runners have created `dvmm_jobs`
+    /// (undefined table, SQLSTATE 42P01) that is 0; any other error fails
+    /// the test.
+    async fn done(&self) -> i64 {
+        let result = within(
+            QUERY_DEADLINE,
+            "the count of done jobs",
+            sqlx::query_scalar("SELECT count(*) FROM dvmm_jobs WHERE state = 'done'")
+                .fetch_one(&self.admin),
+        )
+        .await;
+        match result {
+            Ok(n) => n,
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => 0,
+            Err(e) => panic!("counting done jobs: {e}"),
+        }
+    }
+}
+
+/// Runs `command` to completion, failing the test if it takes over `limit`.
+fn output_within(mut command: Command, limit: Duration, what: &str) -> std::process::Output {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(command.output());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("gave up after {limit:?} waiting for {what}"))
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"))
 }
 
 fn spawn_runner(
@@ -259,6 +351,15 @@ async fn three_processes_share_the_work_and_survive_a_sigkill() {
             vcsim.display()
         ));
     }
+    // govc counts the VMs independently of our SOAP client; without it the
+    // test would check less, so it is a missing service like vcsim.
+    let govc = vcsim.with_file_name("govc");
+    if !govc.exists() {
+        return skip(&format!(
+            "govc not found at {} (scripts/build-vcsim.sh builds it next to vcsim)",
+            govc.display()
+        ));
+    }
     let bin = runner_binary();
     let db = create_database(&url).await;
     let (_vcsim, vcsim_url) = start_vcsim(&vcsim);
@@ -320,11 +421,15 @@ async fn three_processes_share_the_work_and_survive_a_sigkill() {
     }
 
     // The store, read directly: one Ready per request, one VM stream each.
-    let ready: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT stream_id, count(*) FROM dvmm_events \
-         WHERE stream_type = 'VmRequest' AND event_type = 'VmRequestReady' GROUP BY stream_id",
+    let ready: Vec<(String, i64)> = within(
+        QUERY_DEADLINE,
+        "the Ready events",
+        sqlx::query_as(
+            "SELECT stream_id, count(*) FROM dvmm_events \
+             WHERE stream_type = 'VmRequest' AND event_type = 'VmRequestReady' GROUP BY stream_id",
+        )
+        .fetch_all(&db.admin),
     )
-    .fetch_all(&db.admin)
     .await
     .unwrap();
     assert_eq!(ready.len(), APPROVALS);
@@ -332,35 +437,35 @@ async fn three_processes_share_the_work_and_survive_a_sigkill() {
         ready.iter().all(|(_, n)| *n == 1),
         "a request became Ready twice"
     );
-    let vm_streams: i64 = sqlx::query_scalar(
-        "SELECT count(DISTINCT stream_id) FROM dvmm_events WHERE stream_type = 'Vm'",
+    let vm_streams: i64 = within(
+        QUERY_DEADLINE,
+        "the VM streams",
+        sqlx::query_scalar(
+            "SELECT count(DISTINCT stream_id) FROM dvmm_events WHERE stream_type = 'Vm'",
+        )
+        .fetch_one(&db.admin),
     )
-    .fetch_one(&db.admin)
     .await
     .unwrap();
     assert_eq!(vm_streams, APPROVALS as i64);
 
-    // vcsim, asked by govc (independent of our SOAP client) when available.
-    let govc = vcsim.with_file_name("govc");
-    if govc.exists() {
-        let out = Command::new(&govc)
-            .args(["find", "-type", "m", &format!("/DC0/vm/{tenant}")])
-            .env("GOVC_URL", vcsim_url.replacen("://", "://user:pass@", 1))
-            .env("GOVC_INSECURE", "1")
-            .output()
-            .expect("run govc");
-        assert!(
-            out.status.success(),
-            "govc: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let paths: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        let unique: HashSet<&String> = paths.iter().collect();
-        assert_eq!(paths.len(), APPROVALS, "VMs in vcsim");
-        assert_eq!(unique.len(), APPROVALS, "duplicate VM paths in vcsim");
-    }
+    // vcsim, asked by govc (independent of our SOAP client).
+    let mut find = Command::new(&govc);
+    find.args(["find", "-type", "m", &format!("/DC0/vm/{tenant}")])
+        .env("GOVC_URL", vcsim_url.replacen("://", "://user:pass@", 1))
+        .env("GOVC_INSECURE", "1");
+    let out = output_within(find, Duration::from_secs(60), "govc find");
+    assert!(
+        out.status.success(),
+        "govc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let paths: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let unique: HashSet<&String> = paths.iter().collect();
+    assert_eq!(paths.len(), APPROVALS, "VMs in vcsim");
+    assert_eq!(unique.len(), APPROVALS, "duplicate VM paths in vcsim");
     db.drop().await;
 }
