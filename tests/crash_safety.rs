@@ -8,7 +8,9 @@ mod common;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use common::{new_request, tenant_config, user};
 use dvmm::core::config::VcenterEndpoint;
@@ -21,6 +23,19 @@ use dvmm::{
     TimelineSink, VmProvisioningResult, VmRequestId, VmRequestStatus, VmSpec, VmwareVmId,
     VsphereError, VspherePort,
 };
+
+/// How long one provisioning may take here: the simulator has no delays,
+/// so this only ever fires on a hang.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Awaits `future`, failing the test with what it was waiting for if
+/// [`DEADLINE`] passes first.
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("gave up after {DEADLINE:?} waiting for {what}"),
+    }
+}
 
 /// Returns `Pending` once, so every port call becomes a point where the
 /// caller's future can be dropped, both before and after the call's effect.
@@ -146,6 +161,17 @@ fn world() -> World {
 
 async fn assert_exactly_one_vm(world: &World, request: VmRequestId) {
     let (service, store, timeline, sim, tenant) = world;
+    check_one_vm(service, store, timeline, sim, tenant, request).await;
+}
+
+async fn check_one_vm<S: EventStore, V: VspherePort, T: TimelineSink>(
+    service: &ProvisioningService<S, V, T>,
+    store: &MemoryEventStore,
+    timeline: &MemoryTimeline,
+    sim: &Simulator,
+    tenant: &TenantConfig,
+    request: VmRequestId,
+) {
     let vms = sim.vms();
     assert_eq!(vms.len(), 1, "exactly one VM in vSphere: {vms:?}");
     assert_eq!(vms[0].name, "web-app01");
@@ -186,6 +212,11 @@ async fn assert_exactly_one_vm(world: &World, request: VmRequestId) {
 async fn interrupting_provisioning_at_every_step_then_rerunning_gives_one_vm() {
     let mut interruptions = 0;
     for stop_after in 1.. {
+        // The flow has a few dozen steps; far more means it never finishes.
+        assert!(
+            stop_after <= 1000,
+            "provisioning was still pending after 1000 polls"
+        );
         let world = world();
         let (service, _, _, _, tenant) = &world;
         let request = service.submit(new_request(tenant, "app01")).await.unwrap();
@@ -211,7 +242,12 @@ async fn interrupting_provisioning_at_every_step_then_rerunning_gives_one_vm() {
             }
         };
         drop(run); // the "crash"
-        let outcome = service.provision(tenant.tenant_id, request).await.unwrap();
+        let outcome = within(
+            "the rerun after a crash",
+            service.provision(tenant.tenant_id, request),
+        )
+        .await
+        .unwrap();
         if finished {
             assert!(matches!(
                 outcome,
@@ -263,12 +299,16 @@ async fn a_clone_that_succeeded_behind_a_failed_call_is_adopted() {
         .unwrap();
     // The lost answer is a connection failure: the request waits (nothing
     // recorded as failed) and the rerun adopts the VM.
-    let outcome = service.provision(tenant.tenant_id, request).await.unwrap();
+    let outcome = within("provisioning", service.provision(tenant.tenant_id, request))
+        .await
+        .unwrap();
     assert!(
         matches!(outcome, ProvisionOutcome::Deferred { .. }),
         "{outcome:?}"
     );
-    let outcome = service.provision(tenant.tenant_id, request).await.unwrap();
+    let outcome = within("the rerun", service.provision(tenant.tenant_id, request))
+        .await
+        .unwrap();
     assert!(
         matches!(outcome, ProvisionOutcome::Ready { .. }),
         "{outcome:?}"
@@ -277,39 +317,106 @@ async fn a_clone_that_succeeded_behind_a_failed_call_is_adopted() {
     assert_exactly_one_vm(&world, request).await;
 }
 
+/// A vSphere port whose process "dies" right after its first failed
+/// `create_vm`: the call never returns to the service, as when the process
+/// is killed between the answer and anything done with it.
+struct CrashAfterFailedCreate {
+    inner: Simulator,
+    armed: AtomicBool,
+    crashed: tokio::sync::Notify,
+}
+
+impl VspherePort for CrashAfterFailedCreate {
+    async fn create_vm(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
+        let result = self.inner.create_vm(spec).await;
+        if result.is_err() && self.armed.swap(false, Ordering::SeqCst) {
+            self.crashed.notify_one();
+            std::future::pending::<()>().await;
+        }
+        result
+    }
+    async fn get_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+    ) -> Result<VmGuestInfo, VsphereError> {
+        self.inner.get_vm(endpoint, id).await
+    }
+    async fn find_vm(&self, spec: &VmSpec) -> Result<Option<VmGuestInfo>, VsphereError> {
+        self.inner.find_vm(spec).await
+    }
+}
+
 #[tokio::test]
 async fn a_crash_after_a_created_but_failed_call_is_adopted_on_rerun() {
-    let world = world();
-    let (service, _, _, sim, tenant) = &world;
-    // The call fails after creating: the attempt is deferred ...
+    let tenant = tenant_config("acme", 5);
+    let store = Arc::new(MemoryEventStore::new());
+    let timeline = Arc::new(MemoryTimeline::new());
+    let sim = Simulator::default();
+    let port = Arc::new(CrashAfterFailedCreate {
+        inner: sim.clone(),
+        armed: AtomicBool::new(true),
+        crashed: tokio::sync::Notify::new(),
+    });
+    let service = ProvisioningService::new(
+        store.clone(),
+        port.clone(),
+        timeline.clone(),
+        Tenants::new().with(tenant.clone()),
+    );
+    // The clone succeeds in vSphere but its answer is lost ...
     sim.add_fault(FaultRule::new(
         Operation::CreateVm,
         Trigger::Times(1),
         Fault::CreatedButCallFailed,
     ));
-    let request = service.submit(new_request(tenant, "app01")).await.unwrap();
+    let request = service.submit(new_request(&tenant, "app01")).await.unwrap();
     service
         .approve(tenant.tenant_id, request, user())
         .await
         .unwrap();
-    let outcome = service
-        .provision_attempt(tenant.tenant_id, request)
-        .await
-        .unwrap();
+    // ... and the process dies before it can look for the VM or retry.
+    tokio::select! {
+        outcome = service.provision(tenant.tenant_id, request) => {
+            panic!("provisioning went on past the crash point: {outcome:?}")
+        }
+        () = within("the failed create_vm", port.crashed.notified()) => {}
+    }
+    assert_eq!(sim.vms().len(), 1, "the failed call created the VM");
+    let events = store.read_all(tenant.tenant_id, 0, 1000).await.unwrap();
     assert!(
-        matches!(outcome, ProvisionOutcome::Deferred { .. }),
-        "{outcome:?}"
+        !events.iter().any(|e| e.event_type == "VmProvisioned"),
+        "nothing after the failed call was recorded"
     );
-    // ... and the rerun adopts the VM the lost call created.
-    let outcome = service
-        .provision_attempt(tenant.tenant_id, request)
+    let before = service
+        .request(tenant.tenant_id, request)
         .await
+        .unwrap()
         .unwrap();
-    assert!(
-        matches!(outcome, ProvisionOutcome::Ready { .. }),
-        "{outcome:?}"
+    assert_eq!(before.status, VmRequestStatus::Provisioning);
+
+    // A new process reruns the request: it adopts the VM.
+    let outcome = within(
+        "the rerun after the crash",
+        service.provision(tenant.tenant_id, request),
+    )
+    .await
+    .unwrap();
+    let ProvisionOutcome::Ready { vm_id, result } = outcome else {
+        panic!("the rerun did not end Ready: {outcome:?}")
+    };
+    assert_eq!(
+        Some(vm_id),
+        before.vm_id,
+        "the rerun kept the recorded VM id"
     );
-    assert_exactly_one_vm(&world, request).await;
+    assert_eq!(result.vmware_vm_id, sim.vms()[0].vmware_vm_id);
+    assert_eq!(
+        sim.call_count(Operation::CreateVm),
+        2,
+        "one lost call, one adopting call"
+    );
+    check_one_vm(&service, &store, &timeline, &sim, &tenant, request).await;
 }
 
 #[tokio::test]
@@ -322,7 +429,9 @@ async fn a_vm_of_the_same_name_that_dvmm_did_not_create_is_never_adopted() {
         .approve(tenant.tenant_id, request, user())
         .await
         .unwrap();
-    let outcome = service.provision(tenant.tenant_id, request).await.unwrap();
+    let outcome = within("provisioning", service.provision(tenant.tenant_id, request))
+        .await
+        .unwrap();
     assert!(
         matches!(
             outcome,
@@ -368,7 +477,11 @@ async fn eight_concurrent_commands_for_one_request_make_one_vm() {
         .collect();
     let mut ready = 0;
     for task in tasks {
-        match task.await.unwrap().unwrap() {
+        match within("one of eight concurrent provisionings", task)
+            .await
+            .unwrap()
+            .unwrap()
+        {
             ProvisionOutcome::Ready { .. } => ready += 1,
             ProvisionOutcome::Skipped { .. } => {}
             other => panic!("unexpected outcome {other:?}"),
@@ -419,7 +532,15 @@ async fn a_guest_that_never_reports_an_ip_is_ready_with_ip_pending_after_the_tim
         .await
         .unwrap();
     let started = tokio::time::Instant::now();
-    let outcome = service.provision(tenant.tenant_id, request).await.unwrap();
+    // Paused time: the two-minute IP wait passes at once, the deadline too
+    // if the wait never ends.
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(600),
+        service.provision(tenant.tenant_id, request),
+    )
+    .await
+    .expect("provisioning ended within 10 minutes of paused time")
+    .unwrap();
     assert_eq!(
         started.elapsed().as_secs(),
         120,
