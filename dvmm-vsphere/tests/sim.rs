@@ -259,7 +259,11 @@ async fn counted_faults_then_success_and_call_counts() {
     };
     assert_eq!(attempts, 4);
     assert_eq!(sim.call_count(Operation::CreateVm), 4);
-    assert!(sim.find_vm(&spec).await.is_err());
+    assert_eq!(
+        sim.find_vm(&spec).await,
+        Err(VsphereError::NotAuthenticated),
+        "the counted FindVm fault"
+    );
     assert!(sim.find_vm(&spec).await.unwrap().is_some());
     sim.get_vm(&spec.endpoint, &result.vmware_vm_id)
         .await

@@ -9,7 +9,7 @@ use common::{CALL_DEADLINE, Vcsim, fast_options, find, observer, play_guest, rea
 use dvmm_core::ports::{VsphereError, VspherePort};
 use dvmm_core::spec::IP_TIMEOUT_WARNING;
 use dvmm_vsphere::SoapVsphere;
-use dvmm_vsphere::methods::{self, ConfigSpec};
+use dvmm_vsphere::methods;
 use dvmm_vsphere::types::{MoRef, PowerState};
 
 fn kib(gib: u64) -> u64 {
@@ -562,5 +562,4 @@ async fn dropping_a_wait_destroys_its_collector() {
             "the collector still exists {limit:?} after its wait was dropped: {r:?}"
         );
     }
-    let _ = ConfigSpec::default();
 }
