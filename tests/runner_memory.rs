@@ -238,6 +238,17 @@ fn fast_config(worker: &str, concurrency: usize) -> RunnerConfig {
     }
 }
 
+/// For tests on paused time: polls cost CPU, not time, so poll less often.
+fn paused_config(worker: &str, concurrency: usize) -> RunnerConfig {
+    RunnerConfig {
+        poll_interval: POLL,
+        ..fast_config(worker, concurrency)
+    }
+}
+
+/// The poll interval of [`paused_config`].
+const POLL: Duration = Duration::from_millis(100);
+
 struct Setup<Q = MemoryWorkQueue> {
     service: Arc<Service>,
     store: Arc<MemoryEventStore>,
@@ -333,7 +344,7 @@ impl<Q: WorkQueue> Setup<Q> {
                  {busy} still approved or provisioning ({statuses:?})",
                 ids.len()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -501,7 +512,7 @@ async fn shutdown_releases_unfinished_work_and_another_worker_finishes_it_withou
     let first = s.runner(RunnerConfig {
         lease: Duration::from_secs(120),
         shutdown_deadline: Duration::from_secs(5),
-        ..fast_config("w1", 4)
+        ..paused_config("w1", 4)
     });
     let started = Instant::now();
     let report = within(
@@ -529,7 +540,7 @@ async fn shutdown_releases_unfinished_work_and_another_worker_finishes_it_withou
     // The clones the first worker started keep running in vSphere; the
     // second worker adopts them instead of cloning again.
     let report = s
-        .run_until_settled(&s.runner(fast_config("w2", 8)), &ids)
+        .run_until_settled(&s.runner(paused_config("w2", 8)), &ids)
         .await;
     assert_eq!(report.ready, 6);
     assert!(
@@ -552,7 +563,7 @@ async fn a_dead_workers_claims_are_taken_over_after_the_lease() {
     let ids = s.approve(3).await;
     let dead = s.runner(RunnerConfig {
         lease,
-        ..fast_config("dead", 8)
+        ..paused_config("dead", 8)
     });
     // The worker "dies" after one second: its future is dropped without any
     // shutdown, so its leases are neither released nor renewed.
@@ -567,27 +578,27 @@ async fn a_dead_workers_claims_are_taken_over_after_the_lease() {
     );
     let survivor = s.runner(RunnerConfig {
         lease,
-        ..fast_config("survivor", 8)
+        ..paused_config("survivor", 8)
     });
-    // Watch the leases while the survivor runs: untouched one poll before
-    // they expire, all the survivor's one poll after.
+    // Watch the leases while the survivor runs: untouched two polls before
+    // they expire, none the dead worker's two polls after.
     let watch = async {
-        tokio::time::sleep_until(claimed_at + lease - Duration::from_millis(10)).await;
+        tokio::time::sleep_until(claimed_at + lease - 2 * POLL).await;
         let before = s.queue.holders();
-        tokio::time::sleep_until(claimed_at + lease + Duration::from_millis(10)).await;
+        tokio::time::sleep_until(claimed_at + lease + 2 * POLL).await;
         (before, s.queue.holders())
     };
     let (report, (before, after)) = tokio::join!(s.run_until_settled(&survivor, &ids), watch);
     let finished = claimed_at.elapsed();
     assert!(
         before.len() == 3 && before.values().all(|w| w == "dead"),
-        "10 ms before the lease ran out the survivor had taken over: {before:?}"
+        "two polls before the lease ran out the survivor had taken over: {before:?}"
     );
     // The clones finished long ago, so the survivor adopts and completes
     // them as soon as it claims them.
     assert!(
         after.values().all(|w| w == "survivor"),
-        "10 ms after the lease ran out (polls every 5 ms) the dead worker still held {after:?}"
+        "two polls after the lease ran out the dead worker still held {after:?}"
     );
     assert!(
         finished >= lease && finished < lease + Duration::from_secs(1),
@@ -647,11 +658,11 @@ async fn provisionings_longer_than_the_lease_keep_it_by_renewal() {
     let ids = s.approve(6).await;
     let a = s.runner(RunnerConfig {
         lease,
-        ..fast_config("a", 6)
+        ..paused_config("a", 6)
     });
     let b = s.runner(RunnerConfig {
         lease,
-        ..fast_config("b", 6)
+        ..paused_config("b", 6)
     });
     let started = Instant::now();
     let (ra, rb) = tokio::join!(s.run_until_settled(&a, &ids), s.run_until_settled(&b, &ids));
