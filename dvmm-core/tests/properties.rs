@@ -88,6 +88,16 @@ fn name_part() -> impl Strategy<Value = String> {
     ]
 }
 
+/// A justification or reason: mostly short, sometimes at or just over the
+/// 4,000-character bound (multi-byte at the bound: it counts characters).
+fn free_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        8 => text(),
+        1 => Just("é".repeat(MAX_FREE_TEXT)),
+        1 => Just("x".repeat(MAX_FREE_TEXT + 1)),
+    ]
+}
+
 fn submit() -> impl Strategy<Value = VmRequestCommand> {
     (
         name_part(),
@@ -95,7 +105,7 @@ fn submit() -> impl Strategy<Value = VmRequestCommand> {
         size(),
         resources(),
         user(),
-        text(),
+        free_text(),
         0u128..3,
     )
         .prop_map(
@@ -136,8 +146,8 @@ fn request_command() -> impl Strategy<Value = VmRequestCommand> {
     prop_oneof![
         2 => submit(),
         3 => user().prop_map(|by| VmRequestCommand::Approve { by }),
-        2 => (user(), text()).prop_map(|(by, reason)| VmRequestCommand::Reject { by, reason }),
-        1 => (user(), prop::option::of(text()))
+        2 => (user(), free_text()).prop_map(|(by, reason)| VmRequestCommand::Reject { by, reason }),
+        1 => (user(), prop::option::of(free_text()))
             .prop_map(|(by, reason)| VmRequestCommand::Cancel { by, reason }),
         3 => vm_id().prop_map(|vm_id| VmRequestCommand::StartProvisioning { vm_id }),
         3 => provisioning_result().prop_map(VmRequestCommand::MarkReady),
@@ -220,6 +230,14 @@ fn resources_ok(r: &VmResources) -> bool {
         && (1..=62 * 1024).contains(&r.disk_gib)
 }
 
+/// Justifications and reasons are shown to people and copied into every
+/// event and timeline entry: at most this many characters.
+const MAX_FREE_TEXT: usize = 4000;
+
+fn fits(text: &str) -> bool {
+    text.chars().count() <= MAX_FREE_TEXT
+}
+
 /// What a request command may do from a status: the status it leads to, or
 /// `None` when it must be refused.
 fn request_transition(
@@ -232,13 +250,16 @@ fn request_transition(
         (None, C::Submit(s)) => (is_label(&s.project_prefix)
             && is_label(&s.requested_name)
             && s.project_prefix.len() + 1 + s.requested_name.len() <= 63
-            && resources_ok(&s.resources))
+            && resources_ok(&s.resources)
+            && fits(&s.justification))
         .then_some(S::Pending),
         (Some(S::Pending), C::Approve { .. }) => Some(S::Approved),
         (Some(S::Pending), C::Reject { reason, .. }) => {
-            (!reason.trim().is_empty()).then_some(S::Rejected)
+            (!reason.trim().is_empty() && fits(reason)).then_some(S::Rejected)
         }
-        (Some(S::Pending | S::Approved), C::Cancel { .. }) => Some(S::Cancelled),
+        (Some(S::Pending | S::Approved), C::Cancel { reason, .. }) => {
+            reason.as_deref().is_none_or(fits).then_some(S::Cancelled)
+        }
         (Some(S::Approved), C::StartProvisioning { .. }) => Some(S::Provisioning),
         (Some(S::Provisioning), C::MarkReady(_)) => Some(S::Ready),
         (Some(S::Provisioning), C::MarkFailed { .. }) => Some(S::Failed),
@@ -364,7 +385,8 @@ impl RequestModel {
                 if is_label(&s.project_prefix)
                     && is_label(&s.requested_name)
                     && s.project_prefix.len() + 1 + s.requested_name.len() <= 63
-                    && resources_ok(&s.resources) =>
+                    && resources_ok(&s.resources)
+                    && fits(&s.justification) =>
             {
                 self.submitted = Some(s.clone());
                 (S::Pending, "VmRequestCreated")
@@ -373,12 +395,16 @@ impl RequestModel {
                 self.decided_by = Some(*by);
                 (S::Approved, "VmRequestApproved")
             }
-            (Some(S::Pending), C::Reject { by, reason }) if !reason.trim().is_empty() => {
+            (Some(S::Pending), C::Reject { by, reason })
+                if !reason.trim().is_empty() && fits(reason) =>
+            {
                 self.decided_by = Some(*by);
                 self.reason = Some(reason.clone());
                 (S::Rejected, "VmRequestRejected")
             }
-            (Some(S::Pending | S::Approved), C::Cancel { reason, .. }) => {
+            (Some(S::Pending | S::Approved), C::Cancel { reason, .. })
+                if reason.as_deref().is_none_or(fits) =>
+            {
                 self.reason = reason.clone();
                 (S::Cancelled, "VmRequestCancelled")
             }
