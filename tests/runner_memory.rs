@@ -1,39 +1,40 @@
 //! The background runner on the memory adapters and the simulator.
 //!
 //! Tests about leases (takeover, renewal, release at shutdown) run on tokio's
-//! paused clock, so their margins are virtual and the outcome does not depend
-//! on how busy the machine is. [`MemoryWorkQueue`] measures leases with
-//! `std::time::Instant`, which paused time cannot move, so those tests use
-//! [`PausedClockQueue`], a queue with the same contract on tokio's clock.
+//! paused clock, with the queue's lease clock following it ([`PausedClock`]),
+//! so their margins are virtual and the outcome does not depend on how busy
+//! the machine is.
 
 mod common;
 
 use dvmm::Backoff;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use common::{new_request, tenant_config, user};
-use dvmm::core::runner::{Job, WorkQueue};
+use dvmm::core::runner::WorkQueue;
 use dvmm::store::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{
     Delays, Fault, FaultRule, Operation, Simulator, SimulatorConfig, Trigger,
 };
 use dvmm::{
-    EventStore, ProvisioningRunner, ProvisioningService, RunnerConfig, RunnerReport, StoreError,
-    TenantConfig, TenantId, Tenants, TokioTimer, VmRequestId, VmRequestStatus, VsphereError,
+    Clock, EventStore, ProvisioningRunner, ProvisioningService, RunnerConfig, RunnerReport,
+    TenantConfig, Tenants, TokioTimer, VmRequestId, VmRequestStatus, VsphereError,
 };
 use tokio::time::Instant;
 
 type Service = ProvisioningService<Arc<MemoryEventStore>, Simulator, Arc<MemoryTimeline>>;
-type Runner<Q> = ProvisioningRunner<
+type Runner = ProvisioningRunner<
     Arc<MemoryEventStore>,
     Simulator,
     Arc<MemoryTimeline>,
     dvmm::core::SystemClock,
     dvmm::core::RandomIds,
-    Arc<Q>,
+    Arc<MemoryWorkQueue>,
     Arc<MemoryCheckpoints>,
     TokioTimer,
 >;
@@ -51,179 +52,31 @@ async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>)
     }
 }
 
-/// A [`WorkQueue`] with [`MemoryWorkQueue`]'s contract whose leases and
-/// retry delays are measured on tokio's clock, so paused time drives them.
-#[derive(Default)]
-struct PausedClockQueue {
-    jobs: Mutex<Vec<(VmRequestId, PausedJob)>>,
+/// Wall time that follows tokio's clock, so a queue on it measures leases
+/// in paused time.
+struct PausedClock {
+    wall: DateTime<Utc>,
+    start: Instant,
 }
 
-struct PausedJob {
-    tenant_id: TenantId,
-    attempts: u32,
-    state: PausedJobState,
-}
-
-#[derive(PartialEq)]
-enum PausedJobState {
-    Queued { not_before: Instant },
-    Leased { worker: String, until: Instant },
-    Done,
-}
-
-impl PausedClockQueue {
-    fn with_job<T>(
-        &self,
-        request_id: VmRequestId,
-        f: impl FnOnce(&mut PausedJob) -> T,
-    ) -> Option<T> {
-        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        jobs.iter_mut()
-            .find(|(id, _)| *id == request_id)
-            .map(|(_, job)| f(job))
-    }
-
-    /// Runs `f` on the job if `worker` holds its lease.
-    fn if_held(&self, worker: &str, request_id: VmRequestId, f: impl FnOnce(&mut PausedJob)) {
-        self.with_job(request_id, |job| {
-            if matches!(&job.state, PausedJobState::Leased { worker: w, .. } if w == worker) {
-                f(job);
-            }
-        });
-    }
-
-    /// Jobs not done yet (queued or leased).
-    fn pending(&self) -> usize {
-        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        jobs.iter()
-            .filter(|(_, job)| job.state != PausedJobState::Done)
-            .count()
+impl PausedClock {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
+            start: Instant::now(),
+        })
     }
 }
 
-impl WorkQueue for PausedClockQueue {
-    async fn enqueue(&self, tenant: TenantId, request_id: VmRequestId) -> Result<(), StoreError> {
-        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        if !jobs.iter().any(|(id, _)| *id == request_id) {
-            jobs.push((
-                request_id,
-                PausedJob {
-                    tenant_id: tenant,
-                    attempts: 0,
-                    state: PausedJobState::Queued {
-                        not_before: Instant::now(),
-                    },
-                },
-            ));
-        }
-        Ok(())
-    }
-
-    async fn claim(
-        &self,
-        worker: &str,
-        max: usize,
-        lease: Duration,
-    ) -> Result<Vec<Job>, StoreError> {
-        let now = Instant::now();
-        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        let mut claimed = Vec::new();
-        for (id, job) in jobs.iter_mut() {
-            if claimed.len() == max {
-                break;
-            }
-            let runnable = match &job.state {
-                PausedJobState::Queued { not_before } => *not_before <= now,
-                PausedJobState::Leased { until, .. } => *until <= now,
-                PausedJobState::Done => false,
-            };
-            if runnable {
-                job.state = PausedJobState::Leased {
-                    worker: worker.to_owned(),
-                    until: now + lease,
-                };
-                claimed.push(Job {
-                    tenant_id: job.tenant_id,
-                    request_id: *id,
-                    attempts: job.attempts,
-                });
-            }
-        }
-        Ok(claimed)
-    }
-
-    async fn renew(
-        &self,
-        worker: &str,
-        request_id: VmRequestId,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        let mut renewed = false;
-        self.if_held(worker, request_id, |job| {
-            job.state = PausedJobState::Leased {
-                worker: worker.to_owned(),
-                until: Instant::now() + lease,
-            };
-            renewed = true;
-        });
-        Ok(renewed)
-    }
-
-    async fn complete(&self, worker: &str, request_id: VmRequestId) -> Result<(), StoreError> {
-        self.if_held(worker, request_id, |job| job.state = PausedJobState::Done);
-        Ok(())
-    }
-
-    async fn retry_later(
-        &self,
-        worker: &str,
-        request_id: VmRequestId,
-        delay: Duration,
-    ) -> Result<(), StoreError> {
-        self.if_held(worker, request_id, |job| {
-            job.attempts += 1;
-            job.state = PausedJobState::Queued {
-                not_before: Instant::now() + delay,
-            };
-        });
-        Ok(())
-    }
-
-    async fn postpone(
-        &self,
-        worker: &str,
-        request_id: VmRequestId,
-        delay: Duration,
-    ) -> Result<(), StoreError> {
-        self.if_held(worker, request_id, |job| {
-            job.state = PausedJobState::Queued {
-                not_before: Instant::now() + delay,
-            };
-        });
-        Ok(())
-    }
-
-    async fn release(&self, worker: &str, request_id: VmRequestId) -> Result<(), StoreError> {
-        self.if_held(worker, request_id, |job| {
-            job.state = PausedJobState::Queued {
-                not_before: Instant::now(),
-            };
-        });
-        Ok(())
+impl Clock for PausedClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.wall + chrono::Duration::from_std(self.start.elapsed()).expect("test durations fit")
     }
 }
 
-/// Who holds which lease right now, for assertions about takeovers.
-impl PausedClockQueue {
-    fn holders(&self) -> HashMap<VmRequestId, String> {
-        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        jobs.iter()
-            .filter_map(|(id, job)| match &job.state {
-                PausedJobState::Leased { worker, .. } => Some((*id, worker.clone())),
-                _ => None,
-            })
-            .collect()
-    }
+/// A queue whose leases and due times follow tokio's (paused) clock.
+fn paused_queue() -> MemoryWorkQueue {
+    MemoryWorkQueue::with_clock(PausedClock::new())
 }
 
 fn fast_config(worker: &str, concurrency: usize) -> RunnerConfig {
@@ -249,12 +102,12 @@ fn paused_config(worker: &str, concurrency: usize) -> RunnerConfig {
 /// The poll interval of [`paused_config`].
 const POLL: Duration = Duration::from_millis(100);
 
-struct Setup<Q = MemoryWorkQueue> {
+struct Setup {
     service: Arc<Service>,
     store: Arc<MemoryEventStore>,
     sim: Simulator,
     tenant: TenantConfig,
-    queue: Arc<Q>,
+    queue: Arc<MemoryWorkQueue>,
     checkpoints: Arc<MemoryCheckpoints>,
 }
 
@@ -262,7 +115,7 @@ fn setup(sim: Simulator) -> Setup {
     setup_with_queue(sim, MemoryWorkQueue::new())
 }
 
-fn setup_with_queue<Q>(sim: Simulator, queue: Q) -> Setup<Q> {
+fn setup_with_queue(sim: Simulator, queue: MemoryWorkQueue) -> Setup {
     let tenant = tenant_config("acme", 5);
     let store = Arc::new(MemoryEventStore::new());
     let service = Arc::new(ProvisioningService::new(
@@ -281,8 +134,8 @@ fn setup_with_queue<Q>(sim: Simulator, queue: Q) -> Setup<Q> {
     }
 }
 
-impl<Q: WorkQueue> Setup<Q> {
-    fn runner(&self, config: RunnerConfig) -> Runner<Q> {
+impl Setup {
+    fn runner(&self, config: RunnerConfig) -> Runner {
         ProvisioningRunner::new(
             self.service.clone(),
             self.queue.clone(),
@@ -349,7 +202,7 @@ impl<Q: WorkQueue> Setup<Q> {
     }
 
     /// Runs `runner` until the requests settle, within [`RUN_DEADLINE`].
-    async fn run_until_settled(&self, runner: &Runner<Q>, ids: &[VmRequestId]) -> RunnerReport {
+    async fn run_until_settled(&self, runner: &Runner, ids: &[VmRequestId]) -> RunnerReport {
         within(
             RUN_DEADLINE + Duration::from_secs(10),
             "the runner to stop after the requests settled",
@@ -507,7 +360,7 @@ async fn shutdown_releases_unfinished_work_and_another_worker_finishes_it_withou
     // Clones take a minute; shutdown comes after 10 s and drains for 5 s,
     // so the four in-flight jobs cannot finish and must be handed back.
     let clone = Duration::from_secs(60);
-    let s = setup_with_queue(slow_clones(clone), PausedClockQueue::default());
+    let s = setup_with_queue(slow_clones(clone), paused_queue());
     let ids = s.approve(6).await;
     let first = s.runner(RunnerConfig {
         lease: Duration::from_secs(120),
@@ -533,10 +386,16 @@ async fn shutdown_releases_unfinished_work_and_another_worker_finishes_it_withou
     );
     assert_eq!(report.ready, 0);
     assert_eq!(s.queue.pending(), 6, "nothing was lost");
-    assert!(
-        s.queue.holders().is_empty(),
-        "no lease is held after shutdown"
-    );
+    // No lease is held after shutdown: all six can be claimed at once.
+    let probe = s
+        .queue
+        .claim("probe", 10, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(probe.len(), 6, "jobs still leased after shutdown");
+    for job in probe {
+        s.queue.release("probe", job.request_id).await.unwrap();
+    }
     // The clones the first worker started keep running in vSphere; the
     // second worker adopts them instead of cloning again.
     let report = s
@@ -556,10 +415,7 @@ async fn shutdown_releases_unfinished_work_and_another_worker_finishes_it_withou
 #[tokio::test(start_paused = true)]
 async fn a_dead_workers_claims_are_taken_over_after_the_lease() {
     let lease = Duration::from_secs(30);
-    let s = setup_with_queue(
-        slow_clones(Duration::from_secs(5)),
-        PausedClockQueue::default(),
-    );
+    let s = setup_with_queue(slow_clones(Duration::from_secs(5)), paused_queue());
     let ids = s.approve(3).await;
     let dead = s.runner(RunnerConfig {
         lease,
@@ -569,9 +425,11 @@ async fn a_dead_workers_claims_are_taken_over_after_the_lease() {
     // shutdown, so its leases are neither released nor renewed.
     let claimed_at = Instant::now();
     let _ = tokio::time::timeout(Duration::from_secs(1), dead.run(std::future::pending())).await;
-    let held = s.queue.holders();
-    assert_eq!(held.len(), 3, "the dead worker held every job: {held:?}");
-    assert!(held.values().all(|w| w == "dead"), "{held:?}");
+    assert_eq!(
+        s.statuses(&ids).await,
+        [VmRequestStatus::Provisioning; 3],
+        "the dead worker started every job"
+    );
     assert!(
         s.queue.claim("probe", 10, lease).await.unwrap().is_empty(),
         "the dead worker's leases still hold"
@@ -580,25 +438,26 @@ async fn a_dead_workers_claims_are_taken_over_after_the_lease() {
         lease,
         ..paused_config("survivor", 8)
     });
-    // Watch the leases while the survivor runs: untouched two polls before
-    // they expire, none the dead worker's two polls after.
+    // Watch while the survivor runs. The clones finished long ago, so a job
+    // the survivor claims becomes Ready at once: none may be Ready two polls
+    // before the leases run out, all must be two polls after.
     let watch = async {
         tokio::time::sleep_until(claimed_at + lease - 2 * POLL).await;
-        let before = s.queue.holders();
+        let before = s.statuses(&ids).await;
         tokio::time::sleep_until(claimed_at + lease + 2 * POLL).await;
-        (before, s.queue.holders())
+        (before, s.statuses(&ids).await)
     };
     let (report, (before, after)) = tokio::join!(s.run_until_settled(&survivor, &ids), watch);
     let finished = claimed_at.elapsed();
-    assert!(
-        before.len() == 3 && before.values().all(|w| w == "dead"),
-        "two polls before the lease ran out the survivor had taken over: {before:?}"
+    assert_eq!(
+        before,
+        [VmRequestStatus::Provisioning; 3],
+        "two polls before the lease ran out the survivor had taken over"
     );
-    // The clones finished long ago, so the survivor adopts and completes
-    // them as soon as it claims them.
-    assert!(
-        after.values().all(|w| w == "survivor"),
-        "two polls after the lease ran out the dead worker still held {after:?}"
+    assert_eq!(
+        after,
+        [VmRequestStatus::Ready; 3],
+        "two polls after the lease ran out the survivor had not finished"
     );
     assert!(
         finished >= lease && finished < lease + Duration::from_secs(1),
@@ -654,7 +513,7 @@ async fn provisionings_longer_than_the_lease_keep_it_by_renewal() {
     // Each clone takes four leases. Whichever worker claims first takes all
     // six; the other has room all the while and must never take one over.
     let lease = Duration::from_secs(10);
-    let s = setup_with_queue(slow_clones(4 * lease), PausedClockQueue::default());
+    let s = setup_with_queue(slow_clones(4 * lease), paused_queue());
     let ids = s.approve(6).await;
     let a = s.runner(RunnerConfig {
         lease,
