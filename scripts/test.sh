@@ -47,7 +47,8 @@ if [ -z "${DATABASE_URL:-}" ]; then
 fi
 
 status=0
-cargo test --workspace --all-features "$@" || status=$?
+# --no-fail-fast: one failing test binary must not hide the others' results.
+cargo test --workspace --all-features --no-fail-fast "$@" || status=$?
 
 skipped=$(grep -c '' "$skip_log" || true)
 echo "skipped tests: $skipped"
