@@ -240,14 +240,20 @@ async fn appends_survive_a_server_restart_and_the_store_reconnects() {
     let stop = Arc::new(AtomicBool::new(false));
     let restarted = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicUsize::new(0));
+    // Per writer: appends acknowledged after the restart. The test waits for
+    // each writer to get one, since on a loaded machine a writer may need
+    // longer than the others' next 80 appends to get a new connection.
+    let acked_after: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..8).map(|_| AtomicUsize::new(0)).collect());
 
     let writers: Vec<_> = (0..8)
         .map(|w| {
-            let (store, stop, restarted, acked) = (
+            let (store, stop, restarted, acked, acked_after) = (
                 store.clone(),
                 stop.clone(),
                 restarted.clone(),
                 acked.clone(),
+                acked_after.clone(),
             );
             tokio::spawn(async move {
                 // Even writers retry an unacknowledged batch as it was (the
@@ -279,6 +285,7 @@ async fn appends_survive_a_server_restart_and_the_store_reconnects() {
                                 acked.fetch_add(1, Ordering::SeqCst);
                                 if after_restart {
                                     log.acknowledged_after_restart += 1;
+                                    acked_after[w].fetch_add(1, Ordering::SeqCst);
                                 }
                                 break;
                             }
@@ -345,6 +352,24 @@ async fn appends_survive_a_server_restart_and_the_store_reconnects() {
             )
         },
         until_at_least(&acked, at_restart + 80),
+    )
+    .await;
+    within(
+        Duration::from_secs(120),
+        || {
+            let per_writer: Vec<usize> = acked_after
+                .iter()
+                .map(|c| c.load(Ordering::SeqCst))
+                .collect();
+            format!(
+                "every writer to append again after the restart (acknowledged per writer: {per_writer:?})"
+            )
+        },
+        async {
+            while acked_after.iter().any(|c| c.load(Ordering::SeqCst) == 0) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        },
     )
     .await;
     stop.store(true, Ordering::SeqCst);
