@@ -85,6 +85,7 @@ fn vm_history(n: usize, len: usize) -> Vec<VmEvent> {
             name: VmName::new("web", &format!("app{n}")).expect("valid name"),
             resources: resources(),
             folder_path: "acme/web".into(),
+            placement: None,
         }),
         VmEvent::VmProvisioned(VmProvisioned {
             vmware_vm_id: VmwareVmId::new(format!("vm-{}", 1000 + n)),

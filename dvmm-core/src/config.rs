@@ -139,6 +139,16 @@ fn redacted_url(url: &str) -> String {
     }
 }
 
+/// Longest IP wait a tenant may configure (one hour); also the cap
+/// [`Timeouts::ip_wait`] applies to a configuration that was never validated.
+pub const MAX_IP_WAIT_SECS: u64 = 3600;
+/// Longest task timeout a tenant may configure (one day); also the cap of
+/// [`Timeouts::task`].
+pub const MAX_TASK_SECS: u64 = 24 * 3600;
+/// Longest unavailable deadline a tenant may configure (one week); also the
+/// cap of [`Timeouts::unavailable_deadline`].
+pub const MAX_UNAVAILABLE_DEADLINE_SECS: u64 = 7 * 24 * 3600;
+
 /// Timeouts of a tenant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,19 +179,27 @@ impl Timeouts {
         3600
     }
 
-    /// The unavailable deadline as a duration.
+    // The accessors cap what they return: a configuration built in code
+    // need not have been validated, and a deadline computed from an
+    // uncapped value (`Instant + Duration`) would overflow and panic.
+
+    /// The unavailable deadline as a duration, at most
+    /// [`MAX_UNAVAILABLE_DEADLINE_SECS`].
     pub fn unavailable_deadline(&self) -> Duration {
-        Duration::from_secs(self.unavailable_deadline_secs)
+        Duration::from_secs(
+            self.unavailable_deadline_secs
+                .min(MAX_UNAVAILABLE_DEADLINE_SECS),
+        )
     }
 
-    /// The IP wait as a duration.
+    /// The IP wait as a duration, at most [`MAX_IP_WAIT_SECS`].
     pub fn ip_wait(&self) -> Duration {
-        Duration::from_secs(self.ip_wait_secs)
+        Duration::from_secs(self.ip_wait_secs.min(MAX_IP_WAIT_SECS))
     }
 
-    /// The task timeout as a duration.
+    /// The task timeout as a duration, at most [`MAX_TASK_SECS`].
     pub fn task(&self) -> Duration {
-        Duration::from_secs(self.task_secs)
+        Duration::from_secs(self.task_secs.min(MAX_TASK_SECS))
     }
 }
 
@@ -394,20 +412,20 @@ impl TenantConfig {
                 folder_component("folder_root", part)?;
             }
         }
-        if self.timeouts.ip_wait_secs > 3600 {
+        if self.timeouts.ip_wait_secs > MAX_IP_WAIT_SECS {
             return Err(ConfigError::new(
                 "timeouts.ip_wait_secs",
                 "must be at most 3600 seconds",
             ));
         }
-        if self.timeouts.task_secs == 0 || self.timeouts.task_secs > 24 * 3600 {
+        if self.timeouts.task_secs == 0 || self.timeouts.task_secs > MAX_TASK_SECS {
             return Err(ConfigError::new(
                 "timeouts.task_secs",
                 "must be between 1 and 86400 seconds",
             ));
         }
         if self.timeouts.unavailable_deadline_secs == 0
-            || self.timeouts.unavailable_deadline_secs > 7 * 24 * 3600
+            || self.timeouts.unavailable_deadline_secs > MAX_UNAVAILABLE_DEADLINE_SECS
         {
             return Err(ConfigError::new(
                 "timeouts.unavailable_deadline_secs",

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -175,7 +176,8 @@ pub trait DomainEvent: Sized {
         Self::from_current_payload(event_type, payload)
     }
 
-    /// Decodes a stored event with the release's built-in upcasters.
+    /// Decodes a stored event with the release's built-in upcasters
+    /// ([`Upcasters::builtin`]).
     ///
     /// # Errors
     /// An [`EventDecodeError`] saying why the event cannot be read.
@@ -184,7 +186,7 @@ pub trait DomainEvent: Sized {
             &stored.event_type,
             stored.schema_version,
             stored.payload.clone(),
-            &Upcasters::default(),
+            &BUILTIN_UPCASTERS,
         )
     }
 
@@ -219,7 +221,20 @@ impl fmt::Debug for Upcasters {
     }
 }
 
+static BUILTIN_UPCASTERS: LazyLock<Upcasters> = LazyLock::new(Upcasters::builtin);
+
 impl Upcasters {
+    /// Every step this release needs to read the events of earlier ones:
+    ///
+    /// - `VmProvisioningStarted` v1 → v2: no recorded placement.
+    pub fn builtin() -> Self {
+        Self::default().with_step(
+            "VmProvisioningStarted",
+            1,
+            crate::vm::upcast_provisioning_started_v1,
+        )
+    }
+
     /// Registers the step that lifts `event_type` from `from` to `from + 1`.
     pub fn with_step(mut self, event_type: &str, from: u32, step: UpcastFn) -> Self {
         self.steps.insert((event_type.to_owned(), from), step);

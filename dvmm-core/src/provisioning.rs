@@ -21,7 +21,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::aggregate::Aggregate;
 use crate::clock::{Clock, IdGenerator};
-use crate::config::TenantConfig;
+use crate::config::{TenantConfig, endpoint_key};
 use crate::error::DomainError;
 use crate::event::{DomainEvent, EventDecodeError, EventMetadata, NewEvent, StreamId};
 use crate::ids::{CorrelationId, EventId, ProjectId, TenantId, UserId, VmId, VmRequestId};
@@ -70,6 +70,17 @@ pub enum ServiceError {
     /// vSphere failed outside of provisioning (e.g. refreshing guest info).
     #[error("vSphere call failed: {0}")]
     Vsphere(#[from] VsphereError),
+    /// The VM's provisioning started on a vCenter that the tenant's
+    /// configuration no longer names, so there are no credentials to finish
+    /// it with. Nothing is recorded: once that vCenter is configured again,
+    /// a rerun resumes.
+    #[error(
+        "VM {vm_id} is being built on a vCenter that this tenant's configuration no longer names; configure that vCenter again to finish it"
+    )]
+    RecordedVcenterNotConfigured {
+        /// The VM.
+        vm_id: VmId,
+    },
     /// Other writers kept changing the stream.
     #[error("gave up on {stream} after {MAX_CONFLICT_RETRIES} concurrent-modification retries")]
     TooManyConflicts {
@@ -776,7 +787,7 @@ where
         };
         tracing::Span::current().record("vm_id", tracing::field::display(vm_id));
         let config = self.tenant(tenant)?.clone();
-        let spec = VmSpec::for_request(
+        let fresh = VmSpec::for_request(
             &config,
             request_id,
             vm_id,
@@ -784,7 +795,8 @@ where
             &request.project_prefix,
             request.resources,
         );
-        let vm = self.ensure_vm_started(actor, &request, &spec).await?;
+        let vm = self.ensure_vm_started(actor, &request, &fresh).await?;
+        let spec = recorded_spec(&config, &vm, fresh)?;
         match vm.status {
             VmStatus::Provisioning => {}
             // A previous run recorded the outcome on the VM stream but not on
@@ -984,6 +996,7 @@ where
             name: request.vm_name.clone(),
             resources: request.resources,
             folder_path: spec.folder_path.clone(),
+            placement: Some(spec.placement()),
         };
         let stream = vm_stream(spec.vm_id);
         for _ in 0..MAX_CONFLICT_RETRIES {
@@ -1174,6 +1187,43 @@ where
         }
         Ok(())
     }
+}
+
+/// The spec of a VM whose provisioning started: built from what its start
+/// recorded, so that a resume finds (and adopts) the VM it started even when
+/// the tenant's configuration changed since; `fresh` (from the current
+/// configuration) is what a new provisioning would use. Only the
+/// credentials come from the current configuration, and only for the
+/// recorded vCenter.
+fn recorded_spec(config: &TenantConfig, vm: &Vm, fresh: VmSpec) -> Result<VmSpec, ServiceError> {
+    let Some(placement) = &vm.placement else {
+        // Started by a release that recorded only the folder: everything
+        // else comes from the current configuration, as it did then.
+        return Ok(VmSpec {
+            folder_path: vm.folder_path.clone(),
+            ..fresh
+        });
+    };
+    if *placement == fresh.placement() {
+        return Ok(fresh);
+    }
+    if endpoint_key(&placement.endpoint_url) != config.vcenter.key() {
+        return Err(ServiceError::RecordedVcenterNotConfigured { vm_id: vm.id });
+    }
+    info!(
+        folder = %placement.folder_path,
+        datastore = %placement.datastore,
+        "the tenant's configuration changed since this provisioning started; resuming with the recorded placement"
+    );
+    Ok(VmSpec::from_placement(
+        placement,
+        &config.vcenter,
+        fresh.tenant_id,
+        fresh.request_id,
+        fresh.vm_id,
+        &fresh.name,
+        vm.resources,
+    ))
 }
 
 /// The span of one provisioning; the VM name and id are recorded once known.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{TenantConfig, VcenterEndpoint};
+use crate::config::{MAX_IP_WAIT_SECS, MAX_TASK_SECS, TenantConfig, VcenterEndpoint};
 use crate::ids::{TenantId, VmId, VmRequestId, VmwareVmId};
 
 /// Longest DNS label (RFC 1123): the VM name is also the guest hostname.
@@ -467,6 +467,93 @@ impl VmSpec {
             ip_wait_timeout: config.timeouts.ip_wait(),
             task_timeout: config.timeouts.task(),
             endpoint: config.vcenter.clone(),
+        }
+    }
+}
+
+/// Where and how a VM is built: everything of a [`VmSpec`] that comes from
+/// the tenant's configuration, except the credentials. The VM stream records
+/// it when provisioning starts, so that a resume builds the VM it started
+/// (and adopts it) even when the configuration changed in between:
+/// configuration changes apply to new provisionings only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPlacement {
+    /// The vCenter's SDK URL; the credentials are looked up by it in the
+    /// tenant's configuration when the spec is rebuilt.
+    pub endpoint_url: String,
+    /// Datacenter name.
+    pub datacenter: String,
+    /// Cluster name.
+    pub cluster: String,
+    /// Resource pool path below the cluster, if any.
+    pub resource_pool: Option<String>,
+    /// Datastore name.
+    pub datastore: String,
+    /// Network of the first NIC.
+    pub network: String,
+    /// Template to clone from.
+    pub template: String,
+    /// Folder path below the datacenter's VM folder.
+    pub folder_path: String,
+    /// Guest hostname.
+    pub hostname: VmName,
+    /// IP wait in seconds.
+    pub ip_wait_secs: u64,
+    /// Task timeout in seconds.
+    pub task_secs: u64,
+}
+
+impl VmSpec {
+    /// What of this spec is recorded when provisioning starts.
+    pub fn placement(&self) -> VmPlacement {
+        VmPlacement {
+            endpoint_url: self.endpoint.url.clone(),
+            datacenter: self.datacenter.clone(),
+            cluster: self.cluster.clone(),
+            resource_pool: self.resource_pool.clone(),
+            datastore: self.datastore.clone(),
+            network: self.network.clone(),
+            template: self.template.clone(),
+            folder_path: self.folder_path.clone(),
+            hostname: self.hostname.clone(),
+            ip_wait_secs: self.ip_wait_timeout.as_secs(),
+            task_secs: self.task_timeout.as_secs(),
+        }
+    }
+
+    /// Rebuilds the spec of a VM whose provisioning started with
+    /// `placement`. `endpoint` supplies the credentials and TLS settings;
+    /// its URL is replaced by the recorded one. The timeouts are capped as
+    /// a tenant's are ([`crate::config::Timeouts`]), whatever was recorded.
+    pub fn from_placement(
+        placement: &VmPlacement,
+        endpoint: &VcenterEndpoint,
+        tenant_id: TenantId,
+        request_id: VmRequestId,
+        vm_id: VmId,
+        name: &VmName,
+        resources: VmResources,
+    ) -> Self {
+        Self {
+            tenant_id,
+            request_id,
+            vm_id,
+            name: name.clone(),
+            hostname: placement.hostname.clone(),
+            resources,
+            template: placement.template.clone(),
+            network: placement.network.clone(),
+            folder_path: placement.folder_path.clone(),
+            datacenter: placement.datacenter.clone(),
+            cluster: placement.cluster.clone(),
+            resource_pool: placement.resource_pool.clone(),
+            datastore: placement.datastore.clone(),
+            ip_wait_timeout: Duration::from_secs(placement.ip_wait_secs.min(MAX_IP_WAIT_SECS)),
+            task_timeout: Duration::from_secs(placement.task_secs.min(MAX_TASK_SECS)),
+            endpoint: VcenterEndpoint {
+                url: placement.endpoint_url.clone(),
+                ..endpoint.clone()
+            },
         }
     }
 }

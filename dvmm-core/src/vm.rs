@@ -11,7 +11,7 @@ use crate::aggregate::Aggregate;
 use crate::error::DomainError;
 use crate::event::domain_events;
 use crate::ids::{TenantId, VmId, VmRequestId, VmwareVmId};
-use crate::spec::{PowerState, VmName, VmProvisioningResult, VmResources};
+use crate::spec::{PowerState, VmName, VmPlacement, VmProvisioningResult, VmResources};
 
 /// Where a VM stands. `Ready` means "just provisioned"; `Running` and
 /// `Stopped` are live states confirmed from vCenter later.
@@ -38,6 +38,9 @@ impl fmt::Display for VmStatus {
 }
 
 /// Provisioning started.
+///
+/// Schema version 2 added `placement`; version 1 events read with
+/// `placement: None` (see [`upcast_provisioning_started_v1`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmProvisioningStarted {
     /// The VM.
@@ -52,6 +55,26 @@ pub struct VmProvisioningStarted {
     pub resources: VmResources,
     /// Folder path below the datacenter's VM folder.
     pub folder_path: String,
+    /// Where and how the VM is built, from the configuration of the moment
+    /// it started. `None` for provisionings started by a release before it
+    /// was recorded: those resume with the tenant's current configuration
+    /// (and the recorded `folder_path`).
+    pub placement: Option<VmPlacement>,
+}
+
+/// Lifts a `VmProvisioningStarted` payload from schema version 1 to 2:
+/// version 1 did not record the placement, so it is `null`.
+///
+/// # Errors
+/// When the payload is not a JSON object.
+pub fn upcast_provisioning_started_v1(
+    mut payload: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let object = payload
+        .as_object_mut()
+        .ok_or_else(|| "the payload is not a JSON object".to_owned())?;
+    object.entry("placement").or_insert(serde_json::Value::Null);
+    Ok(payload)
 }
 
 /// The VM exists and is powered on.
@@ -115,7 +138,7 @@ pub enum VmEvent {
 }
 
 domain_events!(VmEvent {
-    VmProvisioningStarted(VmProvisioningStarted) = 1,
+    VmProvisioningStarted(VmProvisioningStarted) = 2,
     VmProvisioned(VmProvisioned) = 1,
     VmProvisioningFailed(VmProvisioningFailed) = 1,
     VmGuestInfoRefreshed(VmGuestInfoRefreshed) = 1,
@@ -186,6 +209,8 @@ pub struct Vm {
     pub resources: VmResources,
     /// Folder path.
     pub folder_path: String,
+    /// Where it is built, when its start recorded that (schema version 2).
+    pub placement: Option<VmPlacement>,
     /// Status.
     pub status: VmStatus,
     /// vSphere's id, once provisioned.
@@ -298,6 +323,7 @@ impl Aggregate for Vm {
                     name: e.name.clone(),
                     resources: e.resources,
                     folder_path: e.folder_path.clone(),
+                    placement: e.placement.clone(),
                     status: VmStatus::Provisioning,
                     vmware_vm_id: None,
                     ip_address: None,

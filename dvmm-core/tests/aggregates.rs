@@ -585,6 +585,23 @@ fn started() -> VmProvisioningStarted {
         name: VmName::new("web", "app01").expect("valid"),
         resources: m(),
         folder_path: "acme/web".into(),
+        placement: Some(placement()),
+    }
+}
+
+fn placement() -> dvmm_core::spec::VmPlacement {
+    dvmm_core::spec::VmPlacement {
+        endpoint_url: "https://vc.example.com/sdk".into(),
+        datacenter: "DC0".into(),
+        cluster: "DC0_C0".into(),
+        resource_pool: None,
+        datastore: "LocalDS_0".into(),
+        network: "VM Network".into(),
+        template: "ubuntu-22.04".into(),
+        folder_path: "acme/web".into(),
+        hostname: VmName::new("web", "app01").expect("valid"),
+        ip_wait_secs: 120,
+        task_secs: 1800,
     }
 }
 
@@ -666,6 +683,11 @@ fn starting_creates_a_provisioning_vm() {
         .expect("vm");
     assert_eq!(vm.status, VmStatus::Provisioning);
     assert_eq!(vm.folder_path, "acme/web");
+    assert_eq!(
+        vm.placement,
+        Some(placement()),
+        "the start records the placement"
+    );
     assert_eq!(vm.vmware_vm_id, None);
 }
 

@@ -179,10 +179,15 @@ fn every_known_event_type_has_a_v1_fixture_and_nothing_else_is_there() {
         );
     }
     for name in VM_EVENT_TYPES {
+        let expected = if name == "VmProvisioningStarted" {
+            2
+        } else {
+            1
+        };
         assert_eq!(
             VmEvent::current_version(name),
-            Some(1),
-            "{name} is a VM event at v1"
+            Some(expected),
+            "{name} is a VM event at v{expected}"
         );
         assert_eq!(VmRequestEvent::current_version(name), None);
     }
@@ -215,10 +220,18 @@ fn every_fixture_decodes_and_re_encodes_to_the_same_payload() {
         let decoded = decode(&stored);
         assert_eq!(decoded.event_type(), *name);
         assert_eq!(decoded.type_name(), *name);
+        // A type whose schema moved on re-encodes in its current version:
+        // the v1 payload lifted by this release's upcasters.
+        let current = VmRequestEvent::current_version(name)
+            .or_else(|| VmEvent::current_version(name))
+            .expect("known type");
+        let lifted = Upcasters::builtin()
+            .lift(name, 1, current, stored.payload.clone())
+            .expect("every v1 payload lifts to the current version");
         assert_eq!(
             decoded.to_payload(),
-            stored.payload,
-            "{name} re-encodes to the stored payload"
+            lifted,
+            "{name} re-encodes to the stored payload, upcast to v{current}"
         );
         // The envelope itself (metadata, ids, timestamps) survives as well.
         assert_eq!(
@@ -232,9 +245,94 @@ fn every_fixture_decodes_and_re_encodes_to_the_same_payload() {
             Decoded::Vm(e) => e.to_new_event(stored.metadata.clone()),
         };
         assert_eq!(new_event.event_type, stored.event_type);
-        assert_eq!(new_event.schema_version, stored.schema_version);
-        assert_eq!(new_event.payload, stored.payload);
+        assert_eq!(new_event.schema_version, current);
+        assert_eq!(new_event.payload, lifted);
     }
+}
+
+fn v2_fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/events_v2")
+}
+
+/// Event types whose current schema is version 2: each has a v2 fixture,
+/// hand-written like the v1 ones, and nothing else is there.
+const V2_EVENT_TYPES: [&str; 1] = ["VmProvisioningStarted"];
+
+#[test]
+fn every_v2_type_has_a_v2_fixture_that_round_trips() {
+    let on_disk: BTreeSet<String> = std::fs::read_dir(v2_fixture_dir())
+        .expect("v2 fixture directory")
+        .map(|entry| {
+            let path = entry.expect("dir entry").path();
+            path.file_stem()
+                .and_then(|s| s.to_str())
+                .expect("UTF-8 file name")
+                .to_owned()
+        })
+        .collect();
+    let expected: BTreeSet<String> = V2_EVENT_TYPES.iter().map(|s| (*s).to_owned()).collect();
+    assert_eq!(on_disk, expected);
+    for name in REQUEST_EVENT_TYPES.iter().chain(VM_EVENT_TYPES.iter()) {
+        let current = VmRequestEvent::current_version(name)
+            .or_else(|| VmEvent::current_version(name))
+            .expect("known type");
+        assert_eq!(
+            current == 2,
+            V2_EVENT_TYPES.contains(name),
+            "{name} at v{current}: the v2 list follows the enums"
+        );
+    }
+    for name in V2_EVENT_TYPES {
+        let path = v2_fixture_dir().join(format!("{name}.json"));
+        let text = std::fs::read_to_string(&path).expect("v2 fixture");
+        let raw: Value = serde_json::from_str(&text).expect("JSON");
+        let stored: StoredEvent = serde_json::from_value(raw.clone()).expect("envelope");
+        assert_eq!(stored.schema_version, 2);
+        let decoded = decode(&stored);
+        assert_eq!(decoded.to_payload(), stored.payload, "{name} v2 round trip");
+        assert_eq!(serde_json::to_value(&stored).expect("serializes"), raw);
+    }
+}
+
+#[test]
+fn provisioning_started_v2_carries_the_placement_and_v1_reads_without_one() {
+    let path = v2_fixture_dir().join("VmProvisioningStarted.json");
+    let stored: StoredEvent =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("envelope");
+    let Decoded::Vm(VmEvent::VmProvisioningStarted(e)) = decode(&stored) else {
+        panic!("a VM start")
+    };
+    assert_eq!(e.folder_path, "dvmm/acme/web");
+    let placement = e.placement.expect("v2 records the placement");
+    assert_eq!(placement.endpoint_url, "https://vc01.example.com/sdk");
+    assert_eq!(placement.datacenter, "DC-Frankfurt");
+    assert_eq!(placement.cluster, "compute-01");
+    assert_eq!(placement.resource_pool.as_deref(), Some("tenants/acme"));
+    assert_eq!(placement.datastore, "vsan-01");
+    assert_eq!(placement.network, "pg-web");
+    assert_eq!(placement.template, "ubuntu-22.04");
+    assert_eq!(placement.folder_path, "dvmm/acme/web");
+    assert_eq!(placement.hostname.as_str(), "web-app01");
+    assert_eq!((placement.ip_wait_secs, placement.task_secs), (300, 1800));
+    assert!(
+        !stored.payload.to_string().contains("password"),
+        "the placement never records credentials"
+    );
+
+    let (_, v1) = load_fixture("VmProvisioningStarted");
+    let Decoded::Vm(VmEvent::VmProvisioningStarted(e)) = decode(&v1) else {
+        panic!("a VM start")
+    };
+    assert_eq!(e.placement, None, "v1 did not record a placement");
+    assert_eq!(e.folder_path, "acme/web");
+
+    // The upcaster refuses what is not an object rather than guessing.
+    let mut broken = v1.clone();
+    broken.payload = json!(["not", "an", "object"]);
+    assert!(matches!(
+        VmEvent::decode(&broken),
+        Err(EventDecodeError::Upcast { from: 1, .. })
+    ));
 }
 
 #[test]
@@ -651,8 +749,13 @@ fn malformed_payloads_are_payload_errors_not_panics() {
                 .map(|_| ())
                 .expect_err("malformed request payload")
         };
+        // The version named is the one the payload was read as, after
+        // upcasting.
+        let current = VmRequestEvent::current_version(name)
+            .or_else(|| VmEvent::current_version(name))
+            .expect("known type");
         assert!(
-            matches!(&err, EventDecodeError::Payload { event_type, schema_version: 1, .. } if event_type == name),
+            matches!(&err, EventDecodeError::Payload { event_type, schema_version, .. } if event_type == name && *schema_version == current),
             "{name}: {err:?}"
         );
         assert!(err.to_string().contains(name), "{err}");

@@ -191,6 +191,7 @@ fn vm_started_command() -> impl Strategy<Value = VmCommand> {
                 name: VmName::new(&prefix, &name).expect("generated from valid parts"),
                 resources,
                 folder_path,
+                placement: None,
             })
         })
 }

@@ -1,0 +1,188 @@
+//! A provisioning resumes where it started: the VM stream records the whole
+//! placement when provisioning starts, and a resume builds the VM spec from
+//! that record, not from the tenant's configuration of the moment. The
+//! configuration typically changes with the very restart that triggers the
+//! resume; searching the new place would clone a second VM.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{new_request, tenant_config, user};
+use dvmm::core::config::TenantConfig;
+use dvmm::store::{MemoryEventStore, MemoryTimeline};
+use dvmm::vsphere::sim::{
+    Fault, FaultRule, Inventory, Operation, SimDatacenter, Simulator, SimulatorConfig, Trigger,
+};
+use dvmm::{
+    EventStore, ProvisionOutcome, ProvisioningService, ServiceError, Tenants, VmRequestStatus,
+};
+
+type Service = ProvisioningService<Arc<MemoryEventStore>, Simulator, Arc<MemoryTimeline>>;
+
+/// The default inventory plus a second datastore, so that the changed
+/// configuration names a datastore that exists.
+fn simulator() -> Simulator {
+    let mut inventory = Inventory::default();
+    let dc: &mut SimDatacenter = inventory
+        .datacenter_mut("DC0")
+        .expect("the default inventory has DC0");
+    *dc = dc.clone().with_datastore("LocalDS_1", 10 * 1024);
+    Simulator::new(SimulatorConfig {
+        inventory,
+        ..SimulatorConfig::default()
+    })
+}
+
+/// A service as a restarted process builds it: same store, same vCenter,
+/// the tenant's configuration as it is now.
+fn service(
+    store: &Arc<MemoryEventStore>,
+    timeline: &Arc<MemoryTimeline>,
+    sim: &Simulator,
+    tenant: &TenantConfig,
+) -> Service {
+    ProvisioningService::new(
+        store.clone(),
+        sim.clone(),
+        timeline.clone(),
+        Tenants::new().with(tenant.clone()),
+    )
+}
+
+/// Starts a provisioning whose `create_vm` clones the VM but loses the
+/// answer, as a process that dies mid-call would: the request is left in
+/// `Provisioning` with a VM in vCenter that nothing recorded yet.
+async fn start_and_lose_the_answer(
+    service: &Service,
+    sim: &Simulator,
+    tenant: &TenantConfig,
+    name: &str,
+) -> dvmm::VmRequestId {
+    sim.add_fault(FaultRule::new(
+        Operation::CreateVm,
+        Trigger::Times(1),
+        Fault::CreatedButCallFailed,
+    ));
+    let request = service.submit(new_request(tenant, name)).await.unwrap();
+    service
+        .approve(tenant.tenant_id, request, user())
+        .await
+        .unwrap();
+    let outcome = service.provision(tenant.tenant_id, request).await.unwrap();
+    assert!(
+        matches!(outcome, ProvisionOutcome::Deferred { .. }),
+        "the lost answer leaves the request to resume: {outcome:?}"
+    );
+    assert_eq!(sim.vms().len(), 1, "the clone went through");
+    request
+}
+
+#[tokio::test]
+async fn changing_the_folder_root_and_datastore_before_the_resume_still_gives_one_vm() {
+    let sim = simulator();
+    let store = Arc::new(MemoryEventStore::new());
+    let timeline = Arc::new(MemoryTimeline::new());
+    let before = tenant_config("acme", 5);
+    let first = service(&store, &timeline, &sim, &before);
+    let request = start_and_lose_the_answer(&first, &sim, &before, "app01").await;
+    drop(first); // the process stops
+
+    // Deployed with the restart: a folder root and another datastore.
+    let mut after = before.clone();
+    after.folder_root = Some("dvmm".into());
+    after.datastore = "LocalDS_1".into();
+    let restarted = service(&store, &timeline, &sim, &after);
+    let outcome = restarted.provision(after.tenant_id, request).await.unwrap();
+    let ProvisionOutcome::Ready { vm_id, result } = outcome else {
+        panic!("the resume adopts the VM it started: {outcome:?}")
+    };
+
+    let vms = sim.vms();
+    assert_eq!(vms.len(), 1, "still exactly one VM: {vms:?}");
+    assert_eq!(vms[0].vmware_vm_id, result.vmware_vm_id);
+    assert_eq!(vms[0].dvmm_vm_id, Some(vm_id));
+    assert_eq!(vms[0].folder_path, "acme/web", "where it was started");
+    assert_eq!(vms[0].datastore, "LocalDS_0");
+    assert_eq!(
+        sim.call_count(Operation::CreateVm),
+        2,
+        "one lost call, one resume"
+    );
+    let request = restarted
+        .request(after.tenant_id, request)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(request.status, VmRequestStatus::Ready);
+    let events = store.read_all(after.tenant_id, 0, 1000).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type == "VmProvisioned")
+            .count(),
+        1
+    );
+
+    // The new configuration applies to new provisionings.
+    let next = restarted
+        .submit(new_request(&after, "app02"))
+        .await
+        .unwrap();
+    restarted
+        .approve(after.tenant_id, next, user())
+        .await
+        .unwrap();
+    let outcome = restarted.provision(after.tenant_id, next).await.unwrap();
+    assert!(
+        matches!(outcome, ProvisionOutcome::Ready { .. }),
+        "{outcome:?}"
+    );
+    let vms = sim.vms();
+    assert_eq!(vms.len(), 2);
+    let new_vm = vms
+        .iter()
+        .find(|vm| vm.name == "web-app02")
+        .expect("the new request's VM");
+    assert_eq!(new_vm.folder_path, "dvmm/acme/web");
+    assert_eq!(new_vm.datastore, "LocalDS_1");
+}
+
+#[tokio::test]
+async fn a_resume_whose_vcenter_is_no_longer_configured_waits_without_cloning_elsewhere() {
+    let sim = simulator();
+    let store = Arc::new(MemoryEventStore::new());
+    let timeline = Arc::new(MemoryTimeline::new());
+    let before = tenant_config("acme", 5);
+    let first = service(&store, &timeline, &sim, &before);
+    let request = start_and_lose_the_answer(&first, &sim, &before, "app01").await;
+
+    // The tenant moved to another vCenter: the old one's credentials are gone.
+    let mut moved = before.clone();
+    moved.vcenter.url = "https://vc-new.test.invalid/sdk".into();
+    let restarted = service(&store, &timeline, &sim, &moved);
+    let err = restarted
+        .provision(moved.tenant_id, request)
+        .await
+        .expect_err("no credentials for the recorded vCenter");
+    assert!(
+        matches!(err, ServiceError::RecordedVcenterNotConfigured { .. }),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        !message.contains("test.invalid"),
+        "the error names no host: {message}"
+    );
+    assert_eq!(sim.vms().len(), 1, "nothing cloned on the new vCenter");
+    assert_eq!(sim.call_count(Operation::CreateVm), 1);
+
+    // Configured again, the resume finishes the VM it started.
+    let back = service(&store, &timeline, &sim, &before);
+    let outcome = back.provision(before.tenant_id, request).await.unwrap();
+    assert!(
+        matches!(outcome, ProvisionOutcome::Ready { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(sim.vms().len(), 1);
+}
