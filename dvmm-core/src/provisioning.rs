@@ -996,7 +996,7 @@ where
             name: request.vm_name.clone(),
             resources: request.resources,
             folder_path: spec.folder_path.clone(),
-            placement: Some(spec.placement()),
+            placement: Some(Box::new(spec.placement())),
         };
         let stream = vm_stream(spec.vm_id);
         for _ in 0..MAX_CONFLICT_RETRIES {

@@ -27,6 +27,10 @@
 //!   on throughout. A request that waits longer than its tenant's
 //!   `timeouts.unavailable_deadline_secs` fails, saying since when vCenter
 //!   was unreachable.
+//! - Poison stays local: the feed reads each tenant on its own; an approval
+//!   it cannot read is logged, counted and skipped, and an event written by
+//!   a newer release stops only that tenant's feed ("upgrade dvmm"). See
+//!   [`FeedReport`] for the rule.
 //! - Shutdown stops claiming, lets in-flight work finish until a deadline, then
 //!   cancels and releases what is left for another worker.
 //!
@@ -43,12 +47,12 @@ use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use futures::future::{AbortHandle, Abortable, Aborted};
 use futures::stream::{FuturesUnordered, StreamExt};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::Aggregate;
 use crate::backoff::Backoff;
 use crate::clock::{Clock, IdGenerator};
-use crate::event::DomainEvent;
+use crate::event::{DomainEvent, EventDecodeError, StoredEvent, StreamId};
 use crate::ids::{TenantId, VmRequestId};
 use crate::ports::{EventStore, StoreError, TimelineSink, VsphereError, VspherePort};
 use crate::provisioning::{ProvisionOutcome, ProvisioningService, ServiceError};
@@ -280,6 +284,93 @@ pub struct RunnerReport {
     /// Times a job was given back without counting an attempt because its
     /// vCenter could not be reached.
     pub waited: u64,
+    /// Events the feed could not read, recorded and skipped (see
+    /// [`FeedReport`]).
+    pub poison_events: u64,
+    /// Tenants whose feed stood still at the last look, at an event written
+    /// by a newer release (see [`FeedReport`]).
+    pub stopped_feeds: u64,
+}
+
+/// An event the feed could not read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoisonEvent {
+    /// Tenant.
+    pub tenant: TenantId,
+    /// Its stream.
+    pub stream: StreamId,
+    /// Its global position.
+    pub position: u64,
+    /// Why it could not be read.
+    pub reason: String,
+}
+
+/// What one pass of [`ProvisioningRunner::feed`] did.
+///
+/// The feed acts on `VmRequestApproved` events of request streams. The rule
+/// for events it cannot read:
+///
+/// - An event of a request stream with a *newer schema version* than this
+///   release knows for its type was written by a newer dvmm (a rolling
+///   upgrade): that tenant's feed stops just before it (its checkpoint does
+///   not pass it) and resumes by itself once a release that reads it runs;
+///   an error saying "upgrade dvmm" is logged once. Other tenants go on.
+/// - An approval this release should read but cannot (a malformed payload,
+///   a missing upcaster, a stream id that is no request id) is *poison*: it
+///   is logged at error level with its stream, position and why, counted,
+///   and skipped; the checkpoint moves on and the request is not
+///   provisioned by the runner (a host can still call `provision` once the
+///   data is repaired).
+/// - Other events are not the feed's business and are not decoded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FeedReport {
+    /// Jobs offered to the queue.
+    pub offered: usize,
+    /// Events recorded and skipped.
+    pub poisoned: Vec<PoisonEvent>,
+    /// Tenants whose feed stops at an event of a newer release, with it.
+    pub stopped: Vec<PoisonEvent>,
+}
+
+/// What the feed does with one event.
+enum Feed {
+    Ignore,
+    Enqueue(VmRequestId),
+    Poison(String),
+    Stop(String),
+}
+
+fn feed_event(stored: &StoredEvent) -> Feed {
+    if stored.stream_id.stream_type != VmRequest::STREAM_TYPE {
+        return Feed::Ignore;
+    }
+    if let Some(supported) = VmRequestEvent::current_version(&stored.event_type)
+        && stored.schema_version > supported
+    {
+        return Feed::Stop(format!(
+            "event {} has schema version {}, newer than the {supported} this release reads",
+            stored.event_type, stored.schema_version
+        ));
+    }
+    if stored.event_type != "VmRequestApproved" {
+        return Feed::Ignore;
+    }
+    match VmRequestEvent::decode(stored) {
+        Ok(VmRequestEvent::VmRequestApproved(_)) => {}
+        Ok(_) => return Feed::Poison("decoded to another event type".into()),
+        Err(EventDecodeError::FutureVersion { .. }) => {
+            // Checked above; kept for an upcaster chain that says so itself.
+            return Feed::Stop("written by a newer release".into());
+        }
+        Err(error) => return Feed::Poison(error.to_string()),
+    }
+    match stored.stream_id.id.parse() {
+        Ok(request_id) => Feed::Enqueue(request_id),
+        Err(_) => Feed::Poison(format!(
+            "stream id {:?} is not a request id",
+            stored.stream_id.id
+        )),
+    }
 }
 
 /// The background runner. See the [module docs](self).
@@ -289,6 +380,8 @@ pub struct ProvisioningRunner<S, V, T, C, I, Q, K, W> {
     checkpoints: K,
     timer: W,
     config: RunnerConfig,
+    /// Where each stopped tenant's feed stops (see [`FeedReport`]).
+    stops: std::sync::Mutex<HashMap<TenantId, u64>>,
 }
 
 impl<S, V, T, C, I, Q, K, W> fmt::Debug for ProvisioningRunner<S, V, T, C, I, Q, K, W> {
@@ -496,6 +589,7 @@ where
             checkpoints,
             timer,
             config,
+            stops: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -505,42 +599,123 @@ where
     }
 
     /// Reads new events of every tenant and queues the approved requests.
-    /// Returns how many jobs were offered to the queue.
+    ///
+    /// Tenants are fed independently: what goes wrong in one tenant's
+    /// events never holds up another's. See [`FeedReport`] for what happens
+    /// to an event the feed cannot read.
     ///
     /// # Errors
-    /// A store or decode failure (the checkpoint stays where it was).
-    pub async fn feed(&self) -> Result<usize, ServiceError> {
-        let mut offered = 0;
+    /// The first store failure met (the tenants after it were still fed;
+    /// the failing tenant's checkpoint stays where it was).
+    pub async fn feed(&self) -> Result<FeedReport, ServiceError> {
+        let mut report = FeedReport::default();
+        self.feed_into(&mut report).await.map(|()| report)
+    }
+
+    async fn feed_into(&self, report: &mut FeedReport) -> Result<(), ServiceError> {
+        let mut first_error = None;
         let tenants: Vec<TenantId> = self.service.tenants().ids().collect();
         for tenant in tenants {
-            let mut after = self.checkpoints.load(&self.config.name, tenant).await?;
-            loop {
-                let page = self.service.store().read_all(tenant, after, 500).await?;
-                let Some(last) = page.last() else { break };
-                let last = last.position;
-                for stored in &page {
-                    if stored.stream_id.stream_type == VmRequest::STREAM_TYPE
-                        && stored.event_type == "VmRequestApproved"
-                        && let VmRequestEvent::VmRequestApproved(_) =
-                            VmRequestEvent::decode(stored)?
-                    {
-                        let request_id = stored.stream_id.id.parse().map_err(|_| {
-                            ServiceError::Domain(crate::DomainError::Invalid(format!(
-                                "stream id {} is not a request id",
-                                stored.stream_id
-                            )))
-                        })?;
+            if let Err(error) = self.feed_tenant(tenant, report).await {
+                warn!(%tenant, %error, "feeding this tenant's work failed; will retry");
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn feed_tenant(
+        &self,
+        tenant: TenantId,
+        report: &mut FeedReport,
+    ) -> Result<(), ServiceError> {
+        let mut after = self.checkpoints.load(&self.config.name, tenant).await?;
+        loop {
+            let page = self.service.store().read_all(tenant, after, 500).await?;
+            let Some(last) = page.last() else { break };
+            let mut last = last.position;
+            let mut stopped = false;
+            for stored in &page {
+                match feed_event(stored) {
+                    Feed::Ignore => {}
+                    Feed::Enqueue(request_id) => {
                         self.queue.enqueue(tenant, request_id).await?;
-                        offered += 1;
+                        report.offered += 1;
+                    }
+                    Feed::Poison(reason) => {
+                        error!(
+                            %tenant,
+                            stream = %stored.stream_id,
+                            position = stored.position,
+                            event_type = %stored.event_type,
+                            schema_version = stored.schema_version,
+                            reason = %reason,
+                            "skipping an event the provisioning feed cannot read"
+                        );
+                        report.poisoned.push(PoisonEvent {
+                            tenant,
+                            stream: stored.stream_id.clone(),
+                            position: stored.position,
+                            reason,
+                        });
+                    }
+                    Feed::Stop(reason) => {
+                        let newly = self.note_stop(tenant, stored.position);
+                        if newly {
+                            error!(
+                                %tenant,
+                                stream = %stored.stream_id,
+                                position = stored.position,
+                                reason = %reason,
+                                "this tenant's provisioning feed stops here: upgrade dvmm (a newer release wrote this event)"
+                            );
+                        }
+                        report.stopped.push(PoisonEvent {
+                            tenant,
+                            stream: stored.stream_id.clone(),
+                            position: stored.position,
+                            reason,
+                        });
+                        // Everything before it is done; it and what follows
+                        // wait for a release that can read them.
+                        last = stored.position.saturating_sub(1);
+                        stopped = true;
+                        break;
                     }
                 }
+            }
+            if last > after {
                 self.checkpoints
                     .save(&self.config.name, tenant, last)
                     .await?;
-                after = last;
             }
+            if stopped {
+                return Ok(());
+            }
+            after = last;
         }
-        Ok(offered)
+        self.clear_stop(tenant);
+        Ok(())
+    }
+
+    /// Remembers that `tenant`'s feed stops at `position`; `true` the first
+    /// time, so the error is logged once, not on every poll.
+    fn note_stop(&self, tenant: TenantId, position: u64) -> bool {
+        let mut stops = self
+            .stops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        stops.insert(tenant, position) != Some(position)
+    }
+
+    fn clear_stop(&self, tenant: TenantId) {
+        let mut stops = self
+            .stops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if stops.remove(&tenant).is_some() {
+            info!(%tenant, "this tenant's provisioning feed reads again");
+        }
     }
 
     /// Runs until `shutdown` completes, then drains in-flight work until the
@@ -603,10 +778,13 @@ where
                 }
                 _ = tick.as_mut() => {
                     tick.set(self.timer.sleep(self.config.poll_interval).fuse());
-                    let feed = self.feed();
+                    let mut fed = FeedReport::default();
+                    let feed = self.feed_into(&mut fed);
                     if let Err(error) = keep_polling(&mut inflight, &mut finished, feed).await {
                         warn!(%error, "feeding the work queue failed; will retry");
                     }
+                    report.poison_events += fed.poisoned.len() as u64;
+                    report.stopped_feeds = fed.stopped.len() as u64;
                 }
             }
             while let Some((job, kind, result)) = finished.pop_front() {

@@ -58,8 +58,9 @@ pub struct VmProvisioningStarted {
     /// Where and how the VM is built, from the configuration of the moment
     /// it started. `None` for provisionings started by a release before it
     /// was recorded: those resume with the tenant's current configuration
-    /// (and the recorded `folder_path`).
-    pub placement: Option<VmPlacement>,
+    /// (and the recorded `folder_path`). Boxed: it is most of the event's
+    /// size, and every other VM event would carry that size too.
+    pub placement: Option<Box<VmPlacement>>,
 }
 
 /// Lifts a `VmProvisioningStarted` payload from schema version 1 to 2:
@@ -323,7 +324,7 @@ impl Aggregate for Vm {
                     name: e.name.clone(),
                     resources: e.resources,
                     folder_path: e.folder_path.clone(),
-                    placement: e.placement.clone(),
+                    placement: e.placement.as_deref().cloned(),
                     status: VmStatus::Provisioning,
                     vmware_vm_id: None,
                     ip_address: None,

@@ -585,7 +585,7 @@ fn started() -> VmProvisioningStarted {
         name: VmName::new("web", "app01").expect("valid"),
         resources: m(),
         folder_path: "acme/web".into(),
-        placement: Some(placement()),
+        placement: Some(Box::new(placement())),
     }
 }
 
