@@ -40,7 +40,9 @@ fn service(tenant: &TenantConfig) -> Service {
         Arc::new(MemoryEventStore::new()),
         simulator(),
         Arc::new(MemoryTimeline::new()),
-        Tenants::new().with(tenant.clone()),
+        Tenants::new()
+            .with(tenant.clone())
+            .expect("a valid tenant configuration"),
     )
 }
 

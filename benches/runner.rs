@@ -73,7 +73,9 @@ where
         store.clone(),
         sim,
         timeline,
-        Tenants::new().with(tenant.clone()),
+        Tenants::new()
+            .with(tenant.clone())
+            .expect("a valid tenant configuration"),
     ));
     let runners: Vec<_> = (0..workers)
         .map(|i| {

@@ -49,7 +49,9 @@ async fn main() {
         Arc::new(MemoryEventStore::new()),
         simulator,
         Arc::new(MemoryTimeline::new()),
-        Tenants::new().with(tenant.clone()),
+        Tenants::new()
+            .with(tenant.clone())
+            .expect("a valid tenant configuration"),
     ));
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {

@@ -148,7 +148,9 @@ async fn with_store<V: VspherePort>(
     vsphere: V,
     size: VmSize,
 ) -> Result<ExitCode, String> {
-    let tenants = Tenants::new().with(tenant.clone());
+    let tenants = Tenants::new()
+        .with(tenant.clone())
+        .map_err(|e| e.to_string())?;
     let Some(url) = &args.database_url else {
         println!("store: in memory");
         let service = ProvisioningService::new(

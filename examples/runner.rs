@@ -251,7 +251,9 @@ impl Run {
             inner: vsphere,
             rate: self.args.fault_rate,
         };
-        let tenants = Tenants::new().with(tenant.clone());
+        let tenants = Tenants::new()
+            .with(tenant.clone())
+            .map_err(|e| e.to_string())?;
         let Some(url) = &self.args.database_url else {
             let service = ProvisioningService::new(
                 Arc::new(MemoryEventStore::new()),

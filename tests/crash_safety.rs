@@ -154,7 +154,9 @@ fn world() -> World {
         Stepping(store.clone()),
         Stepping(sim.clone()),
         Stepping(timeline.clone()),
-        Tenants::new().with(tenant.clone()),
+        Tenants::new()
+            .with(tenant.clone())
+            .expect("a valid tenant configuration"),
     );
     (service, store, timeline, sim, tenant)
 }
@@ -461,7 +463,9 @@ async fn eight_concurrent_commands_for_one_request_make_one_vm() {
         store.clone(),
         sim.clone(),
         timeline.clone(),
-        Tenants::new().with(tenant.clone()),
+        Tenants::new()
+            .with(tenant.clone())
+            .expect("a valid tenant configuration"),
     ));
     let request = service.submit(new_request(&tenant, "app01")).await.unwrap();
     service
@@ -524,7 +528,9 @@ async fn a_guest_that_never_reports_an_ip_is_ready_with_ip_pending_after_the_tim
         Arc::new(MemoryEventStore::new()),
         sim.clone(),
         timeline.clone(),
-        Tenants::new().with(tenant.clone()),
+        Tenants::new()
+            .with(tenant.clone())
+            .expect("a valid tenant configuration"),
     );
     let request = service.submit(new_request(&tenant, "app01")).await.unwrap();
     service

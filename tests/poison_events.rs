@@ -50,7 +50,10 @@ fn setup() -> Setup {
         store.clone(),
         Simulator::default(),
         Arc::new(MemoryTimeline::new()),
-        Tenants::new().with(a.clone()).with(b.clone()),
+        Tenants::new()
+            .with(a.clone())
+            .and_then(|t| t.with(b.clone()))
+            .expect("valid tenant configurations"),
     ));
     Setup {
         service,

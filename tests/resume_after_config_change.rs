@@ -46,7 +46,9 @@ fn service(
         store.clone(),
         sim.clone(),
         timeline.clone(),
-        Tenants::new().with(tenant.clone()),
+        Tenants::new()
+            .with(tenant.clone())
+            .expect("a valid tenant configuration"),
     )
 }
 

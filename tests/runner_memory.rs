@@ -122,7 +122,9 @@ fn setup_with_queue(sim: Simulator, queue: MemoryWorkQueue) -> Setup {
         store.clone(),
         sim.clone(),
         Arc::new(MemoryTimeline::new()),
-        Tenants::new().with(tenant.clone()),
+        Tenants::new()
+            .with(tenant.clone())
+            .expect("a valid tenant configuration"),
     ));
     Setup {
         service,

@@ -140,7 +140,9 @@ async fn a_vcsim_killed_and_restarted_under_a_running_runner_loses_no_request() 
         store.clone(),
         vsphere.clone(),
         Arc::new(MemoryTimeline::new()),
-        Tenants::new().with(tenant.clone()),
+        Tenants::new()
+            .with(tenant.clone())
+            .expect("a valid tenant configuration"),
     ));
     let mut ids: Vec<VmRequestId> = Vec::with_capacity(APPROVALS);
     for i in 0..APPROVALS {

@@ -107,7 +107,10 @@ fn world(acme_deadline_secs: u64) -> World {
         store.clone(),
         sim.clone(),
         Arc::new(MemoryTimeline::new()),
-        Tenants::new().with(acme.clone()).with(globex.clone()),
+        Tenants::new()
+            .with(acme.clone())
+            .and_then(|t| t.with(globex.clone()))
+            .expect("valid tenant configurations"),
         clock.clone(),
         dvmm::core::RandomIds,
     ));

@@ -72,7 +72,9 @@ fn harness(mock: MockVsphere) -> Harness {
         Arc::new(MemoryEventStore::new()),
         MockPort(mock),
         Arc::new(MemoryTimeline::new()),
-        Tenants::new().with(tenant.clone()),
+        Tenants::new()
+            .with(tenant.clone())
+            .expect("a valid tenant configuration"),
     );
     Harness { service, tenant }
 }
@@ -714,7 +716,9 @@ fn contended_service(mock: MockVsphere) -> (ContendedService, Arc<ContendedStore
         store.clone(),
         MockPort(mock),
         Arc::new(MemoryTimeline::new()),
-        Tenants::new().with(tenant.clone()),
+        Tenants::new()
+            .with(tenant.clone())
+            .expect("a valid tenant configuration"),
     );
     (service, store, tenant)
 }

@@ -21,7 +21,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::aggregate::Aggregate;
 use crate::clock::{Clock, IdGenerator};
-use crate::config::{TenantConfig, endpoint_key};
+use crate::config::{ConfigError, TenantConfig, endpoint_key};
 use crate::error::DomainError;
 use crate::event::{DomainEvent, EventDecodeError, EventMetadata, NewEvent, StreamId};
 use crate::ids::{CorrelationId, EventId, ProjectId, TenantId, UserId, VmId, VmRequestId};
@@ -101,15 +101,26 @@ impl Tenants {
         Self::default()
     }
 
-    /// Adds (or replaces) a tenant's configuration.
-    pub fn with(mut self, config: TenantConfig) -> Self {
-        self.insert(config);
-        self
+    /// Adds (or replaces) a tenant's configuration, once it is valid.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first bad field (see
+    /// [`TenantConfig::validate`]); nothing is added then.
+    pub fn with(mut self, config: TenantConfig) -> Result<Self, ConfigError> {
+        self.insert(config)?;
+        Ok(self)
     }
 
-    /// Adds (or replaces) a tenant's configuration.
-    pub fn insert(&mut self, config: TenantConfig) {
+    /// Adds (or replaces) a tenant's configuration, once it is valid: a
+    /// configuration built in code has not been through the checks that
+    /// loading one from a file applies.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first bad field; nothing is added then.
+    pub fn insert(&mut self, config: TenantConfig) -> Result<(), ConfigError> {
+        config.validate()?;
         self.by_id.insert(config.tenant_id, Arc::new(config));
+        Ok(())
     }
 
     /// Every registered tenant id.

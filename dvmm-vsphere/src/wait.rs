@@ -141,7 +141,12 @@ pub async fn wait_until<S>(
     apply: impl Fn(&mut S, &str, Option<&Node>),
     done: impl Fn(&S) -> bool,
 ) -> Result<bool, VsphereError> {
-    let deadline = Instant::now() + timeout;
+    // A spec built in code may carry any duration; `Instant + Duration`
+    // panics on overflow, so a deadline too far to represent means "none".
+    let start = Instant::now();
+    let deadline = start
+        .checked_add(timeout)
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600));
     let mut wait = PropertyWait::open(session, obj, paths).await?;
     let outcome = loop {
         let left = deadline.saturating_duration_since(Instant::now());
