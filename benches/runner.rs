@@ -86,6 +86,7 @@ where
                 TokioTimer,
                 runner_config(i),
             )
+            .expect("a valid runner configuration")
         })
         .collect();
     let (stop, _) = tokio::sync::watch::channel(false);

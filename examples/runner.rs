@@ -326,8 +326,9 @@ impl Run {
                         ..RunnerConfig::default()
                     },
                 )
+                .map_err(|e| e.to_string())
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         let (stop, _) = tokio::sync::watch::channel(false);
         let workers = futures::future::join_all(runners.iter().map(|runner| {
             let mut stopped = stop.subscribe();

@@ -80,6 +80,7 @@ impl Setup {
                 ..RunnerConfig::default()
             },
         )
+        .expect("a valid runner configuration")
     }
 
     async fn approve(&self, tenant: &TenantConfig, name: &str) -> VmRequestId {

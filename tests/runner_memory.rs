@@ -145,6 +145,7 @@ impl Setup {
             TokioTimer,
             config,
         )
+        .expect("a valid runner configuration")
     }
 
     async fn approve(&self, n: usize) -> Vec<VmRequestId> {

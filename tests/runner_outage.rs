@@ -165,7 +165,8 @@ async fn a_vcsim_killed_and_restarted_under_a_running_runner_loses_no_request() 
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(3)),
             ..RunnerConfig::default()
         },
-    );
+    )
+    .expect("a valid runner configuration");
     let statuses = || {
         let service = service.clone();
         let ids = ids.clone();

@@ -146,6 +146,7 @@ impl World {
             TokioTimer,
             config(worker),
         )
+        .expect("a valid runner configuration")
     }
 
     async fn approve(&self, tenant: &TenantConfig, n: usize, prefix: &str) -> Vec<VmRequestId> {

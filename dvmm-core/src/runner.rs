@@ -251,6 +251,21 @@ pub struct RunnerConfig {
     pub backoff: Backoff,
     /// How long shutdown waits for in-flight work (default 30 s).
     pub shutdown_deadline: Duration,
+    /// Claims in a row that may end without the job being finished or
+    /// given back (the worker died or hung, its lease ran out) before the
+    /// request is failed, saying so (default 5). A job that crashes every
+    /// worker that takes it must not be claimed forever.
+    pub max_claims: u32,
+    /// Feed or claim rounds in a row that may fail on the store before
+    /// [`ProvisioningRunner::run`] gives up and returns the error (default
+    /// 30). Between them the runner backs off with [`RunnerConfig::backoff`].
+    pub max_store_failures: u32,
+    /// How long finished jobs are kept in the queue before they are purged
+    /// (default 7 days). While kept, a re-read approval is not queued again;
+    /// after, it would be, and the provisioning would find nothing to do.
+    pub retention: Duration,
+    /// How often finished jobs past the retention are purged (default 1 h).
+    pub purge_interval: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -264,7 +279,111 @@ impl Default for RunnerConfig {
             max_attempts: 5,
             backoff: Backoff::default(),
             shutdown_deadline: Duration::from_secs(30),
+            max_claims: 5,
+            max_store_failures: 30,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            purge_interval: Duration::from_secs(3600),
         }
+    }
+}
+
+/// A [`RunnerConfig`] value is out of range.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid runner configuration: {field}: {reason}")]
+pub struct RunnerConfigError {
+    /// The field, e.g. `lease`.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Shortest lease: leases are renewed every quarter lease, and a renewal
+/// is a store round trip that must fit in that quarter.
+pub const MIN_LEASE: Duration = Duration::from_millis(100);
+/// Longest lease: a dead worker's jobs wait this long for a takeover.
+pub const MAX_LEASE: Duration = Duration::from_secs(3600);
+/// Longest of the other intervals and deadlines of a [`RunnerConfig`]: far
+/// enough for any deployment, near enough that no deadline computed from
+/// them overflows.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl RunnerConfig {
+    /// Checks every value; [`ProvisioningRunner::new`] calls this.
+    ///
+    /// # Errors
+    /// A [`RunnerConfigError`] naming the first bad field.
+    pub fn validate(&self) -> Result<(), RunnerConfigError> {
+        let bad = |field: &'static str, reason: String| Err(RunnerConfigError { field, reason });
+        if self.name.trim().is_empty() {
+            return bad("name", "must not be empty".into());
+        }
+        if self.worker_id.trim().is_empty() {
+            return bad("worker_id", "must not be empty".into());
+        }
+        if !(1..=4096).contains(&self.concurrency) {
+            return bad(
+                "concurrency",
+                format!("must be between 1 and 4096, got {}", self.concurrency),
+            );
+        }
+        if !(MIN_LEASE..=MAX_LEASE).contains(&self.lease) {
+            return bad(
+                "lease",
+                format!(
+                    "must be between {MIN_LEASE:?} and {MAX_LEASE:?}, got {:?}: it is renewed every quarter lease, so it must stay well above one store round trip",
+                    self.lease
+                ),
+            );
+        }
+        if self.poll_interval.is_zero() || self.poll_interval > self.lease {
+            return bad(
+                "poll_interval",
+                format!(
+                    "must be above zero and at most the lease ({:?}), got {:?}",
+                    self.lease, self.poll_interval
+                ),
+            );
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts", "must be at least 1".into());
+        }
+        if self.max_claims < 2 {
+            return bad(
+                "max_claims",
+                format!(
+                    "must be at least 2 (one worker may die and another take over), got {}",
+                    self.max_claims
+                ),
+            );
+        }
+        if self.max_store_failures == 0 {
+            return bad("max_store_failures", "must be at least 1".into());
+        }
+        if self.shutdown_deadline > MAX_INTERVAL {
+            return bad(
+                "shutdown_deadline",
+                format!("must be at most {MAX_INTERVAL:?}"),
+            );
+        }
+        if self.retention < Duration::from_secs(60) || self.retention > MAX_INTERVAL {
+            return bad(
+                "retention",
+                format!(
+                    "must be between 1 minute and {MAX_INTERVAL:?}, got {:?}",
+                    self.retention
+                ),
+            );
+        }
+        if self.purge_interval < Duration::from_secs(1) || self.purge_interval > MAX_INTERVAL {
+            return bad(
+                "purge_interval",
+                format!(
+                    "must be between 1 s and {MAX_INTERVAL:?}, got {:?}",
+                    self.purge_interval
+                ),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -576,21 +695,26 @@ where
     W: Timer,
 {
     /// A runner for `service`.
+    ///
+    /// # Errors
+    /// A [`RunnerConfigError`] when `config` does not pass
+    /// [`RunnerConfig::validate`].
     pub fn new(
         service: Arc<ProvisioningService<S, V, T, C, I>>,
         queue: Q,
         checkpoints: K,
         timer: W,
         config: RunnerConfig,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, RunnerConfigError> {
+        config.validate()?;
+        Ok(Self {
             service,
             queue,
             checkpoints,
             timer,
             config,
             stops: std::sync::Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// The configuration.
@@ -1214,6 +1338,103 @@ mod tests {
         parks.worked(a);
         let wait = parks.unavailable(a, job(10).request_id, &refused(), at(now + 62), &backoff);
         assert_eq!(wait, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn runner_configs_out_of_range_are_refused_naming_the_field() {
+        assert_eq!(RunnerConfig::default().validate(), Ok(()));
+        let field = |config: RunnerConfig| config.validate().map_err(|e| e.field);
+        let base = RunnerConfig::default;
+        assert_eq!(
+            field(RunnerConfig {
+                lease: Duration::ZERO,
+                ..base()
+            }),
+            Err("lease"),
+            "with a lease of 0 every claim is already expired"
+        );
+        assert_eq!(
+            field(RunnerConfig {
+                lease: Duration::from_secs(365 * 24 * 3600),
+                ..base()
+            }),
+            Err("lease")
+        );
+        assert_eq!(
+            field(RunnerConfig {
+                concurrency: 0,
+                ..base()
+            }),
+            Err("concurrency")
+        );
+        assert_eq!(
+            field(RunnerConfig {
+                poll_interval: Duration::ZERO,
+                ..base()
+            }),
+            Err("poll_interval")
+        );
+        assert_eq!(
+            field(RunnerConfig {
+                poll_interval: Duration::from_secs(60),
+                ..base()
+            }),
+            Err("poll_interval"),
+            "polling less often than a lease lasts"
+        );
+        assert_eq!(
+            field(RunnerConfig {
+                max_attempts: 0,
+                ..base()
+            }),
+            Err("max_attempts")
+        );
+        assert_eq!(
+            field(RunnerConfig {
+                max_claims: 1,
+                ..base()
+            }),
+            Err("max_claims")
+        );
+        assert_eq!(
+            field(RunnerConfig {
+                max_store_failures: 0,
+                ..base()
+            }),
+            Err("max_store_failures")
+        );
+        assert_eq!(
+            field(RunnerConfig {
+                retention: Duration::ZERO,
+                ..base()
+            }),
+            Err("retention")
+        );
+        assert_eq!(
+            field(RunnerConfig {
+                shutdown_deadline: Duration::MAX,
+                ..base()
+            }),
+            Err("shutdown_deadline")
+        );
+        assert_eq!(
+            field(RunnerConfig {
+                worker_id: " ".into(),
+                ..base()
+            }),
+            Err("worker_id")
+        );
+        let err = RunnerConfig {
+            lease: Duration::ZERO,
+            ..base()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid runner configuration: lease:"),
+            "{err}"
+        );
     }
 
     #[test]
