@@ -33,6 +33,9 @@ use crate::vm_request::{
     SubmitVmRequest, VmRequest, VmRequestCommand, VmRequestEvent, VmRequestStatus,
 };
 
+/// The error code of a provisioning given up by [`ProvisioningService::abandon`].
+pub const ABANDONED: &str = "Abandoned";
+
 /// How often a command is retried after optimistic-concurrency conflicts
 /// before giving up with [`ServiceError::TooManyConflicts`].
 const MAX_CONFLICT_RETRIES: usize = 16;
@@ -234,6 +237,9 @@ enum Mode<'a> {
     Defer,
     /// Do not call vSphere: it is known to be unusable with this error.
     Wait(&'a VsphereError),
+    /// Do not call vSphere: record this failure (the provisioning was given
+    /// up, e.g. after crashing one worker after another).
+    Abandon(&'a str),
 }
 
 /// Who acts and as part of which user action.
@@ -723,6 +729,27 @@ where
             .await
     }
 
+    /// Fails the request without calling vSphere, with `message` (which
+    /// must say why and name no host): for a background runner that gives
+    /// up on a request whose provisioning kept stopping without finishing
+    /// (each worker that took it died or hung). Like an attempt, it starts
+    /// provisioning an `Approved` request first, and a VM stream that already
+    /// holds the outcome wins: a VM recorded ready makes the request ready.
+    /// Requests in other states are skipped.
+    ///
+    /// # Errors
+    /// As [`ProvisioningService::provision`].
+    pub async fn abandon(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        message: &str,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        self.provision_inner(tenant, request_id, Mode::Abandon(message))
+            .instrument(provision_span(tenant, request_id))
+            .await
+    }
+
     async fn provision_inner(
         &self,
         tenant: TenantId,
@@ -807,7 +834,12 @@ where
             request.resources,
         );
         let vm = self.ensure_vm_started(actor, &request, &fresh).await?;
-        let spec = recorded_spec(&config, &vm, fresh)?;
+        let spec = match (recorded_spec(&config, &vm, fresh.clone()), mode) {
+            // Giving up needs no vCenter, so a vCenter that is no longer
+            // configured must not keep the request from failing.
+            (Err(ServiceError::RecordedVcenterNotConfigured { .. }), Mode::Abandon(_)) => fresh,
+            (spec, _) => spec?,
+        };
         match vm.status {
             VmStatus::Provisioning => {}
             // A previous run recorded the outcome on the VM stream but not on
@@ -842,6 +874,27 @@ where
         }
 
         let created = match mode {
+            Mode::Abandon(message) => {
+                warn!(message, "giving up on this provisioning");
+                let failure = crate::vm::VmProvisioningFailed {
+                    error_code: ABANDONED.to_owned(),
+                    message: message.to_owned(),
+                    retryable: false,
+                };
+                self.execute_vm(
+                    actor,
+                    vm_id,
+                    VmCommand::RecordFailed {
+                        error_code: failure.error_code.clone(),
+                        message: failure.message.clone(),
+                        retryable: failure.retryable,
+                    },
+                )
+                .await?;
+                return self
+                    .finish_failed(actor, request_id, vm_id, failure, None)
+                    .await;
+            }
             Mode::Wait(error) => Err(error.clone()),
             Mode::Record | Mode::Defer => self.vsphere.create_vm(&spec).await,
         };

@@ -67,6 +67,11 @@ pub struct Job {
     pub request_id: VmRequestId,
     /// Attempts that ended in a retry so far.
     pub attempts: u32,
+    /// Claims in a row, this one included, since the job was last given
+    /// back ([`WorkQueue::retry_later`], [`WorkQueue::postpone`],
+    /// [`WorkQueue::release`]): more than one means the holders before
+    /// lost their lease without finishing (they died or hung).
+    pub claims: u32,
 }
 
 /// Durable list of provisioning jobs with leases. Every method is
@@ -81,7 +86,8 @@ pub trait WorkQueue: Send + Sync {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Claims up to `max` runnable jobs (queued and due, or leased with an
-    /// expired lease) for `worker`, leased for `lease`.
+    /// expired lease) for `worker`, leased for `lease`, counting the claim
+    /// in [`Job::claims`].
     fn claim(
         &self,
         worker: &str,
@@ -104,7 +110,8 @@ pub trait WorkQueue: Send + Sync {
         request_id: VmRequestId,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Gives the job back with one more attempt counted, runnable after `delay`.
+    /// Gives the job back with one more attempt counted, runnable after
+    /// `delay`. Like every way of giving a job back, resets [`Job::claims`].
     fn retry_later(
         &self,
         worker: &str,
@@ -128,6 +135,13 @@ pub trait WorkQueue: Send + Sync {
         worker: &str,
         request_id: VmRequestId,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes the jobs that finished at least `older_than` ago; returns
+    /// how many. Jobs that are queued or leased are never touched.
+    fn purge_finished(
+        &self,
+        older_than: Duration,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 /// Where the feed remembers how far it has read each tenant's events.
@@ -207,6 +221,12 @@ impl<T: WorkQueue + ?Sized> WorkQueue for Arc<T> {
         request_id: VmRequestId,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         (**self).release(worker, request_id)
+    }
+    fn purge_finished(
+        &self,
+        older_than: Duration,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        (**self).purge_finished(older_than)
     }
 }
 
@@ -403,6 +423,12 @@ pub struct RunnerReport {
     /// Times a job was given back without counting an attempt because its
     /// vCenter could not be reached.
     pub waited: u64,
+    /// Finished jobs purged from the queue after
+    /// [`RunnerConfig::retention`].
+    pub purged: u64,
+    /// Requests failed because their job kept being claimed without
+    /// finishing ([`RunnerConfig::max_claims`]); also counted in `failed`.
+    pub abandoned: u64,
     /// Events the feed could not read, recorded and skipped (see
     /// [`FeedReport`]).
     pub poison_events: u64,
@@ -523,6 +549,9 @@ enum JobKind {
     /// the runner hears at once (the endpoint's other work starts) and the
     /// job goes on as an attempt; otherwise the request waits.
     Probe,
+    /// Fails the request without calling vSphere: its job was claimed this
+    /// many times in a row without finishing.
+    Abandon(u32),
 }
 
 type JobResult = (
@@ -555,6 +584,45 @@ struct Parks {
     /// (half up, a flapping proxy) keeps backing off instead of starting
     /// over at the shortest delay each time.
     recent: HashMap<String, (DateTime<Utc>, u32, DateTime<Utc>)>,
+}
+
+/// Store failures in a row of the feed and the claims, and when to try the
+/// store again: the runner backs off instead of hammering a store that is
+/// down, and gives up after [`RunnerConfig::max_store_failures`].
+#[derive(Debug, Default)]
+struct StoreFailures {
+    count: u32,
+    retry_at: Option<DateTime<Utc>>,
+}
+
+impl StoreFailures {
+    fn ready(&self, now: DateTime<Utc>) -> bool {
+        self.retry_at.is_none_or(|at| now >= at)
+    }
+
+    fn ok(&mut self) {
+        self.count = 0;
+        self.retry_at = None;
+    }
+
+    /// Counts a failure; the error back when it was one too many.
+    fn failed(
+        &mut self,
+        what: &str,
+        error: ServiceError,
+        now: DateTime<Utc>,
+        config: &RunnerConfig,
+    ) -> Option<ServiceError> {
+        self.count = self.count.saturating_add(1);
+        if self.count >= config.max_store_failures {
+            error!(%error, failures = self.count, "{what} failed too many times in a row; the runner stops");
+            return Some(error);
+        }
+        let delay = config.backoff.delay(self.count);
+        warn!(%error, failures = self.count, ?delay, "{what} failed; trying again after a backoff");
+        self.retry_at = Some(after(now, delay));
+        None
+    }
 }
 
 /// What to do with a claimed job.
@@ -872,21 +940,18 @@ where
         // less often on a database-backed queue.
         let mut tick = pin!(self.timer.sleep(Duration::ZERO).fuse());
         let mut renew_tick = pin!(self.timer.sleep(self.renew_interval()).fuse());
+        let mut purge_tick = pin!(self.timer.sleep(Duration::ZERO).fuse());
+        // Feeding and claiming count their failures apart: one working
+        // must not hide that the other keeps failing.
+        let mut feed_failures = StoreFailures::default();
+        let mut claim_failures = StoreFailures::default();
+        let mut fatal: Option<ServiceError> = None;
         let worker = self.config.worker_id.clone();
         info!(worker = %worker, concurrency = self.config.concurrency, "provisioning runner started");
         loop {
             futures::select_biased! {
                 _ = shutdown.as_mut() => {
                     info!(in_flight = inflight.len(), held = held.len(), "shutdown requested: no new claims");
-                    for job in held.drain(..) {
-                        let release = self.queue.release(&worker, job.request_id);
-                        if let Err(error) = keep_polling(&mut inflight, &mut finished, release).await {
-                            warn!(request_id = %job.request_id, %error, "could not release a held job; its lease will expire");
-                        }
-                        report.released += 1;
-                    }
-                    self.drain(&worker, &mut inflight, &mut finished, &mut handles, &mut parks, &mut report)
-                        .await?;
                     break;
                 }
                 done = next_finished(&mut inflight).fuse() => finished.extend(done),
@@ -900,21 +965,42 @@ where
                     let renew = self.renew_leases(&worker, &mut handles, &mut held);
                     keep_polling(&mut inflight, &mut finished, renew).await;
                 }
+                _ = purge_tick.as_mut() => {
+                    purge_tick.set(self.timer.sleep(self.config.purge_interval).fuse());
+                    let purge = self.queue.purge_finished(self.config.retention);
+                    match keep_polling(&mut inflight, &mut finished, purge).await {
+                        Ok(0) => {}
+                        Ok(purged) => {
+                            info!(purged, retention = ?self.config.retention, "purged finished jobs");
+                            report.purged += purged;
+                        }
+                        Err(error) => warn!(%error, "purging finished jobs failed; will try again later"),
+                    }
+                }
                 _ = tick.as_mut() => {
                     tick.set(self.timer.sleep(self.config.poll_interval).fuse());
-                    let mut fed = FeedReport::default();
-                    let feed = self.feed_into(&mut fed);
-                    if let Err(error) = keep_polling(&mut inflight, &mut finished, feed).await {
-                        warn!(%error, "feeding the work queue failed; will retry");
+                    if feed_failures.ready(self.service.clock().now()) {
+                        let mut fed = FeedReport::default();
+                        let feed = self.feed_into(&mut fed);
+                        match keep_polling(&mut inflight, &mut finished, feed).await {
+                            Ok(()) => feed_failures.ok(),
+                            Err(error) => {
+                                let now = self.service.clock().now();
+                                fatal = feed_failures.failed("feeding the work queue", error, now, &self.config);
+                            }
+                        }
+                        report.poison_events += fed.poisoned.len() as u64;
+                        report.stopped_feeds = fed.stopped.len() as u64;
                     }
-                    report.poison_events += fed.poisoned.len() as u64;
-                    report.stopped_feeds = fed.stopped.len() as u64;
                 }
             }
             while let Some((job, kind, result)) = finished.pop_front() {
                 handles.remove(&job.request_id);
                 let settle = self.settle(&worker, job, kind, result, &mut parks, &mut report);
                 keep_polling(&mut inflight, &mut finished, settle).await;
+            }
+            if fatal.is_some() {
+                break;
             }
             // Held jobs go first: their endpoint may be back, or due for
             // another probe.
@@ -940,11 +1026,19 @@ where
             }
             held = still_held;
             let free = self.config.concurrency.saturating_sub(inflight.len());
-            if free > 0 {
+            if free > 0 && claim_failures.ready(self.service.clock().now()) {
                 let claim = self.queue.claim(&worker, free, self.config.lease);
                 match keep_polling(&mut inflight, &mut finished, claim).await {
                     Ok(jobs) => {
+                        claim_failures.ok();
                         for job in jobs {
+                            if job.claims > self.config.max_claims {
+                                let (handle, registration) = AbortHandle::new_pair();
+                                handles.insert(job.request_id, handle);
+                                let kind = JobKind::Abandon(job.claims - 1);
+                                inflight.push(self.run_job(job, kind, registration, &reachable_tx));
+                                continue;
+                            }
                             let endpoint = self.endpoint_of(job.tenant_id);
                             let now = self.service.clock().now();
                             let can_hold = held.len() < self.config.concurrency;
@@ -963,12 +1057,39 @@ where
                             }
                         }
                     }
-                    Err(error) => warn!(%error, "claiming work failed; will retry"),
+                    Err(error) => {
+                        let now = self.service.clock().now();
+                        fatal =
+                            claim_failures.failed("claiming work", error.into(), now, &self.config);
+                    }
                 }
             }
+            if fatal.is_some() {
+                break;
+            }
         }
+        for job in held.drain(..) {
+            let release = self.queue.release(&worker, job.request_id);
+            if let Err(error) = keep_polling(&mut inflight, &mut finished, release).await {
+                warn!(request_id = %job.request_id, %error, "could not release a held job; its lease will expire");
+            }
+            report.released += 1;
+        }
+        let drained = self
+            .drain(
+                &worker,
+                &mut inflight,
+                &mut finished,
+                &mut handles,
+                &mut parks,
+                &mut report,
+            )
+            .await;
         info!(?report, "provisioning runner stopped");
-        Ok(report)
+        match (fatal, drained) {
+            (Some(error), _) | (None, Err(error)) => Err(error),
+            (None, Ok(())) => Ok(report),
+        }
     }
 
     /// The key of the tenant's vCenter, if the tenant is known.
@@ -1007,6 +1128,13 @@ where
                 }
             }
             match run_kind {
+                JobKind::Abandon(unfinished) => {
+                    error!(request_id = %request, unfinished, "provisioning stopped without finishing every time it was claimed; giving up on the request");
+                    let message = format!(
+                        "provisioning stopped without finishing {unfinished} times in a row (the process running it crashed or hung each time), so dvmm gave up on this request; ask the platform team to check for a leftover VM before submitting it again"
+                    );
+                    self.service.abandon(tenant, request, &message).await
+                }
                 JobKind::Wait(error) => {
                     self.service.wait_for_vcenter(tenant, request, &error).await
                 }
@@ -1069,6 +1197,9 @@ where
             }
             Ok(Ok(ProvisionOutcome::Failed { .. })) => {
                 report.failed += 1;
+                if let JobKind::Abandon(_) = kind {
+                    report.abandoned += 1;
+                }
                 self.queue.complete(worker, id).await
             }
             Ok(Ok(ProvisionOutcome::Skipped {
@@ -1240,6 +1371,7 @@ mod tests {
             tenant_id: TenantId::from_uuid(uuid::Uuid::from_u128(1)),
             request_id: VmRequestId::from_uuid(uuid::Uuid::from_u128(n)),
             attempts: 0,
+            claims: 1,
         }
     }
 
@@ -1258,6 +1390,7 @@ mod tests {
             Dispatch::Start(_, JobKind::Attempt) => "attempt",
             Dispatch::Start(_, JobKind::Probe) => "probe",
             Dispatch::Start(_, JobKind::Wait(_)) => "wait",
+            Dispatch::Start(_, JobKind::Abandon(_)) => "abandon",
             Dispatch::Hold(_) => "hold",
         }
     }

@@ -268,6 +268,8 @@ struct QueueState {
 struct QueuedJob {
     tenant_id: TenantId,
     attempts: u32,
+    /// Claims since the job was last given back.
+    claims: u32,
     state: JobState,
 }
 
@@ -280,7 +282,9 @@ enum JobState {
         worker: String,
         until: DateTime<Utc>,
     },
-    Done,
+    Done {
+        at: DateTime<Utc>,
+    },
 }
 
 impl MemoryWorkQueue {
@@ -326,6 +330,7 @@ impl MemoryWorkQueue {
             if attempt {
                 job.attempts += 1;
             }
+            job.claims = 0;
             job.state = JobState::Queued { not_before };
         }
     }
@@ -347,6 +352,7 @@ impl WorkQueue for MemoryWorkQueue {
                 QueuedJob {
                     tenant_id: tenant,
                     attempts: 0,
+                    claims: 0,
                     state: JobState::Queued {
                         not_before: self.clock.now(),
                     },
@@ -376,17 +382,19 @@ impl WorkQueue for MemoryWorkQueue {
             let runnable = match &job.state {
                 JobState::Queued { not_before } => *not_before <= now,
                 JobState::Leased { until, .. } => *until <= now,
-                JobState::Done => continue,
+                JobState::Done { .. } => continue,
             };
             if runnable && claimed.len() < max {
                 job.state = JobState::Leased {
                     worker: worker.to_owned(),
                     until,
                 };
+                job.claims = job.claims.saturating_add(1);
                 claimed.push(Job {
                     tenant_id: job.tenant_id,
                     request_id: id,
                     attempts: job.attempts,
+                    claims: job.claims,
                 });
             }
             keep.push(id);
@@ -420,10 +428,11 @@ impl WorkQueue for MemoryWorkQueue {
     }
 
     async fn complete(&self, worker: &str, request_id: VmRequestId) -> Result<(), StoreError> {
+        let at = self.clock.now();
         let mut state = self.lock();
         let finished = match state.jobs.get_mut(&request_id) {
             Some(job) if matches!(&job.state, JobState::Leased { worker: w, .. } if w == worker) => {
-                job.state = JobState::Done;
+                job.state = JobState::Done { at };
                 true
             }
             _ => false,
@@ -457,6 +466,25 @@ impl WorkQueue for MemoryWorkQueue {
     async fn release(&self, worker: &str, request_id: VmRequestId) -> Result<(), StoreError> {
         self.requeue(worker, request_id, Duration::ZERO, false);
         Ok(())
+    }
+
+    async fn purge_finished(&self, older_than: Duration) -> Result<u64, StoreError> {
+        let now = self.clock.now();
+        let cutoff = chrono::Duration::from_std(older_than)
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let before = state.jobs.len();
+        state
+            .jobs
+            .retain(|_, job| !matches!(job.state, JobState::Done { at } if at <= cutoff));
+        let purged = before - state.jobs.len();
+        state.done -= purged;
+        // Finished jobs already left the scan order when a claim met them;
+        // any still listed are skipped there once their entry is gone.
+        Ok(purged as u64)
     }
 }
 

@@ -27,6 +27,12 @@ use crate::tenant::begin_for_tenant;
 ///   named worker still holds the lease, so a worker that lost its job to a
 ///   takeover cannot disturb the new holder.
 ///
+/// - `claims` counts the claims since the job was last given back
+///   (`retry_later`, `postpone` and `release` reset it), so a count above
+///   one means the holders before lost their lease without finishing.
+/// - Finished rows stay (a re-read approval is not queued again) until
+///   `purge_finished` deletes them.
+///
 /// The table is not under row-level security: a worker serves every tenant,
 /// and a row holds only ids and scheduling state.
 #[derive(Clone)]
@@ -185,7 +191,7 @@ impl WorkQueue for PgWorkQueue {
                     due_at = now() + make_interval(secs => $3), \
                     claims = j.claims + 1, updated_at = now() \
                FROM due WHERE j.request_id = due.request_id \
-             RETURNING j.tenant_id, j.request_id, j.attempts",
+             RETURNING j.tenant_id, j.request_id, j.attempts, j.claims",
         )
         .bind(worker)
         .bind(limit)
@@ -198,11 +204,15 @@ impl WorkQueue for PgWorkQueue {
                 let tenant: uuid::Uuid = row.try_get(0).map_err(|e| backend(operation, e))?;
                 let request: uuid::Uuid = row.try_get(1).map_err(|e| backend(operation, e))?;
                 let attempts: i32 = row.try_get(2).map_err(|e| backend(operation, e))?;
+                let claims: i32 = row.try_get(3).map_err(|e| backend(operation, e))?;
                 Ok(Job {
                     tenant_id: TenantId::from_uuid(tenant),
                     request_id: VmRequestId::from_uuid(request),
                     attempts: u32::try_from(attempts).map_err(|_| {
                         corrupt(operation, format!("negative attempt count {attempts}"))
+                    })?,
+                    claims: u32::try_from(claims).map_err(|_| {
+                        corrupt(operation, format!("negative claim count {claims}"))
                     })?,
                 })
             })
@@ -245,7 +255,7 @@ impl WorkQueue for PgWorkQueue {
     ) -> Result<(), StoreError> {
         self.update_held(
             "reschedule a job",
-            "state = 'queued', worker = NULL, attempts = attempts + 1, \
+            "state = 'queued', worker = NULL, attempts = attempts + 1, claims = 0, \
              due_at = now() + make_interval(secs => $3)",
             worker,
             request_id,
@@ -265,7 +275,7 @@ impl WorkQueue for PgWorkQueue {
         // vCenter is not the request's fault.
         self.update_held(
             "postpone a job",
-            "state = 'queued', worker = NULL, \
+            "state = 'queued', worker = NULL, claims = 0, \
              due_at = now() + make_interval(secs => $3)",
             worker,
             request_id,
@@ -278,13 +288,28 @@ impl WorkQueue for PgWorkQueue {
     async fn release(&self, worker: &str, request_id: VmRequestId) -> Result<(), StoreError> {
         self.update_held(
             "release a job",
-            "state = 'queued', worker = NULL, due_at = now()",
+            "state = 'queued', worker = NULL, claims = 0, due_at = now()",
             worker,
             request_id,
             None,
         )
         .await
         .map(drop)
+    }
+
+    async fn purge_finished(&self, older_than: Duration) -> Result<u64, StoreError> {
+        // `updated_at` of a done row is when it was completed: nothing
+        // updates a done row afterwards. The database clock decides, as it
+        // does for leases.
+        let result = sqlx::query(
+            "DELETE FROM dvmm_jobs \
+             WHERE state = 'done' AND updated_at <= now() - make_interval(secs => $1)",
+        )
+        .bind(seconds(older_than))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| backend("purge finished jobs", e))?;
+        Ok(result.rows_affected())
     }
 }
 
