@@ -188,3 +188,101 @@ async fn a_resume_whose_vcenter_is_no_longer_configured_waits_without_cloning_el
     );
     assert_eq!(sim.vms().len(), 1);
 }
+
+/// A provisioning started by a release that recorded only the folder
+/// (`VmProvisioningStarted` v1): it resumes in its recorded folder, with
+/// the rest of the placement from the current configuration, as before.
+#[tokio::test]
+async fn a_provisioning_started_before_placements_were_recorded_resumes_in_its_folder() {
+    use dvmm::core::vm_request::{VmRequestEvent, VmRequestProvisioningStarted};
+    use dvmm::{
+        CorrelationId, DomainEvent, EventId, EventMetadata, NewEvent, StreamId, UserId, VmId,
+        VmSpec, VspherePort,
+    };
+    use serde_json::json;
+    use uuid::Uuid;
+
+    let sim = simulator();
+    let store = Arc::new(MemoryEventStore::new());
+    let timeline = Arc::new(MemoryTimeline::new());
+    let before = tenant_config("acme", 5);
+    let old = service(&store, &timeline, &sim, &before);
+    let request_id = old.submit(new_request(&before, "app01")).await.unwrap();
+    let request = old
+        .approve(before.tenant_id, request_id, user())
+        .await
+        .unwrap();
+    // What the old release wrote before it died: the start on both streams
+    // (the VM's at schema version 1) and the clone in vCenter.
+    let vm_id = VmId::from_uuid(Uuid::new_v4());
+    let metadata = || EventMetadata {
+        event_id: EventId::from_uuid(Uuid::new_v4()),
+        tenant_id: before.tenant_id,
+        user_id: UserId::from_uuid(Uuid::new_v4()),
+        correlation_id: CorrelationId::from_uuid(Uuid::new_v4()),
+        causation_id: None,
+        occurred_at: chrono::Utc::now(),
+    };
+    let started =
+        VmRequestEvent::VmRequestProvisioningStarted(VmRequestProvisioningStarted { vm_id });
+    store
+        .append(
+            before.tenant_id,
+            &StreamId::new("VmRequest", request_id),
+            2,
+            vec![started.to_new_event(metadata())],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            before.tenant_id,
+            &StreamId::new("Vm", vm_id),
+            0,
+            vec![NewEvent {
+                event_type: "VmProvisioningStarted".into(),
+                schema_version: 1,
+                payload: json!({
+                    "vm_id": vm_id,
+                    "request_id": request_id,
+                    "tenant_id": before.tenant_id,
+                    "name": "web-app01",
+                    "resources": request.resources,
+                    "folder_path": "acme/web",
+                }),
+                metadata: metadata(),
+            }],
+        )
+        .await
+        .unwrap();
+    let spec = VmSpec::for_request(
+        &before,
+        request_id,
+        vm_id,
+        &request.vm_name,
+        "web",
+        request.resources,
+    );
+    let created = sim.create_vm(&spec).await.unwrap();
+
+    let mut after = before.clone();
+    after.folder_root = Some("dvmm".into());
+    let restarted = service(&store, &timeline, &sim, &after);
+    let outcome = restarted
+        .provision(after.tenant_id, request_id)
+        .await
+        .unwrap();
+    let ProvisionOutcome::Ready { result, .. } = outcome else {
+        panic!("the old provisioning is adopted: {outcome:?}")
+    };
+    assert_eq!(result.vmware_vm_id, created.vmware_vm_id);
+    let vms = sim.vms();
+    assert_eq!(vms.len(), 1, "still exactly one VM: {vms:?}");
+    assert_eq!(vms[0].folder_path, "acme/web");
+    let vm = restarted
+        .vm(after.tenant_id, vm_id)
+        .await
+        .unwrap()
+        .expect("the VM stream");
+    assert_eq!(vm.placement, None, "v1 recorded none");
+}
