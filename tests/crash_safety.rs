@@ -364,7 +364,9 @@ async fn a_crash_after_a_created_but_failed_call_is_adopted_on_rerun() {
         store.clone(),
         port.clone(),
         timeline.clone(),
-        Tenants::new().with(tenant.clone()),
+        Tenants::new()
+            .with(tenant.clone())
+            .expect("a valid tenant configuration"),
     );
     // The clone succeeds in vSphere but its answer is lost ...
     sim.add_fault(FaultRule::new(
