@@ -157,15 +157,25 @@ impl Write for Logs {
     }
 }
 
-fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    (logs, tracing::subscriber::set_default(subscriber))
+/// The log of this test binary. One global subscriber for all tests: a
+/// per-test default subscriber races with the other tests' over tracing's
+/// per-callsite interest cache and can miss lines. Tests tell their lines
+/// apart by their tenant ids.
+fn capture() -> Logs {
+    static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in this test binary");
+        logs
+    })
+    .clone()
 }
 
 fn lines_with<'a>(logs: &'a str, needle: &str) -> Vec<&'a str> {
@@ -174,7 +184,7 @@ fn lines_with<'a>(logs: &'a str, needle: &str) -> Vec<&'a str> {
 
 #[tokio::test]
 async fn an_approval_that_cannot_be_read_is_logged_counted_and_skipped_and_other_tenants_flow() {
-    let (logs, _guard) = capture();
+    let logs = capture();
     let s = setup();
     let first = s.approve(&s.a, "app01").await;
     let bad_stream = Uuid::new_v4().to_string();
@@ -227,7 +237,10 @@ async fn an_approval_that_cannot_be_read_is_logged_counted_and_skipped_and_other
     );
 
     let logs = logs.text();
-    let errors = lines_with(&logs, "ERROR");
+    let errors: Vec<&str> = lines_with(&logs, &s.a.tenant_id.to_string())
+        .into_iter()
+        .filter(|l| l.contains("ERROR"))
+        .collect();
     assert_eq!(errors.len(), 2, "one error line per poison event:\n{logs}");
     assert!(
         errors[0].contains(&format!("VmRequest-{bad_stream}")),
@@ -248,7 +261,7 @@ async fn an_approval_that_cannot_be_read_is_logged_counted_and_skipped_and_other
 
 #[tokio::test]
 async fn an_event_of_a_newer_release_stops_only_its_tenant_with_an_upgrade_error() {
-    let (logs, _guard) = capture();
+    let logs = capture();
     let s = setup();
     s.approve(&s.a, "app01").await;
     let future = s
@@ -292,7 +305,10 @@ async fn an_event_of_a_newer_release_stops_only_its_tenant_with_an_upgrade_error
     assert_eq!(again.stopped.len(), 1);
     assert_eq!(s.checkpoint(s.a.tenant_id).await, future - 1);
     let logs = logs.text();
-    let upgrade = lines_with(&logs, "upgrade dvmm");
+    let upgrade: Vec<&str> = lines_with(&logs, "upgrade dvmm")
+        .into_iter()
+        .filter(|l| l.contains(&s.a.tenant_id.to_string()))
+        .collect();
     assert_eq!(upgrade.len(), 1, "logged once:\n{logs}");
     assert!(upgrade[0].contains("ERROR"), "{}", upgrade[0]);
     assert!(
