@@ -15,7 +15,9 @@ use common::{new_request, tenant_config, user};
 use dvmm::core::ports::{ClaimAttempt, RequestClaims};
 use dvmm::core::runner::WorkQueue;
 use dvmm::store::{MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
-use dvmm::vsphere::sim::{Delays, Fault, FaultRule, Operation, Simulator, SimulatorConfig, Trigger};
+use dvmm::vsphere::sim::{
+    Delays, Fault, FaultRule, Operation, Simulator, SimulatorConfig, Trigger,
+};
 use dvmm::{
     Clock, ProvisionOutcome, ProvisioningService, ServiceError, TenantConfig, Tenants, TokioTimer,
     VmRequestId, VmRequestStatus, VmStatus, VsphereError,
@@ -133,11 +135,23 @@ async fn a_caller_finds_the_runners_claim_and_is_told_who_holds_it_until_when() 
     let world = World::new();
     let host = world.service("host-a", true);
     let id = world.approved(&host, "web01").await;
-    world.queue.enqueue(world.tenant.tenant_id, id).await.expect("queued");
-    let claimed = world.queue.claim("runner-1", 8, LEASE).await.expect("claimed");
+    world
+        .queue
+        .enqueue(world.tenant.tenant_id, id)
+        .await
+        .expect("queued");
+    let claimed = world
+        .queue
+        .claim("runner-1", 8, LEASE)
+        .await
+        .expect("claimed");
     assert_eq!(claimed.len(), 1);
 
-    let outcome = within("the direct call", host.provision(world.tenant.tenant_id, id)).await;
+    let outcome = within(
+        "the direct call",
+        host.provision(world.tenant.tenant_id, id),
+    )
+    .await;
     match outcome.expect("no error") {
         ProvisionOutcome::Skipped { status, reason } => {
             assert_eq!(status, VmRequestStatus::Approved);
@@ -149,7 +163,11 @@ async fn a_caller_finds_the_runners_claim_and_is_told_who_holds_it_until_when() 
         }
         other => panic!("expected Skipped, got {other:?}"),
     }
-    assert_eq!(world.sim.call_count(Operation::CreateVm), 0, "vSphere untouched");
+    assert_eq!(
+        world.sim.call_count(Operation::CreateVm),
+        0,
+        "vSphere untouched"
+    );
     assert!(world.sim.vms().is_empty());
 }
 
@@ -162,27 +180,47 @@ async fn a_crashed_holders_claim_lapses_and_the_next_caller_resumes() {
     // dropped, so its claim is neither renewed nor released.
     let first = crashed.provision(world.tenant.tenant_id, id);
     assert!(
-        tokio::time::timeout(Duration::from_secs(5), first).await.is_err(),
+        tokio::time::timeout(Duration::from_secs(5), first)
+            .await
+            .is_err(),
         "the clone takes 20 s"
     );
     drop(crashed);
     let next = world.service("host-b", true);
-    match next.provision(world.tenant.tenant_id, id).await.expect("no error") {
+    match next
+        .provision(world.tenant.tenant_id, id)
+        .await
+        .expect("no error")
+    {
         ProvisionOutcome::Skipped { reason, .. } => {
             assert!(reason.contains("host-crashed"), "{reason}")
         }
         other => panic!("the claim has not lapsed yet: expected Skipped, got {other:?}"),
     }
     tokio::time::sleep(LEASE).await;
-    let outcome = within("the resumed call", next.provision(world.tenant.tenant_id, id))
-        .await
-        .expect("no error");
-    assert!(matches!(outcome, ProvisionOutcome::Ready { .. }), "{outcome:?}");
-    assert_eq!(world.sim.vms().len(), 1, "the crashed call's VM was adopted");
+    let outcome = within(
+        "the resumed call",
+        next.provision(world.tenant.tenant_id, id),
+    )
+    .await
+    .expect("no error");
+    assert!(
+        matches!(outcome, ProvisionOutcome::Ready { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        world.sim.vms().len(),
+        1,
+        "the crashed call's VM was adopted"
+    );
     let (request, vm) = world.statuses(&next, id).await;
     assert_eq!(request, VmRequestStatus::Ready);
     assert!(matches!(vm, VmStatus::Ready | VmStatus::Running), "{vm:?}");
-    assert_eq!(world.queue.pending(), 0, "the claim was given back as finished");
+    assert_eq!(
+        world.queue.pending(),
+        0,
+        "the claim was given back as finished"
+    );
 }
 
 /// Before the claim, the second call resumed the request at once; its
@@ -253,11 +291,7 @@ async fn a_caller_that_lost_its_claim_records_no_failure_and_the_vm_stays_ready(
         tokio::time::sleep(Duration::from_secs(2)).await;
         // A's claim is taken over (as after a lapse during a network
         // partition): B takes it and provisions.
-        world
-            .queue
-            .release("host-a", id)
-            .await
-            .expect("released");
+        world.queue.release("host-a", id).await.expect("released");
         b.provision(tenant, id).await
     };
     let (a_out, b_out) = within("both calls", futures_join(a_call, b_call)).await;
@@ -286,19 +320,54 @@ async fn claims_are_exclusive_reentrant_and_lapse() {
     let world = World::new();
     let tenant = world.tenant.tenant_id;
     let id = VmRequestId::from_uuid(uuid::Uuid::new_v4());
-    let first = world.queue.acquire(tenant, id, "a", LEASE).await.expect("ok");
+    let first = world
+        .queue
+        .acquire(tenant, id, "a", LEASE)
+        .await
+        .expect("ok");
     assert!(matches!(first, ClaimAttempt::Acquired { .. }), "{first:?}");
-    let again = world.queue.acquire(tenant, id, "a", LEASE).await.expect("ok");
-    assert!(matches!(again, ClaimAttempt::AlreadyHeld { .. }), "{again:?}");
-    match world.queue.acquire(tenant, id, "b", LEASE).await.expect("ok") {
+    let again = world
+        .queue
+        .acquire(tenant, id, "a", LEASE)
+        .await
+        .expect("ok");
+    assert!(
+        matches!(again, ClaimAttempt::AlreadyHeld { .. }),
+        "{again:?}"
+    );
+    match world
+        .queue
+        .acquire(tenant, id, "b", LEASE)
+        .await
+        .expect("ok")
+    {
         ClaimAttempt::HeldBy(holder) => assert_eq!(holder.holder, "a"),
         other => panic!("expected HeldBy, got {other:?}"),
     }
-    assert!(world.queue.claim("runner", 8, LEASE).await.expect("ok").is_empty());
+    assert!(
+        world
+            .queue
+            .claim("runner", 8, LEASE)
+            .await
+            .expect("ok")
+            .is_empty()
+    );
     tokio::time::sleep(LEASE).await;
-    let taken = world.queue.acquire(tenant, id, "b", LEASE).await.expect("ok");
+    let taken = world
+        .queue
+        .acquire(tenant, id, "b", LEASE)
+        .await
+        .expect("ok");
     assert!(matches!(taken, ClaimAttempt::Acquired { .. }), "{taken:?}");
     assert!(!world.queue.renew_claim("a", id, LEASE).await.expect("ok"));
     world.queue.release_claim("b", id, false).await.expect("ok");
-    assert_eq!(world.queue.claim("runner", 8, LEASE).await.expect("ok").len(), 1);
+    assert_eq!(
+        world
+            .queue
+            .claim("runner", 8, LEASE)
+            .await
+            .expect("ok")
+            .len(),
+        1
+    );
 }

@@ -31,8 +31,7 @@ use crate::error::DomainError;
 use crate::event::{DomainEvent, EventDecodeError, EventMetadata, NewEvent, StreamId};
 use crate::ids::{CorrelationId, EventId, ProjectId, TenantId, UserId, VmId, VmRequestId};
 use crate::ports::{
-    ClaimAttempt, EventStore, RequestClaims, StoreError, TimelineSink, VsphereError,
-    VspherePort,
+    ClaimAttempt, EventStore, RequestClaims, StoreError, TimelineSink, VsphereError, VspherePort,
 };
 use crate::runner::Timer;
 use crate::spec::{VmProvisioningResult, VmSize, VmSpec};
@@ -928,7 +927,10 @@ where
             self.record_request_timeline(
                 tenant,
                 request_id,
-                &self.load::<VmRequest>(tenant, &request_stream(request_id)).await?.events,
+                &self
+                    .load::<VmRequest>(tenant, &request_stream(request_id))
+                    .await?
+                    .events,
             )
             .await?;
             let reason = skip_reason(&request);
@@ -956,11 +958,7 @@ where
                     ClaimAttempt::Acquired { .. } => true,
                     ClaimAttempt::AlreadyHeld { .. } => false,
                     ClaimAttempt::HeldBy(other) => {
-                        return Ok(held_elsewhere(
-                            &request,
-                            &other.holder,
-                            Some(other.until),
-                        ));
+                        return Ok(held_elsewhere(&request, &other.holder, Some(other.until)));
                     }
                 };
                 let claim = ClaimState::new(holder, Some(after(started, *lease)));
@@ -1323,13 +1321,17 @@ where
             let (failure, error) = match failed {
                 Some((failure, error)) => (failure, Some(error)),
                 None => {
-                    warn!("another run recorded this VM as failed first; the request follows the VM's record");
+                    warn!(
+                        "another run recorded this VM as failed first; the request follows the VM's record"
+                    );
                     (
-                        vm.failure.clone().unwrap_or_else(|| crate::vm::VmProvisioningFailed {
-                            error_code: "Unknown".into(),
-                            message: "provisioning failed".into(),
-                            retryable: false,
-                        }),
+                        vm.failure
+                            .clone()
+                            .unwrap_or_else(|| crate::vm::VmProvisioningFailed {
+                                error_code: "Unknown".into(),
+                                message: "provisioning failed".into(),
+                                retryable: false,
+                            }),
                         None,
                     )
                 }
@@ -1339,7 +1341,9 @@ where
                 .await;
         }
         if failed.is_some() {
-            info!("a concurrent run recorded the VM as provisioned; this run's failure does not count");
+            info!(
+                "a concurrent run recorded the VM as provisioned; this run's failure does not count"
+            );
         }
         let result = match (provisioned(vm), created) {
             (Some(result), _) => result,
@@ -1599,7 +1603,10 @@ fn held_elsewhere(
     until: Option<DateTime<Utc>>,
 ) -> ProvisionOutcome {
     let until = match until {
-        Some(until) => format!("until {} unless renewed", until.format("%Y-%m-%d %H:%M:%S UTC")),
+        Some(until) => format!(
+            "until {} unless renewed",
+            until.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
         None => "until its call in this process ends".to_owned(),
     };
     let reason = format!(

@@ -486,7 +486,10 @@ impl RequestClaims for MemoryWorkQueue {
                 state: JobState::Queued { not_before: now },
             });
             let attempt = match &job.state {
-                JobState::Leased { worker, until: held } if *held > now => {
+                JobState::Leased {
+                    worker,
+                    until: held,
+                } if *held > now => {
                     if worker == holder {
                         ClaimAttempt::AlreadyHeld { until }
                     } else {
