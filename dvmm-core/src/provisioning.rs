@@ -913,39 +913,17 @@ where
         mode: Mode<'_>,
         holder: &str,
     ) -> Result<ProvisionOutcome, ServiceError> {
-        // Only work that may call vSphere needs the claim; a request that is
-        // pending or finished is answered without taking (and so without
-        // queueing) anything.
-        let request = self
-            .request(tenant, request_id)
-            .await?
-            .ok_or(ServiceError::RequestNotFound(request_id))?;
-        if !matches!(
-            request.status,
-            VmRequestStatus::Approved | VmRequestStatus::Provisioning
-        ) {
-            self.record_request_timeline(
-                tenant,
-                request_id,
-                &self
-                    .load::<VmRequest>(tenant, &request_stream(request_id))
-                    .await?
-                    .events,
-            )
-            .await?;
-            let reason = skip_reason(&request);
-            info!(status = %request.status, "nothing to provision: {reason}");
-            return Ok(ProvisionOutcome::Skipped {
-                status: request.status,
-                reason,
-            });
-        }
         match &self.claims {
             ClaimSource::Process(claims) => {
+                // In-process claims cost nothing to take, so the request is
+                // read only when another call has it.
                 let _token = match claims.acquire(request_id, holder) {
                     Ok(token) => token,
                     Err(other) => {
-                        return Ok(held_elsewhere(&request, &other, None));
+                        return Ok(match self.open_request(tenant, request_id).await? {
+                            Ok(request) => held_elsewhere(&request, &other, None),
+                            Err(skipped) => skipped,
+                        });
                     }
                 };
                 let claim = ClaimState::new(holder, None);
@@ -953,6 +931,13 @@ where
                     .await
             }
             ClaimSource::Shared { port, sleep, lease } => {
+                // A shared claim is a job row: a request that is pending or
+                // finished is answered without taking (and so without
+                // queueing) anything.
+                let request = match self.open_request(tenant, request_id).await? {
+                    Ok(request) => request,
+                    Err(skipped) => return Ok(skipped),
+                };
                 let started = self.clock.now();
                 let fresh = match port.acquire(tenant, request_id, holder, *lease).await? {
                     ClaimAttempt::Acquired { .. } => true,
@@ -989,6 +974,37 @@ where
                 outcome
             }
         }
+    }
+
+    /// The request when it is approved or provisioning (work that may call
+    /// vSphere), else the answer that nothing is to be done.
+    async fn open_request(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> Result<Result<VmRequest, ProvisionOutcome>, ServiceError> {
+        let loaded = self
+            .load::<VmRequest>(tenant, &request_stream(request_id))
+            .await?;
+        let request = loaded
+            .state
+            .ok_or(ServiceError::RequestNotFound(request_id))?;
+        if matches!(
+            request.status,
+            VmRequestStatus::Approved | VmRequestStatus::Provisioning
+        ) {
+            return Ok(Ok(request));
+        }
+        // The timeline must show what the stream says (a crash may have cut
+        // it short), as on every other path.
+        self.record_request_timeline(tenant, request_id, &loaded.events)
+            .await?;
+        let reason = skip_reason(&request);
+        info!(status = %request.status, "nothing to provision: {reason}");
+        Ok(Err(ProvisionOutcome::Skipped {
+            status: request.status,
+            reason,
+        }))
     }
 
     /// Renews a shared claim every quarter lease until it is lost (taken
