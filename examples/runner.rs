@@ -104,6 +104,11 @@ struct Args {
     /// Hide the progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// Also call `provision` directly, as a host would, on every request
+    /// that is approved or provisioning, racing the runners (which may be 0
+    /// here); prints a `direct:` line with what those calls returned.
+    #[arg(long)]
+    direct: bool,
     /// Where to provision: a vCenter, or the in-process simulator.
     #[command(flatten)]
     vcenter: VcenterArgs,
@@ -168,8 +173,8 @@ async fn run(args: Args) -> Result<Summary, String> {
             args.fault_rate
         ));
     }
-    if args.workers == 0 || args.concurrency == 0 {
-        return Err("--workers and --concurrency must be at least 1".into());
+    if (args.workers == 0 && !args.direct) || args.concurrency == 0 {
+        return Err("--workers (unless --direct) and --concurrency must be at least 1".into());
     }
     dvmm::VmName::new(&args.project, "vm00000-0000").map_err(|e| e.to_string())?;
     let run = Run {
@@ -254,14 +259,19 @@ impl Run {
         let tenants = Tenants::new()
             .with(tenant.clone())
             .map_err(|e| e.to_string())?;
+        // Direct calls and the runners share one claim per request: the
+        // queue's lease.
+        let lease = Duration::from_secs(self.args.lease_secs.max(1));
         let Some(url) = &self.args.database_url else {
+            let queue = Arc::new(MemoryWorkQueue::new());
             let service = ProvisioningService::new(
                 Arc::new(MemoryEventStore::new()),
                 vsphere,
                 Arc::new(MemoryTimeline::new()),
                 tenants,
-            );
-            let queue = Arc::new(MemoryWorkQueue::new());
+            )
+            .with_claims(queue.clone(), TokioTimer, lease)
+            .with_holder_name(format!("{}-direct", self.worker_prefix()));
             let checkpoints = Arc::new(MemoryCheckpoints::new());
             return self
                 .drive(tenant, Arc::new(service), queue, checkpoints, audit)
@@ -276,13 +286,15 @@ impl Run {
             let queue = dvmm::store::postgres::PgWorkQueue::new(store.pool().clone());
             let checkpoints = dvmm::store::postgres::PgCheckpoints::new(store.pool().clone());
             let timeline = store.timeline();
-            let service = ProvisioningService::new(store, vsphere, timeline, tenants);
+            let service = ProvisioningService::new(store, vsphere, timeline, tenants)
+                .with_claims(queue.clone(), TokioTimer, lease)
+                .with_holder_name(format!("{}-direct", self.worker_prefix()));
             self.drive(tenant, Arc::new(service), queue, checkpoints, audit)
                 .await
         }
         #[cfg(not(feature = "postgres"))]
         {
-            let _ = (url, vsphere, tenants, audit);
+            let _ = (url, vsphere, tenants, audit, lease);
             Err("--database-url needs the postgres feature: cargo run --features postgres --example runner -- --database-url URL".into())
         }
     }
@@ -305,10 +317,7 @@ impl Run {
         K: CheckpointStore + Clone + 'static,
     {
         let args = &self.args;
-        let prefix = args
-            .worker_id
-            .clone()
-            .unwrap_or_else(|| format!("pid{}", std::process::id()));
+        let prefix = self.worker_prefix();
         let runners: Vec<_> = (0..args.workers)
             .map(|i| {
                 ProvisioningRunner::new(
@@ -383,7 +392,12 @@ impl Run {
             let _ = stop.send(true);
             (finished, tracker)
         };
-        let (filed, reports, (finished, tracker)) = tokio::join!(filing, workers, watching);
+        let direct = self.provision_directly(&service, tenant, stop.subscribe());
+        let (filed, reports, (finished, tracker), direct) =
+            tokio::join!(filing, workers, watching, direct);
+        if let Some(direct) = direct {
+            println!("{direct}");
+        }
         progress.finish_and_clear();
         filed?;
         for report in reports {
@@ -447,6 +461,71 @@ impl Run {
                 Err(error) => return Err(error),
             }
         }
+    }
+
+    /// This process's worker id prefix.
+    fn worker_prefix(&self) -> String {
+        self.args
+            .worker_id
+            .clone()
+            .unwrap_or_else(|| format!("pid{}", std::process::id()))
+    }
+
+    /// With `--direct`: calls `provision` on every request that is approved
+    /// or provisioning until told to stop, and says what the calls returned.
+    async fn provision_directly<S, V, T>(
+        &self,
+        service: &ProvisioningService<S, V, T>,
+        tenant: &TenantConfig,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<String>
+    where
+        S: EventStore,
+        V: VspherePort,
+        T: TimelineSink,
+    {
+        use dvmm::{ProvisionOutcome, VmRequestStatus};
+        if !self.args.direct {
+            return None;
+        }
+        let (mut ready, mut failed, mut skipped, mut deferred, mut errors) = (0, 0, 0, 0, 0);
+        while !*stop.borrow() {
+            let requests = service
+                .list_requests(tenant.tenant_id)
+                .await
+                .unwrap_or_default();
+            let open: Vec<_> = requests
+                .iter()
+                .filter(|r| {
+                    matches!(
+                        r.status,
+                        VmRequestStatus::Approved | VmRequestStatus::Provisioning
+                    )
+                })
+                .map(|r| r.id)
+                .collect();
+            let outcomes: Vec<_> = futures::stream::iter(open)
+                .map(|id| service.provision(tenant.tenant_id, id))
+                .buffer_unordered(self.args.concurrency)
+                .collect()
+                .await;
+            for outcome in outcomes {
+                match outcome {
+                    Ok(ProvisionOutcome::Ready { .. }) => ready += 1,
+                    Ok(ProvisionOutcome::Failed { .. }) => failed += 1,
+                    Ok(ProvisionOutcome::Skipped { .. }) => skipped += 1,
+                    Ok(ProvisionOutcome::Deferred { .. }) => deferred += 1,
+                    Err(_) => errors += 1,
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        Some(format!(
+            "direct: ready={ready} failed={failed} skipped={skipped} deferred={deferred} errors={errors}"
+        ))
     }
 
     async fn file_approvals<S, V, T>(

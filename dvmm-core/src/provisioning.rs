@@ -15,7 +15,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -25,7 +30,10 @@ use crate::config::{ConfigError, TenantConfig, endpoint_key};
 use crate::error::DomainError;
 use crate::event::{DomainEvent, EventDecodeError, EventMetadata, NewEvent, StreamId};
 use crate::ids::{CorrelationId, EventId, ProjectId, TenantId, UserId, VmId, VmRequestId};
-use crate::ports::{EventStore, StoreError, TimelineSink, VsphereError, VspherePort};
+use crate::ports::{
+    ClaimAttempt, EventStore, RequestClaims, StoreError, TimelineSink, VsphereError, VspherePort,
+};
+use crate::runner::Timer;
 use crate::spec::{VmProvisioningResult, VmSize, VmSpec};
 use crate::timeline::{TimelineEntry, TimelineEntryType};
 use crate::vm::{Vm, VmCommand, VmEvent, VmProvisioningStarted, VmStatus};
@@ -89,6 +97,18 @@ pub enum ServiceError {
     TooManyConflicts {
         /// The contended stream.
         stream: StreamId,
+    },
+    /// The caller's claim on the request lapsed or was taken over while it
+    /// worked, so it stopped before calling vSphere again; whoever holds the
+    /// claim now carries on.
+    #[error(
+        "{holder} lost its claim on request {request_id}; it stopped before calling vSphere again"
+    )]
+    ClaimLost {
+        /// The request.
+        request_id: VmRequestId,
+        /// Who had the claim.
+        holder: String,
     },
 }
 
@@ -211,12 +231,104 @@ pub struct ProvisioningService<S, V, T, C = crate::clock::SystemClock, I = crate
     clock: C,
     ids: I,
     tenants: Tenants,
+    claims: ClaimSource,
+    holder: String,
+}
+
+type Sleeper = Arc<dyn Fn(Duration) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Where the service takes a request's claim before calling vSphere.
+enum ClaimSource {
+    /// Only this process provisions: claims live in memory and end with the
+    /// call that holds them (so they cannot outlive a crash).
+    Process(Arc<ProcessClaims>),
+    /// Shared with other processes; renewed every quarter lease while the
+    /// call works.
+    Shared {
+        port: Arc<dyn RequestClaims>,
+        sleep: Sleeper,
+        lease: Duration,
+    },
+}
+
+/// In-process claims: a claim is free again as soon as the call that holds
+/// it ends, however it ends (its token is dropped).
+#[derive(Default)]
+struct ProcessClaims {
+    by_request: Mutex<HashMap<VmRequestId, (String, Weak<()>)>>,
+}
+
+impl ProcessClaims {
+    fn acquire(&self, request_id: VmRequestId, holder: &str) -> Result<Arc<()>, String> {
+        let mut map = self.by_request.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((other, token)) = map.get(&request_id)
+            && token.strong_count() > 0
+        {
+            return Err(other.clone());
+        }
+        let token = Arc::new(());
+        map.insert(request_id, (holder.to_owned(), Arc::downgrade(&token)));
+        // Claims of finished calls are dropped as others are taken.
+        map.retain(|_, (_, token)| token.strong_count() > 0);
+        Ok(token)
+    }
+}
+
+/// A claim the current call holds: valid until it lapses or a renewal
+/// finds it taken over.
+struct ClaimState {
+    holder: String,
+    lost: AtomicBool,
+    /// When it lapses, on the service's clock; `None` when it cannot lapse
+    /// while the call runs (in-process claims).
+    until: Mutex<Option<DateTime<Utc>>>,
+}
+
+impl ClaimState {
+    fn new(holder: &str, until: Option<DateTime<Utc>>) -> Self {
+        Self {
+            holder: holder.to_owned(),
+            lost: AtomicBool::new(false),
+            until: Mutex::new(until),
+        }
+    }
+
+    fn until(&self) -> Option<DateTime<Utc>> {
+        *self.until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn extend(&self, until: DateTime<Utc>) {
+        *self.until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+    }
+
+    fn lose(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+    }
+
+    fn valid(&self, now: DateTime<Utc>) -> bool {
+        !self.lost.load(Ordering::SeqCst) && self.until().is_none_or(|until| now < until)
+    }
+}
+
+fn after(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 impl<S, V, T, C, I> fmt::Debug for ProvisioningService<S, V, T, C, I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProvisioningService")
             .field("tenants", &self.tenants.by_id.len())
+            .field("holder", &self.holder)
+            .field(
+                "claims",
+                &match self.claims {
+                    ClaimSource::Process(_) => "in-process",
+                    ClaimSource::Shared { .. } => "shared",
+                },
+            )
             .finish_non_exhaustive()
     }
 }
@@ -293,7 +405,47 @@ where
             clock,
             ids,
             tenants,
+            claims: ClaimSource::Process(Arc::default()),
+            holder: format!("dvmm process {}", std::process::id()),
         }
+    }
+
+    /// Takes requests' claims from `claims`, shared with every other caller
+    /// of the deployment (the runner's work queue: `MemoryWorkQueue` within
+    /// one process, `PgWorkQueue` across processes), instead of from this
+    /// service alone. A claim lasts `lease` unless renewed; calls renew it
+    /// every quarter lease through `timer`, so a crashed caller's claim
+    /// lapses after at most `lease` and the next caller resumes the request.
+    ///
+    /// Without this, claims only exclude callers of this one service, which
+    /// is right only when no other process provisions the same requests.
+    pub fn with_claims<Q, W>(mut self, claims: Q, timer: W, lease: Duration) -> Self
+    where
+        Q: RequestClaims + 'static,
+        W: Timer + 'static,
+    {
+        let timer = Arc::new(timer);
+        self.claims = ClaimSource::Shared {
+            port: Arc::new(claims),
+            sleep: Arc::new(move |duration| {
+                let timer = timer.clone();
+                Box::pin(async move { timer.sleep(duration).await })
+            }),
+            lease: lease.max(Duration::from_millis(4)),
+        };
+        self
+    }
+
+    /// The name this service's direct calls hold claims under (shown to
+    /// callers that find a request claimed). Defaults to the process id.
+    pub fn with_holder_name(mut self, holder: impl Into<String>) -> Self {
+        self.holder = holder.into();
+        self
+    }
+
+    /// The name this service's direct calls hold claims under.
+    pub fn holder_name(&self) -> &str {
+        &self.holder
     }
 
     /// The event store.
@@ -644,7 +796,58 @@ where
         tenant: TenantId,
         request_id: VmRequestId,
     ) -> Result<ProvisionOutcome, ServiceError> {
-        self.provision_inner(tenant, request_id, Mode::Record)
+        self.provision_inner(tenant, request_id, Mode::Record, &self.holder)
+            .instrument(provision_span(tenant, request_id))
+            .await
+    }
+
+    /// [`ProvisioningService::provision`] under `holder`'s claim: for a
+    /// runner whose work-queue lease on the job is the claim (its worker id
+    /// is the holder), so the call re-enters that claim instead of waiting
+    /// for it.
+    ///
+    /// # Errors
+    /// As [`ProvisioningService::provision`].
+    pub async fn provision_as(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        holder: &str,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        self.provision_inner(tenant, request_id, Mode::Record, holder)
+            .instrument(provision_span(tenant, request_id))
+            .await
+    }
+
+    /// [`ProvisioningService::provision_attempt`] under `holder`'s claim
+    /// (see [`ProvisioningService::provision_as`]).
+    ///
+    /// # Errors
+    /// As [`ProvisioningService::provision`].
+    pub async fn provision_attempt_as(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        holder: &str,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        self.provision_inner(tenant, request_id, Mode::Defer, holder)
+            .instrument(provision_span(tenant, request_id))
+            .await
+    }
+
+    /// [`ProvisioningService::wait_for_vcenter`] under `holder`'s claim
+    /// (see [`ProvisioningService::provision_as`]).
+    ///
+    /// # Errors
+    /// As [`ProvisioningService::provision`].
+    pub async fn wait_for_vcenter_as(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        error: &VsphereError,
+        holder: &str,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        self.provision_inner(tenant, request_id, Mode::Wait(error), holder)
             .instrument(provision_span(tenant, request_id))
             .await
     }
@@ -662,7 +865,7 @@ where
         tenant: TenantId,
         request_id: VmRequestId,
     ) -> Result<ProvisionOutcome, ServiceError> {
-        self.provision_inner(tenant, request_id, Mode::Defer)
+        self.provision_inner(tenant, request_id, Mode::Defer, &self.holder)
             .instrument(provision_span(tenant, request_id))
             .await
     }
@@ -724,7 +927,7 @@ where
         request_id: VmRequestId,
         error: &VsphereError,
     ) -> Result<ProvisionOutcome, ServiceError> {
-        self.provision_inner(tenant, request_id, Mode::Wait(error))
+        self.provision_inner(tenant, request_id, Mode::Wait(error), &self.holder)
             .instrument(provision_span(tenant, request_id))
             .await
     }
@@ -745,16 +948,184 @@ where
         request_id: VmRequestId,
         message: &str,
     ) -> Result<ProvisionOutcome, ServiceError> {
-        self.provision_inner(tenant, request_id, Mode::Abandon(message))
+        self.abandon_as(tenant, request_id, message, &self.holder)
+            .await
+    }
+
+    /// [`ProvisioningService::abandon`] under `holder`'s claim (see
+    /// [`ProvisioningService::provision_as`]): the runner gives up on a job
+    /// whose lease it holds.
+    ///
+    /// # Errors
+    /// As [`ProvisioningService::provision`].
+    pub async fn abandon_as(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        message: &str,
+        holder: &str,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        self.provision_inner(tenant, request_id, Mode::Abandon(message), holder)
             .instrument(provision_span(tenant, request_id))
             .await
     }
 
+    /// Takes the request's claim, provisions under it (renewing it meanwhile
+    /// when it is shared) and gives it back.
     async fn provision_inner(
         &self,
         tenant: TenantId,
         request_id: VmRequestId,
         mode: Mode<'_>,
+        holder: &str,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        match &self.claims {
+            ClaimSource::Process(claims) => {
+                // In-process claims cost nothing to take, so the request is
+                // read only when another call has it.
+                let _token = match claims.acquire(request_id, holder) {
+                    Ok(token) => token,
+                    Err(other) => {
+                        return Ok(match self.open_request(tenant, request_id).await? {
+                            Ok(request) => held_elsewhere(&request, &other, None),
+                            Err(skipped) => skipped,
+                        });
+                    }
+                };
+                let claim = ClaimState::new(holder, None);
+                self.provision_claimed(tenant, request_id, mode, &claim)
+                    .await
+            }
+            ClaimSource::Shared { port, sleep, lease } => {
+                // A shared claim is a job row: a request that is pending or
+                // finished is answered without taking (and so without
+                // queueing) anything.
+                let request = match self.open_request(tenant, request_id).await? {
+                    Ok(request) => request,
+                    Err(skipped) => return Ok(skipped),
+                };
+                let started = self.clock.now();
+                let fresh = match port.acquire(tenant, request_id, holder, *lease).await? {
+                    ClaimAttempt::Acquired { .. } => true,
+                    ClaimAttempt::AlreadyHeld { .. } => false,
+                    ClaimAttempt::HeldBy(other) => {
+                        return Ok(held_elsewhere(&request, &other.holder, Some(other.until)));
+                    }
+                };
+                let claim = ClaimState::new(holder, Some(after(started, *lease)));
+                let work = self.provision_claimed(tenant, request_id, mode, &claim);
+                let outcome = if fresh {
+                    let renew = self.renew_claim(port.as_ref(), sleep, *lease, &claim, request_id);
+                    let mut work = std::pin::pin!(work);
+                    let renew = std::pin::pin!(renew);
+                    match futures::future::select(work.as_mut(), renew).await {
+                        futures::future::Either::Left((outcome, _)) => outcome,
+                        // Lost: the work stops at its next check, before
+                        // calling vSphere again.
+                        futures::future::Either::Right(((), _)) => work.await,
+                    }
+                } else {
+                    // Whoever took the claim first renews and releases it.
+                    work.await
+                };
+                if fresh {
+                    let finished = matches!(
+                        outcome,
+                        Ok(ProvisionOutcome::Ready { .. } | ProvisionOutcome::Failed { .. })
+                    );
+                    if let Err(error) = port.release_claim(holder, request_id, finished).await {
+                        warn!(%error, "could not give the claim back; it lapses by itself");
+                    }
+                }
+                outcome
+            }
+        }
+    }
+
+    /// The request when it is approved or provisioning (work that may call
+    /// vSphere), else the answer that nothing is to be done.
+    async fn open_request(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> Result<Result<VmRequest, ProvisionOutcome>, ServiceError> {
+        let loaded = self
+            .load::<VmRequest>(tenant, &request_stream(request_id))
+            .await?;
+        let request = loaded
+            .state
+            .ok_or(ServiceError::RequestNotFound(request_id))?;
+        if matches!(
+            request.status,
+            VmRequestStatus::Approved | VmRequestStatus::Provisioning
+        ) {
+            return Ok(Ok(request));
+        }
+        // The timeline must show what the stream says (a crash may have cut
+        // it short), as on every other path.
+        self.record_request_timeline(tenant, request_id, &loaded.events)
+            .await?;
+        let reason = skip_reason(&request);
+        info!(status = %request.status, "nothing to provision: {reason}");
+        Ok(Err(ProvisionOutcome::Skipped {
+            status: request.status,
+            reason,
+        }))
+    }
+
+    /// Renews a shared claim every quarter lease until it is lost (taken
+    /// over, or not renewed before it lapsed); never returns otherwise.
+    async fn renew_claim(
+        &self,
+        port: &dyn RequestClaims,
+        sleep: &Sleeper,
+        lease: Duration,
+        claim: &ClaimState,
+        request_id: VmRequestId,
+    ) {
+        loop {
+            sleep(lease / 4).await;
+            let started = self.clock.now();
+            match port.renew_claim(&claim.holder, request_id, lease).await {
+                Ok(true) => claim.extend(after(started, lease)),
+                Ok(false) => {
+                    warn!(holder = %claim.holder, "the claim was taken over; stopping before the next vSphere call");
+                    claim.lose();
+                    return;
+                }
+                Err(error) if !claim.valid(self.clock.now()) => {
+                    warn!(holder = %claim.holder, %error, "the claim lapsed: it could not be renewed in time; stopping before the next vSphere call");
+                    claim.lose();
+                    return;
+                }
+                Err(error) => {
+                    warn!(holder = %claim.holder, %error, "renewing the claim failed; trying again");
+                }
+            }
+        }
+    }
+
+    /// Stops the call unless it still holds the claim: for just before a
+    /// vSphere call or recording a failure (the new holder may be about to
+    /// adopt the VM).
+    fn check_claim(&self, claim: &ClaimState, request_id: VmRequestId) -> Result<(), ServiceError> {
+        if claim.valid(self.clock.now()) {
+            Ok(())
+        } else {
+            claim.lose();
+            Err(ServiceError::ClaimLost {
+                request_id,
+                holder: claim.holder.clone(),
+            })
+        }
+    }
+
+    async fn provision_claimed(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        mode: Mode<'_>,
+        claim: &ClaimState,
     ) -> Result<ProvisionOutcome, ServiceError> {
         let stream = request_stream(request_id);
         let mut started_here = false;
@@ -858,17 +1229,10 @@ where
                     .await;
             }
             _ => {
-                let result = VmProvisioningResult {
-                    vmware_vm_id: vm.vmware_vm_id.clone().ok_or(
-                        ServiceError::VmNotProvisioned {
-                            vm_id,
-                            status: vm.status,
-                        },
-                    )?,
-                    ip_address: vm.ip_address,
-                    hostname: vm.hostname.clone().unwrap_or_else(|| vm.name.to_string()),
-                    warning_message: vm.warning_message.clone(),
-                };
+                let result = provisioned(&vm).ok_or(ServiceError::VmNotProvisioned {
+                    vm_id,
+                    status: vm.status,
+                })?;
                 return self.finish_ready(actor, request_id, vm_id, result).await;
             }
         }
@@ -896,7 +1260,10 @@ where
                     .await;
             }
             Mode::Wait(error) => Err(error.clone()),
-            Mode::Record | Mode::Defer => self.vsphere.create_vm(&spec).await,
+            Mode::Record | Mode::Defer => {
+                self.check_claim(claim, request_id)?;
+                self.vsphere.create_vm(&spec).await
+            }
         };
         match created {
             Ok(result) => {
@@ -911,20 +1278,14 @@ where
                         },
                     )
                     .await?;
-                // If another run recorded first, report what it recorded.
-                let result = VmProvisioningResult {
-                    vmware_vm_id: vm.vmware_vm_id.clone().unwrap_or(result.vmware_vm_id),
-                    ip_address: vm.ip_address,
-                    hostname: vm.hostname.clone().unwrap_or(result.hostname),
-                    warning_message: vm.warning_message.clone(),
-                };
-                self.finish_ready(actor, request_id, vm_id, result).await
+                self.reconcile(actor, request_id, &vm, Some(result), None)
+                    .await
             }
             // A request never fails because its vCenter cannot be reached:
             // the outage costs time, and a rerun resumes (adopting the VM if
             // the lost call created it).
             Err(error) if error.is_unavailable() => {
-                self.wait_or_give_up(actor, &config, &request, vm_id, error)
+                self.wait_or_give_up(actor, &config, &request, vm_id, error, claim)
                     .await
             }
             Err(error) if error.is_retryable() && !matches!(mode, Mode::Record) => {
@@ -946,22 +1307,26 @@ where
             }
             Err(error) => {
                 warn!(error = %error, code = error.code(), "provisioning failed");
+                // A failure is recorded only by the claim's holder: whoever
+                // took over may be about to adopt the VM.
+                self.check_claim(claim, request_id)?;
                 let failure = crate::vm::VmProvisioningFailed {
                     error_code: error.code().to_owned(),
                     message: user_message(&error, &spec),
                     retryable: error.is_retryable(),
                 };
-                self.execute_vm(
-                    actor,
-                    vm_id,
-                    VmCommand::RecordFailed {
-                        error_code: failure.error_code.clone(),
-                        message: failure.message.clone(),
-                        retryable: failure.retryable,
-                    },
-                )
-                .await?;
-                self.finish_failed(actor, request_id, vm_id, failure, Some(error))
+                let vm = self
+                    .execute_vm(
+                        actor,
+                        vm_id,
+                        VmCommand::RecordFailed {
+                            error_code: failure.error_code.clone(),
+                            message: failure.message.clone(),
+                            retryable: failure.retryable,
+                        },
+                    )
+                    .await?;
+                self.reconcile(actor, request_id, &vm, None, Some((failure, error)))
                     .await
             }
         }
@@ -977,6 +1342,7 @@ where
         request: &VmRequest,
         vm_id: VmId,
         error: VsphereError,
+        claim: &ClaimState,
     ) -> Result<ProvisionOutcome, ServiceError> {
         let request_id = request.id;
         let since = match request.waiting_since {
@@ -1031,18 +1397,74 @@ where
             ),
             retryable: true,
         };
-        self.execute_vm(
-            actor,
-            vm_id,
-            VmCommand::RecordFailed {
-                error_code: failure.error_code.clone(),
-                message: failure.message.clone(),
-                retryable: failure.retryable,
-            },
-        )
-        .await?;
-        self.finish_failed(actor, request_id, vm_id, failure, Some(error))
+        self.check_claim(claim, request_id)?;
+        let vm = self
+            .execute_vm(
+                actor,
+                vm_id,
+                VmCommand::RecordFailed {
+                    error_code: failure.error_code.clone(),
+                    message: failure.message.clone(),
+                    retryable: failure.retryable,
+                },
+            )
+            .await?;
+        self.reconcile(actor, request_id, &vm, None, Some((failure, error)))
             .await
+    }
+
+    /// Records on the request what the VM stream says happened on vSphere,
+    /// whichever run wrote it: a VM recorded ready makes the request ready
+    /// even when this run's own attempt (a duplicate) failed, and a VM
+    /// recorded failed first makes it failed. `created`/`failed` are what
+    /// this run saw, reported when the stream agrees with them.
+    async fn reconcile(
+        &self,
+        actor: Actor,
+        request_id: VmRequestId,
+        vm: &Vm,
+        created: Option<VmProvisioningResult>,
+        failed: Option<(crate::vm::VmProvisioningFailed, VsphereError)>,
+    ) -> Result<ProvisionOutcome, ServiceError> {
+        if vm.status == VmStatus::Failed {
+            let (failure, error) = match failed {
+                Some((failure, error)) => (failure, Some(error)),
+                None => {
+                    warn!(
+                        "another run recorded this VM as failed first; the request follows the VM's record"
+                    );
+                    (
+                        vm.failure
+                            .clone()
+                            .unwrap_or_else(|| crate::vm::VmProvisioningFailed {
+                                error_code: "Unknown".into(),
+                                message: "provisioning failed".into(),
+                                retryable: false,
+                            }),
+                        None,
+                    )
+                }
+            };
+            return self
+                .finish_failed(actor, request_id, vm.id, failure, error)
+                .await;
+        }
+        if failed.is_some() {
+            info!(
+                "a concurrent run recorded the VM as provisioned; this run's failure does not count"
+            );
+        }
+        let result = match (provisioned(vm), created) {
+            (Some(result), _) => result,
+            (None, Some(result)) => result,
+            (None, None) => {
+                return Err(ServiceError::VmNotProvisioned {
+                    vm_id: vm.id,
+                    status: vm.status,
+                });
+            }
+        };
+        self.finish_ready(actor, request_id, vm.id, result).await
     }
 
     /// Makes sure the VM stream exists (a crash may have happened between the
@@ -1309,6 +1731,39 @@ pub fn request_stream(id: VmRequestId) -> StreamId {
 /// The stream of a VM.
 pub fn vm_stream(id: VmId) -> StreamId {
     StreamId::new(Vm::STREAM_TYPE, id)
+}
+
+/// What a VM recorded as provisioned reports, from its stream.
+fn provisioned(vm: &Vm) -> Option<VmProvisioningResult> {
+    Some(VmProvisioningResult {
+        vmware_vm_id: vm.vmware_vm_id.clone()?,
+        ip_address: vm.ip_address,
+        hostname: vm.hostname.clone().unwrap_or_else(|| vm.name.to_string()),
+        warning_message: vm.warning_message.clone(),
+    })
+}
+
+/// The answer to a caller that finds the request's claim held by another.
+fn held_elsewhere(
+    request: &VmRequest,
+    holder: &str,
+    until: Option<DateTime<Utc>>,
+) -> ProvisionOutcome {
+    let until = match until {
+        Some(until) => format!(
+            "until {} unless renewed",
+            until.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+        None => "until its call in this process ends".to_owned(),
+    };
+    let reason = format!(
+        "{holder} holds this request's provisioning claim {until}; if it stops, the next caller resumes the request"
+    );
+    info!(status = %request.status, "not provisioning: {reason}");
+    ProvisionOutcome::Skipped {
+        status: request.status,
+        reason,
+    }
 }
 
 fn skip_reason(request: &VmRequest) -> String {

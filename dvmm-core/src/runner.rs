@@ -962,7 +962,7 @@ where
                 }
                 _ = renew_tick.as_mut() => {
                     renew_tick.set(self.timer.sleep(self.renew_interval()).fuse());
-                    let renew = self.renew_leases(&worker, &mut handles, &mut held);
+                    let renew = self.renew_held(&worker, &mut held);
                     keep_polling(&mut inflight, &mut finished, renew).await;
                 }
                 _ = purge_tick.as_mut() => {
@@ -1117,10 +1117,14 @@ where
         let (tenant, request) = (job.tenant_id, job.request_id);
         let run_kind = kind.clone();
         let reachable = reachable.clone();
+        let worker = self.config.worker_id.as_str();
         let work = async move {
             if let JobKind::Probe = run_kind {
                 if let Some(error) = self.service.check_vcenter(tenant, request).await? {
-                    return self.service.wait_for_vcenter(tenant, request, &error).await;
+                    return self
+                        .service
+                        .wait_for_vcenter_as(tenant, request, &error, worker)
+                        .await;
                 }
                 if let Some(endpoint) = self.endpoint_of(tenant) {
                     // A runner that has stopped listening needs no news.
@@ -1133,21 +1137,67 @@ where
                     let message = format!(
                         "provisioning stopped without finishing {unfinished} times in a row (the process running it crashed or hung each time), so dvmm gave up on this request; ask the platform team to check for a leftover VM before submitting it again"
                     );
-                    self.service.abandon(tenant, request, &message).await
+                    self.service
+                        .abandon_as(tenant, request, &message, worker)
+                        .await
                 }
                 JobKind::Wait(error) => {
-                    self.service.wait_for_vcenter(tenant, request, &error).await
+                    self.service
+                        .wait_for_vcenter_as(tenant, request, &error, worker)
+                        .await
                 }
                 JobKind::Attempt | JobKind::Probe if last_attempt => {
-                    self.service.provision(tenant, request).await
+                    self.service.provision_as(tenant, request, worker).await
                 }
                 JobKind::Attempt | JobKind::Probe => {
-                    self.service.provision_attempt(tenant, request).await
+                    self.service
+                        .provision_attempt_as(tenant, request, worker)
+                        .await
                 }
             }
         };
         let work = Abortable::new(work, registration);
-        async move { (job, kind, work.await) }
+        // The lease is renewed by the job itself, so it is renewed whenever
+        // the job is polled, whatever the runner's loop is awaiting (a feed,
+        // a claim, settling another job): in-flight jobs are polled
+        // throughout. A lease that is taken over, or that runs out while
+        // renewals fail, stops the job where it is.
+        let renew = self.keep_lease(request);
+        async move {
+            let mut work = pin!(work);
+            let renew = pin!(renew);
+            let result = match futures::future::select(work.as_mut(), renew).await {
+                futures::future::Either::Left((result, _)) => result,
+                futures::future::Either::Right(((), _)) => Err(Aborted),
+            };
+            (job, kind, result)
+        }
+    }
+
+    /// Renews the lease on an in-flight job every renewal interval; returns
+    /// only when it is lost (taken over, or lapsed while renewals failed).
+    async fn keep_lease(&self, request: VmRequestId) {
+        let worker = self.config.worker_id.as_str();
+        let lease = self.config.lease;
+        let mut valid_until = after(self.service.clock().now(), lease);
+        loop {
+            self.timer.sleep(self.renew_interval()).await;
+            let started = self.service.clock().now();
+            match self.queue.renew(worker, request, lease).await {
+                Ok(true) => valid_until = after(started, lease),
+                Ok(false) => {
+                    warn!(request_id = %request, "lease lost; abandoning this attempt");
+                    return;
+                }
+                Err(error) if self.service.clock().now() >= valid_until => {
+                    warn!(request_id = %request, %error, "lease ran out while renewals failed; abandoning this attempt");
+                    return;
+                }
+                Err(error) => {
+                    warn!(request_id = %request, %error, "lease renewal failed; will retry");
+                }
+            }
+        }
     }
 
     async fn settle(
@@ -1186,7 +1236,7 @@ where
             }
         }
         let queue_result = match result {
-            Err(Aborted) => {
+            Err(Aborted) | Ok(Err(ServiceError::ClaimLost { .. })) => {
                 // Lost the lease: another worker owns the job now.
                 report.released += 1;
                 Ok(())
@@ -1203,15 +1253,16 @@ where
                 self.queue.complete(worker, id).await
             }
             Ok(Ok(ProvisionOutcome::Skipped {
-                status: VmRequestStatus::Provisioning,
+                status: VmRequestStatus::Approved | VmRequestStatus::Provisioning,
                 reason,
             })) => {
-                // Someone outside the queue is provisioning it; look again later
-                // in case they die.
+                // Another caller holds the request's claim (a service whose
+                // claims are not this queue's); look again later in case it
+                // stops. Not the request's fault: no attempt is counted.
                 debug!(request_id = %id, %reason, "provisioning by another caller; checking later");
-                report.retried += 1;
+                report.waited += 1;
                 self.queue
-                    .retry_later(worker, id, self.config.backoff.delay(job.attempts + 1))
+                    .postpone(worker, id, self.config.backoff.delay(job.attempts + 1))
                     .await
             }
             Ok(Ok(ProvisionOutcome::Skipped { .. })) => {
@@ -1247,17 +1298,10 @@ where
         }
     }
 
-    async fn renew_leases(
-        &self,
-        worker: &str,
-        handles: &mut HashMap<VmRequestId, AbortHandle>,
-        held: &mut Vec<Job>,
-    ) {
-        let ids: Vec<VmRequestId> = handles
-            .keys()
-            .copied()
-            .chain(held.iter().map(|job| job.request_id))
-            .collect();
+    /// Renews the leases of held jobs (claimed, not started). In-flight
+    /// jobs renew their own (see `run_job`).
+    async fn renew_held(&self, worker: &str, held: &mut Vec<Job>) {
+        let ids: Vec<VmRequestId> = held.iter().map(|job| job.request_id).collect();
         let results = futures::future::join_all(
             ids.iter()
                 .map(|id| self.queue.renew(worker, *id, self.config.lease)),
@@ -1267,10 +1311,7 @@ where
             match result {
                 Ok(true) => {}
                 Ok(false) => {
-                    warn!(request_id = %id, "lease lost; abandoning this attempt");
-                    if let Some(handle) = handles.remove(&id) {
-                        handle.abort();
-                    }
+                    warn!(request_id = %id, "lease on a held job lost; another worker has it");
                     held.retain(|job| job.request_id != id);
                 }
                 Err(error) => debug!(request_id = %id, %error, "lease renewal failed; will retry"),
@@ -1291,8 +1332,6 @@ where
         F: Future<Output = JobResult>,
     {
         let mut deadline = pin!(self.timer.sleep(self.config.shutdown_deadline).fuse());
-        let mut tick = pin!(self.timer.sleep(self.renew_interval()).fuse());
-        let mut no_held = Vec::new();
         loop {
             while let Some((job, kind, result)) = finished.pop_front() {
                 handles.remove(&job.request_id);
@@ -1305,11 +1344,6 @@ where
             futures::select_biased! {
                 done = next_finished(inflight).fuse() => finished.extend(done),
                 _ = deadline.as_mut() => break,
-                _ = tick.as_mut() => {
-                    tick.set(self.timer.sleep(self.renew_interval()).fuse());
-                    let renew = self.renew_leases(worker, handles, &mut no_held);
-                    keep_polling(inflight, finished, renew).await;
-                }
             }
         }
         // Whatever is still running is cancelled (safe: a rerun resumes it)

@@ -8,7 +8,10 @@ use chrono::{DateTime, Utc};
 use dvmm_core::clock::{Clock, SystemClock};
 use dvmm_core::event::{NewEvent, StoredEvent, StreamId};
 use dvmm_core::ids::{EventId, TenantId, VmRequestId};
-use dvmm_core::ports::{AppendOutcome, EventStore, StoreError, TimelineSink};
+use dvmm_core::ports::{
+    AppendOutcome, BoxFuture, ClaimAttempt, ClaimHolder, EventStore, RequestClaims, StoreError,
+    TimelineSink,
+};
 use dvmm_core::runner::{CheckpointStore, Job, WorkQueue};
 use dvmm_core::timeline::TimelineEntry;
 
@@ -485,6 +488,90 @@ impl WorkQueue for MemoryWorkQueue {
         // Finished jobs already left the scan order when a claim met them;
         // any still listed are skipped there once their entry is gone.
         Ok(purged as u64)
+    }
+}
+
+/// A request's claim is its job's lease: a runner that leased the job holds
+/// it, and a direct caller that takes it leases the job (adding it when the
+/// feed has not yet), so runners and callers of one process exclude each
+/// other.
+impl RequestClaims for MemoryWorkQueue {
+    fn acquire<'a>(
+        &'a self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        holder: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<ClaimAttempt, StoreError>> {
+        Box::pin(async move {
+            let now = self.clock.now();
+            let until = self.after(lease);
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let job = state.jobs.entry(request_id).or_insert_with(|| QueuedJob {
+                tenant_id: tenant,
+                attempts: 0,
+                claims: 0,
+                state: JobState::Queued { not_before: now },
+            });
+            let attempt = match &job.state {
+                JobState::Leased {
+                    worker,
+                    until: held,
+                } if *held > now => {
+                    if worker == holder {
+                        ClaimAttempt::AlreadyHeld { until }
+                    } else {
+                        return Ok(ClaimAttempt::HeldBy(ClaimHolder {
+                            holder: worker.clone(),
+                            until: *held,
+                        }));
+                    }
+                }
+                _ => ClaimAttempt::Acquired { until },
+            };
+            if matches!(job.state, JobState::Done { .. }) {
+                state.done -= 1;
+            }
+            // Counted like a runner's claim (PostgreSQL does the same), so a
+            // request whose callers keep dying is abandoned after
+            // `max_claims`; re-entering one's own claim is not a new claim.
+            if matches!(attempt, ClaimAttempt::Acquired { .. }) {
+                job.claims += 1;
+            }
+            job.state = JobState::Leased {
+                worker: holder.to_owned(),
+                until,
+            };
+            if !state.order.contains(&request_id) {
+                state.order.push(request_id);
+            }
+            Ok(attempt)
+        })
+    }
+
+    fn renew_claim<'a>(
+        &'a self,
+        holder: &'a str,
+        request_id: VmRequestId,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.renew(holder, request_id, lease))
+    }
+
+    fn release_claim<'a>(
+        &'a self,
+        holder: &'a str,
+        request_id: VmRequestId,
+        finished: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if finished {
+                self.complete(holder, request_id).await
+            } else {
+                self.release(holder, request_id).await
+            }
+        })
     }
 }
 

@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use dvmm_core::ids::{TenantId, VmRequestId};
-use dvmm_core::ports::StoreError;
+use dvmm_core::ports::{BoxFuture, ClaimAttempt, ClaimHolder, RequestClaims, StoreError};
 use dvmm_core::runner::{CheckpointStore, Job, WorkQueue};
 use sqlx::{PgPool, Row};
 
@@ -310,6 +310,102 @@ impl WorkQueue for PgWorkQueue {
         .await
         .map_err(|e| backend("purge finished jobs", e))?;
         Ok(result.rows_affected())
+    }
+}
+
+/// A request's claim is its job row's lease, so every runner and every
+/// service configured with this queue (`ProvisioningService::with_claims`)
+/// share one claim per request: a direct caller leases the job (adding the
+/// row when the feed has not yet), and a runner cannot claim it meanwhile.
+/// Expiry is on the database clock, as for the runner's leases.
+impl RequestClaims for PgWorkQueue {
+    fn acquire<'a>(
+        &'a self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        holder: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<ClaimAttempt, StoreError>> {
+        Box::pin(async move {
+            let operation = "claim a request";
+            let mut tx = self.pool.begin().await.map_err(|e| backend(operation, e))?;
+            sqlx::query(
+                "INSERT INTO dvmm_jobs (request_id, tenant_id, state, due_at) \
+                 VALUES ($1, $2, 'queued', now()) ON CONFLICT (request_id) DO NOTHING",
+            )
+            .bind(request_id.as_uuid())
+            .bind(tenant.as_uuid())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| backend(operation, e))?;
+            // The row lock orders concurrent claimers: the second one sees
+            // the first one's lease.
+            let row = sqlx::query(
+                "SELECT state, worker, due_at, due_at > now() FROM dvmm_jobs \
+                 WHERE request_id = $1 FOR UPDATE",
+            )
+            .bind(request_id.as_uuid())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| backend(operation, e))?;
+            let state: String = row.try_get(0).map_err(|e| backend(operation, e))?;
+            let worker: Option<String> = row.try_get(1).map_err(|e| backend(operation, e))?;
+            let due: Option<chrono::DateTime<chrono::Utc>> =
+                row.try_get(2).map_err(|e| backend(operation, e))?;
+            let live: Option<bool> = row.try_get(3).map_err(|e| backend(operation, e))?;
+            let mine = worker.as_deref() == Some(holder);
+            if state == "leased" && live == Some(true) && !mine {
+                tx.commit().await.map_err(|e| backend(operation, e))?;
+                return Ok(ClaimAttempt::HeldBy(ClaimHolder {
+                    holder: worker.unwrap_or_default(),
+                    until: due.unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC),
+                }));
+            }
+            let reentered = state == "leased" && live == Some(true) && mine;
+            let until: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+                "UPDATE dvmm_jobs SET state = 'leased', worker = $2, \
+                        due_at = now() + make_interval(secs => $3), \
+                        claims = claims + CASE WHEN $4 THEN 0 ELSE 1 END, updated_at = now() \
+                  WHERE request_id = $1 RETURNING due_at",
+            )
+            .bind(request_id.as_uuid())
+            .bind(holder)
+            .bind(seconds(lease))
+            .bind(reentered)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| backend(operation, e))?;
+            tx.commit().await.map_err(|e| backend(operation, e))?;
+            Ok(if reentered {
+                ClaimAttempt::AlreadyHeld { until }
+            } else {
+                ClaimAttempt::Acquired { until }
+            })
+        })
+    }
+
+    fn renew_claim<'a>(
+        &'a self,
+        holder: &'a str,
+        request_id: VmRequestId,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.renew(holder, request_id, lease))
+    }
+
+    fn release_claim<'a>(
+        &'a self,
+        holder: &'a str,
+        request_id: VmRequestId,
+        finished: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if finished {
+                self.complete(holder, request_id).await
+            } else {
+                self.release(holder, request_id).await
+            }
+        })
     }
 }
 

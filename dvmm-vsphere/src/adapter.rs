@@ -716,28 +716,36 @@ impl SoapVsphere {
                 .await?;
             }
             let nics = props.hardware.nics().count();
-            self.run_task(
-                &session,
-                methods::customize_vm(
-                    &session,
-                    &vm,
-                    spec.hostname.as_str(),
-                    &self.inner.options.guest_domain,
-                    nics,
-                )
-                .await,
-                "CustomizeVM_Task",
-                spec.task_timeout,
-            )
-            .await?;
-            let powered = self
+            let customized = self
                 .run_task(
                     &session,
-                    methods::power_on_vm(&session, &vm).await,
-                    "PowerOnVM_Task",
+                    methods::customize_vm(
+                        &session,
+                        &vm,
+                        spec.hostname.as_str(),
+                        &self.inner.options.guest_domain,
+                        nics,
+                    )
+                    .await,
+                    "CustomizeVM_Task",
                     spec.task_timeout,
                 )
                 .await;
+            // A customization refused because the VM is on means another
+            // caller finished this (adopted) VM meanwhile: go on to the IP
+            // wait below, as for a power-on refused for the same reason.
+            let powered = match customized {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    self.run_task(
+                        &session,
+                        methods::power_on_vm(&session, &vm).await,
+                        "PowerOnVM_Task",
+                        spec.task_timeout,
+                    )
+                    .await
+                }
+            };
             if let Err(e) = powered {
                 // Someone (or a lost answer's retry) powered it on meanwhile:
                 // that is the goal, not a failure.
