@@ -56,6 +56,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use uuid::Uuid;
 
 /// Background provisioning of many approved requests, on one process or many.
+/// What the vSphere audit and the logout at the end get even when
+/// `--max-secs` has already passed.
+const AUDIT_GRACE: Duration = Duration::from_secs(5);
+
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -85,7 +89,9 @@ struct Args {
     /// This process's worker id prefix (default: `pid<process id>`).
     #[arg(long)]
     worker_id: Option<String>,
-    /// Give up after this long.
+    /// Give up after this long. The process then ends within 20 s more, even
+    /// against a vCenter that never answers: 10 s for in-flight work to
+    /// finish, 5 s to count the VMs, 5 s to log out.
     #[arg(long, default_value_t = 600)]
     max_secs: u64,
     /// Tenant short name (its folder in vCenter).
@@ -195,7 +201,14 @@ async fn run(args: Args) -> Result<Summary, String> {
                 folder: format!("{}/{}", tenant.slug, run.args.project),
             };
             let summary = run.with_store(&tenant, vsphere.clone(), audit).await;
-            vsphere.shutdown().await;
+            // Logging out is a courtesy: a vCenter that does not answer must
+            // not hold the process past --max-secs.
+            if tokio::time::timeout(AUDIT_GRACE, vsphere.shutdown())
+                .await
+                .is_err()
+            {
+                eprintln!("logging out of vCenter took too long; leaving the session to expire");
+            }
             summary
         }
         None => {
@@ -444,12 +457,24 @@ impl Run {
     }
 
     /// The VM names in vSphere, asking a few times over about half a minute
-    /// (but not past `--max-secs`) when vCenter cannot be reached.
+    /// (but not past `--max-secs`) when vCenter cannot be reached. Each ask
+    /// gets the time left (at least [`AUDIT_GRACE`]), so a vCenter that
+    /// answers slowly or trickles cannot keep the example past `--max-secs`.
     async fn count_vms(&self, audit: &Audit) -> Result<Vec<String>, VsphereError> {
         let deadline = self.started + Duration::from_secs(self.args.max_secs);
         let mut attempt = 0;
         loop {
-            match audit.vm_names().await {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(AUDIT_GRACE);
+            let asked = tokio::time::timeout(left, audit.vm_names())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(VsphereError::Timeout {
+                        operation: format!("the VM list (gave up after {} s)", left.as_secs()),
+                    })
+                });
+            match asked {
                 Ok(names) => return Ok(names),
                 Err(error)
                     if error.is_unavailable() && attempt < 5 && Instant::now() < deadline =>
