@@ -447,3 +447,77 @@ async fn the_memory_queue_counts_claims_until_the_job_is_given_back() {
     assert_eq!(queue.pending(), 0);
     assert_eq!(queue.attempts(id), None);
 }
+
+/// With claims shared through the queue (as across processes), the runner
+/// abandons under its own lease: the service must not see that lease as
+/// another holder's and skip the job.
+#[tokio::test(start_paused = true)]
+async fn a_service_with_shared_claims_abandons_under_the_runners_lease() {
+    let clock = Arc::new(PausedClock {
+        wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
+        start: tokio::time::Instant::now(),
+    });
+    let tenant = tenant_config("acme", 5);
+    let sim = Simulator::default();
+    let queue = Arc::new(MemoryWorkQueue::with_clock(clock.clone()));
+    let service = Arc::new(
+        ProvisioningService::with_clock_and_ids(
+            Arc::new(MemoryEventStore::new()),
+            sim.clone(),
+            Arc::new(MemoryTimeline::new()),
+            Tenants::new()
+                .with(tenant.clone())
+                .expect("a valid tenant configuration"),
+            clock,
+            dvmm::core::RandomIds,
+        )
+        .with_claims(queue.clone(), TokioTimer, LEASE),
+    );
+    let id = service.submit(new_request(&tenant, "app01")).await.unwrap();
+    service.approve(tenant.tenant_id, id, user()).await.unwrap();
+    let runner = ProvisioningRunner::new(
+        service.clone(),
+        queue.clone(),
+        Arc::new(MemoryCheckpoints::new()),
+        TokioTimer,
+        RunnerConfig {
+            worker_id: "bounds".into(),
+            lease: LEASE,
+            poll_interval: Duration::from_millis(100),
+            max_claims: 2,
+            ..RunnerConfig::default()
+        },
+    )
+    .expect("a valid runner configuration");
+    runner.feed().await.unwrap();
+    for n in 1..=2 {
+        let jobs = queue
+            .claim(&format!("crashed-{n}"), 10, LEASE)
+            .await
+            .unwrap();
+        assert_eq!(jobs.len(), 1);
+        tokio::time::advance(LEASE + Duration::from_secs(1)).await;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = runner.run(async {
+        let _ = stop_rx.await;
+    });
+    let watch = async {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let request = service.request(tenant.tenant_id, id).await.unwrap();
+                if request.is_some_and(|r| r.status == VmRequestStatus::Failed) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the abandoned request to fail within 60 s of paused time");
+        let _ = stop_tx.send(());
+    };
+    let (report, ()) = tokio::join!(run, watch);
+    let report = report.unwrap();
+    assert_eq!((report.failed, report.abandoned), (1, 1), "{report:?}");
+    assert_eq!(sim.call_count(Operation::CreateVm), 0);
+}
