@@ -24,6 +24,7 @@ use std::time::Duration;
 use dvmm_core::event::StreamId;
 use dvmm_core::ids::EventId;
 use dvmm_core::ports::{AppendOutcome, EventStore};
+use dvmm_store_postgres::sqlx;
 use serde_json::json;
 use support::{TestDb, event, services_required, skip, tenant};
 use uuid::Uuid;
@@ -333,6 +334,40 @@ async fn appends_survive_a_server_restart_and_the_store_reconnects() {
         until_at_least(&acked, 40),
     )
     .await;
+    // Hold every append at its insert while the server goes down, so the
+    // restart cuts appends in flight. Left to timing, it can fall between
+    // two appends of every writer (seen on a loaded machine: 0 errors), and
+    // the test would then prove nothing about appends cut off by it.
+    let mut blocker = db
+        .admin
+        .begin()
+        .await
+        .expect("begin the blocking transaction");
+    sqlx::query("LOCK TABLE dvmm_events IN SHARE MODE")
+        .execute(&mut *blocker)
+        .await
+        .expect("lock the events table against inserts");
+    let admin = db.admin.clone();
+    within(
+        Duration::from_secs(30),
+        || "a writer's append to wait for the table lock".to_owned(),
+        async move {
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                )
+                .fetch_one(&admin)
+                .await
+                .expect("count waiting backends");
+                if waiting > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
     let restarting = cluster.clone();
     within(
         Duration::from_secs(120),
@@ -341,6 +376,8 @@ async fn appends_survive_a_server_restart_and_the_store_reconnects() {
     )
     .await
     .expect("restart");
+    // Its connection died with the server; dropping it only returns that.
+    drop(blocker);
     restarted.store(true, Ordering::SeqCst);
     let at_restart = acked.load(Ordering::SeqCst);
     within(
