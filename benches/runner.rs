@@ -261,8 +261,8 @@ fn bench(c: &mut Criterion) {
                             let (elapsed, l) = rt.block_on(one_run(
                                 store.clone(),
                                 store.timeline(),
-                                dvmm::store::postgres::PgWorkQueue::new(store.pool().clone()),
-                                dvmm::store::postgres::PgCheckpoints::new(store.pool().clone()),
+                                store.work_queue(),
+                                store.checkpoints(),
                                 workers,
                             ));
                             total += elapsed;

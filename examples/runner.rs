@@ -296,8 +296,8 @@ impl Run {
                 .unwrap_or(u32::MAX)
                 .clamp(5, 40);
             let store = postgres::connect(url, pool_size).await?;
-            let queue = dvmm::store::postgres::PgWorkQueue::new(store.pool().clone());
-            let checkpoints = dvmm::store::postgres::PgCheckpoints::new(store.pool().clone());
+            let queue = store.work_queue();
+            let checkpoints = store.checkpoints();
             let timeline = store.timeline();
             let service = ProvisioningService::new(store, vsphere, timeline, tenants)
                 .with_claims(queue.clone(), TokioTimer, lease)

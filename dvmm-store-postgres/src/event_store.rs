@@ -13,6 +13,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::error::{Error, Result, UNIQUE_VIOLATION, backend, corrupt, sqlstate};
+use crate::queue::{PgCheckpoints, PgWorkQueue};
 use crate::schema::verify_app_role;
 use crate::timeline::PgTimeline;
 
@@ -102,6 +103,18 @@ impl PgEventStore {
     /// its role passed, or the opt-in that skipped it).
     pub fn timeline(&self) -> PgTimeline {
         PgTimeline::new_allowing_unsafe_role(self.pool.clone())
+    }
+
+    /// A [`PgWorkQueue`] sharing this store's pool (and the check its role
+    /// passed, or the opt-in that skipped it).
+    pub fn work_queue(&self) -> PgWorkQueue {
+        PgWorkQueue::new_allowing_unsafe_role(self.pool.clone())
+    }
+
+    /// [`PgCheckpoints`] sharing this store's pool (and the check its role
+    /// passed, or the opt-in that skipped it).
+    pub fn checkpoints(&self) -> PgCheckpoints {
+        PgCheckpoints::new_allowing_unsafe_role(self.pool.clone())
     }
 }
 

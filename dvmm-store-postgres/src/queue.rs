@@ -66,9 +66,23 @@ fn seconds(duration: Duration) -> f64 {
 }
 
 impl PgWorkQueue {
-    /// Wraps a pool whose role is a member of [`crate::APP_ROLE`], e.g.
-    /// [`crate::PgEventStore::pool`].
-    pub fn new(pool: PgPool) -> Self {
+    /// Wraps a pool after checking, with [`crate::verify_app_role`], that its
+    /// role is held to the tenant policies, as [`crate::PgEventStore::new`]
+    /// does. [`crate::PgEventStore::work_queue`] shares a store's checked
+    /// pool without checking again.
+    ///
+    /// # Errors
+    /// [`crate::Error::UnsafeRole`], [`crate::Error::NotAppRole`] or
+    /// [`crate::Error::NotMigrated`] from the check, [`crate::Error::Database`]
+    /// when the check itself fails.
+    pub async fn new(pool: PgPool) -> Result<Self, crate::Error> {
+        crate::verify_app_role(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps a pool without checking its role. For tests and benchmarks, as
+    /// [`crate::PgEventStore::new_allowing_unsafe_role`].
+    pub fn new_allowing_unsafe_role(pool: PgPool) -> Self {
         Self { pool }
     }
 
@@ -427,8 +441,21 @@ impl fmt::Debug for PgCheckpoints {
 }
 
 impl PgCheckpoints {
-    /// Wraps a pool whose role is a member of [`crate::APP_ROLE`].
-    pub fn new(pool: PgPool) -> Self {
+    /// Wraps a pool after checking its role, as [`PgWorkQueue::new`];
+    /// [`crate::PgEventStore::checkpoints`] shares a store's checked pool.
+    /// Checkpoints are read and written under the tenant policies, so a role
+    /// that escapes them is refused here as in the event store.
+    ///
+    /// # Errors
+    /// As [`PgWorkQueue::new`].
+    pub async fn new(pool: PgPool) -> Result<Self, crate::Error> {
+        crate::verify_app_role(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps a pool without checking its role. For tests and benchmarks, as
+    /// [`crate::PgEventStore::new_allowing_unsafe_role`].
+    pub fn new_allowing_unsafe_role(pool: PgPool) -> Self {
         Self { pool }
     }
 }

@@ -38,7 +38,9 @@ async fn one_holder_among_concurrent_callers_and_the_runner() {
     let Some(db) = db("one_holder_among_concurrent_callers_and_the_runner").await else {
         return;
     };
-    let queue = PgWorkQueue::new(db.app_pool(8).await);
+    let queue = PgWorkQueue::new(db.app_pool(8).await)
+        .await
+        .expect("the app role may run the queue");
     let admin = db.admin_pool(1).await;
     let (t, id) = (tenant(), VmRequestId::from_uuid(Uuid::new_v4()));
     let attempts = futures::future::join_all((0..8).map(|n| {

@@ -37,7 +37,9 @@ async fn concurrent_claimers_never_share_a_job() {
     let Some(db) = TestDb::create("concurrent_claimers_never_share_a_job").await else {
         return;
     };
-    let queue = PgWorkQueue::new(db.app_pool(12).await);
+    let queue = PgWorkQueue::new(db.app_pool(12).await)
+        .await
+        .expect("the app role may run the queue");
     let t = tenant();
     let ids: HashSet<VmRequestId> = (0..300).map(|_| request()).collect();
     for id in &ids {
@@ -87,7 +89,9 @@ async fn enqueue_is_idempotent_and_done_jobs_stay_done() {
     let Some(db) = TestDb::create("enqueue_is_idempotent_and_done_jobs_stay_done").await else {
         return;
     };
-    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let queue = PgWorkQueue::new(db.app_pool(2).await)
+        .await
+        .expect("the app role may run the queue");
     let (t, id) = (tenant(), request());
     queue.enqueue(t, id).await.unwrap();
     queue.enqueue(t, id).await.unwrap();
@@ -107,7 +111,9 @@ async fn checkpoints_only_move_forward_and_are_per_tenant() {
     let Some(db) = TestDb::create("checkpoints_only_move_forward_and_are_per_tenant").await else {
         return;
     };
-    let checkpoints = PgCheckpoints::new(db.app_pool(2).await);
+    let checkpoints = PgCheckpoints::new(db.app_pool(2).await)
+        .await
+        .expect("the app role may run the queue");
     let (a, b) = (tenant(), tenant());
     assert_eq!(checkpoints.load("feed", a).await.unwrap(), 0);
     checkpoints.save("feed", a, 42).await.unwrap();
@@ -150,7 +156,9 @@ async fn an_expired_lease_is_taken_over_and_the_old_holder_is_locked_out() {
     else {
         return;
     };
-    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let queue = PgWorkQueue::new(db.app_pool(2).await)
+        .await
+        .expect("the app role may run the queue");
     let (t, id) = (tenant(), request());
     queue.enqueue(t, id).await.unwrap();
     let start = Instant::now();
@@ -188,7 +196,9 @@ async fn renewal_keeps_a_lease_alive() {
     let Some(db) = TestDb::create("renewal_keeps_a_lease_alive").await else {
         return;
     };
-    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let queue = PgWorkQueue::new(db.app_pool(2).await)
+        .await
+        .expect("the app role may run the queue");
     let (t, id) = (tenant(), request());
     queue.enqueue(t, id).await.unwrap();
     let start = Instant::now();
@@ -224,7 +234,9 @@ async fn retries_wait_their_delay_and_count_attempts_releases_do_not() {
     else {
         return;
     };
-    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let queue = PgWorkQueue::new(db.app_pool(2).await)
+        .await
+        .expect("the app role may run the queue");
     let (t, id) = (tenant(), request());
     queue.enqueue(t, id).await.unwrap();
     queue.claim("a", 1, LONG).await.unwrap();
@@ -257,7 +269,9 @@ async fn expired_leases_are_claimed_before_the_backlog() {
     let Some(db) = TestDb::create("expired_leases_are_claimed_before_the_backlog").await else {
         return;
     };
-    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let queue = PgWorkQueue::new(db.app_pool(2).await)
+        .await
+        .expect("the app role may run the queue");
     let t = tenant();
     let orphan = request();
     queue.enqueue(t, orphan).await.unwrap();

@@ -47,7 +47,9 @@ async fn claims_count_lost_leases_and_a_give_back_resets_them() {
     let Some(db) = db("claims_count_lost_leases_and_a_give_back_resets_them").await else {
         return;
     };
-    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let queue = PgWorkQueue::new(db.app_pool(2).await)
+        .await
+        .expect("the app role may run the queue");
     let admin = db.admin_pool(1).await;
     let id = VmRequestId::from_uuid(Uuid::new_v4());
     queue.enqueue(tenant(), id).await.unwrap();
@@ -78,7 +80,9 @@ async fn finished_jobs_are_purged_after_the_retention_and_nothing_else_is() {
     else {
         return;
     };
-    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let queue = PgWorkQueue::new(db.app_pool(2).await)
+        .await
+        .expect("the app role may run the queue");
     let admin = db.admin_pool(1).await;
     let old = VmRequestId::from_uuid(Uuid::new_v4());
     let recent = VmRequestId::from_uuid(Uuid::new_v4());

@@ -52,7 +52,9 @@ async fn postpone_requeues_later_without_counting_an_attempt() {
     let Some(db) = db("postpone_requeues_later_without_counting_an_attempt").await else {
         return;
     };
-    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let queue = PgWorkQueue::new(db.app_pool(2).await)
+        .await
+        .expect("the app role may run the queue");
     let admin = db.admin_pool(1).await;
     let id = VmRequestId::from_uuid(Uuid::new_v4());
     queue.enqueue(tenant(), id).await.unwrap();
@@ -95,7 +97,9 @@ async fn only_the_lease_holder_can_postpone() {
     let Some(db) = db("only_the_lease_holder_can_postpone").await else {
         return;
     };
-    let queue = PgWorkQueue::new(db.app_pool(2).await);
+    let queue = PgWorkQueue::new(db.app_pool(2).await)
+        .await
+        .expect("the app role may run the queue");
     let admin = db.admin_pool(1).await;
     let id = VmRequestId::from_uuid(Uuid::new_v4());
     queue.enqueue(tenant(), id).await.unwrap();

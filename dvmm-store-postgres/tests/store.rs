@@ -18,7 +18,9 @@ use dvmm_core::testing::{concurrent_writers_on_one_stream, store_conformance};
 use dvmm_core::timeline::{TimelineEntry, TimelineEntryType};
 use dvmm_store_postgres::sqlx::postgres::PgPoolOptions;
 use dvmm_store_postgres::sqlx::{self, Row};
-use dvmm_store_postgres::{Error, PgEventStore, PgTimeline, migrate, verify_app_role};
+use dvmm_store_postgres::{
+    Error, PgCheckpoints, PgEventStore, PgTimeline, PgWorkQueue, migrate, verify_app_role,
+};
 use serde_json::json;
 use support::{TestDb, event, tenant, within};
 use uuid::Uuid;
@@ -541,6 +543,21 @@ async fn only_a_role_held_to_the_policies_may_run_the_store() {
         .await
         .expect_err("the admin is not");
     assert!(matches!(err, Error::UnsafeRole { .. }), "{err}");
+    // The runner's ports on the same database check the same way.
+    let err = PgWorkQueue::new(db.admin.clone())
+        .await
+        .expect_err("the queue refuses the admin");
+    assert!(matches!(err, Error::UnsafeRole { .. }), "{err}");
+    let err = PgCheckpoints::new(db.admin.clone())
+        .await
+        .expect_err("the checkpoints refuse the admin");
+    assert!(matches!(err, Error::UnsafeRole { .. }), "{err}");
+    PgWorkQueue::new(app.clone())
+        .await
+        .expect("the queue takes the app role");
+    PgCheckpoints::new(app.clone())
+        .await
+        .expect("the checkpoints take the app role");
 
     // A database without the tables is reported as such.
     let url = support::database_url("unmigrated").expect("url");
