@@ -153,8 +153,24 @@ async fn runners_and_direct_callers_share_requests_and_agree() {
         ("vms".to_owned(), APPROVALS.to_string()),
         ("duplicates".to_owned(), "0".to_owned()),
     ]);
-    for (name, proc) in [("a", approver), ("b", runner), ("e", caller)] {
-        let (fields, direct) = summary(proc, name);
+    let summaries: Vec<_> = [("a", approver), ("b", runner), ("e", caller)]
+        .into_iter()
+        .map(|(name, proc)| (name, summary(proc, name)))
+        .collect();
+    // Any failure recorded is printed in full before the checks, so a red
+    // run says which step failed and why.
+    let recorded: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT stream_id, event_type, payload::text FROM dvmm_events \
+         WHERE event_type IN ('VmProvisioningFailed', 'VmRequestProvisioningFailed') \
+         ORDER BY position",
+    )
+    .fetch_all(&db.admin)
+    .await
+    .unwrap();
+    for (stream, kind, payload) in &recorded {
+        eprintln!("recorded {kind} on {stream}: {payload}");
+    }
+    for (name, (fields, direct)) in summaries {
         for (key, value) in &expected {
             assert_eq!(fields.get(key), Some(value), "process {name}: {key}");
         }
