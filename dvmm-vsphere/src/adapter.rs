@@ -734,6 +734,17 @@ impl SoapVsphere {
             // A customization refused because the VM is on means another
             // caller finished this (adopted) VM meanwhile: go on to the IP
             // wait below, as for a power-on refused for the same reason.
+            // One refused because a customization is pending means a caller
+            // (this request's, as the VM carries its id) customized it and
+            // stopped before powering it on: the pending one is ours, and
+            // powering on applies it.
+            let customized = match customized {
+                Err(VsphereError::TaskFailed { fault, .. }) if fault == "CustomizationPending" => {
+                    tracing::info!(vm = %vm, "the customization this request sent earlier is pending; powering on");
+                    Ok(())
+                }
+                other => other,
+            };
             let powered = match customized {
                 Err(e) => Err(e),
                 Ok(()) => {
