@@ -279,15 +279,22 @@ pub enum VsphereError {
 }
 
 impl VsphereError {
-    /// Whether trying the same operation again later may succeed.
+    /// Whether trying the same operation again later may succeed. Besides
+    /// the transport and session failures, a task refused because the
+    /// object is busy (`TaskInProgress`, `ConcurrentAccess`: typically a
+    /// task of a caller that died is still running on the VM) is worth
+    /// trying again once it has finished.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             VsphereError::NotAuthenticated
-                | VsphereError::Timeout { .. }
-                | VsphereError::Transport { .. }
-                | VsphereError::CircuitOpen { .. }
-        )
+            | VsphereError::Timeout { .. }
+            | VsphereError::Transport { .. }
+            | VsphereError::CircuitOpen { .. } => true,
+            VsphereError::TaskFailed { fault, .. } => {
+                matches!(fault.as_str(), "TaskInProgress" | "ConcurrentAccess")
+            }
+            _ => false,
+        }
     }
 
     /// Whether the failure says the vCenter itself cannot be used right now
@@ -472,5 +479,22 @@ impl<T: RequestClaims + ?Sized> RequestClaims for Arc<T> {
         finished: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         (**self).release_claim(holder, request_id, finished)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::VsphereError;
+
+    #[test]
+    fn a_busy_object_is_retryable_and_other_task_faults_are_not() {
+        let task = |fault: &str| VsphereError::TaskFailed {
+            fault: fault.into(),
+            message: String::new(),
+        };
+        assert!(task("TaskInProgress").is_retryable());
+        assert!(task("ConcurrentAccess").is_retryable());
+        assert!(!task("CustomizationFailed").is_retryable());
+        assert!(!task("TaskInProgress").is_unavailable());
     }
 }
