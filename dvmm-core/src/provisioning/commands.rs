@@ -7,7 +7,7 @@ use crate::clock::{Clock, IdGenerator};
 use crate::error::DomainError;
 use crate::ids::{ProjectId, TenantId, UserId, VmId, VmRequestId};
 use crate::ports::{EventStore, TimelineSink, VspherePort};
-use crate::spec::VmSize;
+use crate::size::VmSize;
 use crate::timeline::{TimelineEntry, TimelineEntryType};
 use crate::vm::{Vm, VmCommand, VmEvent};
 use crate::vm_request::{SubmitVmRequest, VmRequest, VmRequestCommand};
