@@ -1,5 +1,5 @@
-//! Time and id ports, so the domain never reads the wall clock or a random
-//! generator directly and tests stay deterministic.
+//! Clocks and id generators: the adapters of the [`Clock`] and
+//! [`IdGenerator`] ports, the system ones and deterministic ones for tests.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,11 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
-/// Where the current time comes from.
-pub trait Clock: Send + Sync {
-    /// The current instant.
-    fn now(&self) -> DateTime<Utc>;
-}
+pub use crate::ports::{Clock, IdGenerator};
 
 /// The system clock: the one adapter that reads wall time.
 #[derive(Clone, Copy, Debug, Default)]
@@ -50,18 +46,6 @@ impl Clock for ManualClock {
     }
 }
 
-impl<C: Clock + ?Sized> Clock for std::sync::Arc<C> {
-    fn now(&self) -> DateTime<Utc> {
-        (**self).now()
-    }
-}
-
-/// Where new UUIDs (event ids, VM ids, correlation ids) come from.
-pub trait IdGenerator: Send + Sync {
-    /// A new, never before returned id.
-    fn new_uuid(&self) -> Uuid;
-}
-
 /// Random version-4 UUIDs.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RandomIds;
@@ -93,12 +77,6 @@ impl IdGenerator for SequentialIds {
     fn new_uuid(&self) -> Uuid {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         Uuid::from_u128((u128::from(self.prefix) << 64) | u128::from(n))
-    }
-}
-
-impl<I: IdGenerator + ?Sized> IdGenerator for std::sync::Arc<I> {
-    fn new_uuid(&self) -> Uuid {
-        (**self).new_uuid()
     }
 }
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::TenantId;
-use crate::spec::SizeTable;
+use crate::size::SizeTable;
 
 /// A secret string (a password). Its `Debug` and `Display` print `***`; it
 /// deserializes but never serializes, so it cannot leak into logs or events.
@@ -439,7 +439,7 @@ impl TenantConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::VmSize;
+    use crate::size::VmSize;
 
     const GOOD: &str = r#"
 tenant_id = "6f1c1d2e-0000-4000-8000-000000000001"

@@ -10,6 +10,7 @@ pub mod ids;
 pub mod ports;
 pub mod provisioning;
 pub mod runner;
+pub mod size;
 pub mod spec;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -28,7 +29,8 @@ pub use ports::{AppendOutcome, EventStore, StoreError, TimelineSink, VsphereErro
 pub use provisioning::{
     NewVmRequest, ProvisionOutcome, ProvisioningService, ServiceError, Tenants,
 };
-pub use spec::{VmName, VmProvisioningResult, VmResources, VmSize, VmSpec};
+pub use size::{SizeTable, VmResources, VmSize};
+pub use spec::{VmName, VmProvisioningResult, VmSpec};
 pub use timeline::{TimelineEntry, TimelineEntryType};
 pub use vm::{Vm, VmEvent, VmStatus};
 pub use vm_request::{VmRequest, VmRequestEvent, VmRequestStatus};

@@ -11,7 +11,8 @@ use crate::aggregate::Aggregate;
 use crate::error::DomainError;
 use crate::event::domain_events;
 use crate::ids::{TenantId, VmId, VmRequestId, VmwareVmId};
-use crate::spec::{PowerState, VmName, VmPlacement, VmProvisioningResult, VmResources};
+use crate::size::VmResources;
+use crate::spec::{PowerState, VmName, VmPlacement, VmProvisioningResult};
 
 /// Where a VM stands. `Ready` means "just provisioned"; `Running` and
 /// `Stopped` are live states confirmed from vCenter later.

@@ -11,7 +11,8 @@ use crate::aggregate::Aggregate;
 use crate::error::{DomainError, bounded_text};
 use crate::event::domain_events;
 use crate::ids::{ProjectId, TenantId, UserId, VmId, VmRequestId, VmwareVmId};
-use crate::spec::{VmName, VmProvisioningResult, VmResources, VmSize};
+use crate::size::{VmResources, VmSize};
+use crate::spec::{VmName, VmProvisioningResult};
 
 /// Where a request stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -509,7 +510,7 @@ impl Aggregate for VmRequest {
 mod tests {
     use super::*;
     use crate::error::MAX_TEXT_CHARS;
-    use crate::spec::VmResources;
+    use crate::size::VmResources;
 
     fn submit(justification: String) -> VmRequestCommand {
         VmRequestCommand::Submit(SubmitVmRequest {

@@ -1,0 +1,73 @@
+//! The errors of the service's commands.
+
+use crate::error::DomainError;
+use crate::event::{EventDecodeError, StreamId};
+use crate::ids::{TenantId, VmId, VmRequestId};
+use crate::ports::{StoreError, VsphereError};
+use crate::vm::VmStatus;
+
+use super::aggregates::MAX_CONFLICT_RETRIES;
+
+/// A service command failed. Nothing half-done is left behind: each append is
+/// atomic and a rerun finishes what a failed call started.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The aggregate refused the command.
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// The request does not exist (for this tenant).
+    #[error("VM request {0} was not found")]
+    RequestNotFound(VmRequestId),
+    /// The VM does not exist (for this tenant).
+    #[error("VM {0} was not found")]
+    VmNotFound(VmId),
+    /// No configuration is registered for the tenant.
+    #[error("no configuration is registered for tenant {0}")]
+    UnknownTenant(TenantId),
+    /// The VM has no vSphere id yet (it is still being provisioned or failed).
+    #[error("VM {vm_id} is {status}; it has no vSphere VM to read yet")]
+    VmNotProvisioned {
+        /// The VM.
+        vm_id: VmId,
+        /// Its status.
+        status: VmStatus,
+    },
+    /// A persistence port failed.
+    #[error("failed to persist: {0}")]
+    Store(#[from] StoreError),
+    /// A stored event could not be read.
+    #[error("failed to read a stored event: {0}")]
+    Decode(#[from] EventDecodeError),
+    /// vSphere failed outside of provisioning (e.g. refreshing guest info).
+    #[error("vSphere call failed: {0}")]
+    Vsphere(#[from] VsphereError),
+    /// The VM's provisioning started on a vCenter that the tenant's
+    /// configuration no longer names, so there are no credentials to finish
+    /// it with. Nothing is recorded: once that vCenter is configured again,
+    /// a rerun resumes.
+    #[error(
+        "VM {vm_id} is being built on a vCenter that this tenant's configuration no longer names; configure that vCenter again to finish it"
+    )]
+    RecordedVcenterNotConfigured {
+        /// The VM.
+        vm_id: VmId,
+    },
+    /// Other writers kept changing the stream.
+    #[error("gave up on {stream} after {MAX_CONFLICT_RETRIES} concurrent-modification retries")]
+    TooManyConflicts {
+        /// The contended stream.
+        stream: StreamId,
+    },
+    /// The caller's claim on the request lapsed or was taken over while it
+    /// worked, so it stopped before calling vSphere again; whoever holds the
+    /// claim now carries on.
+    #[error(
+        "{holder} lost its claim on request {request_id}; it stopped before calling vSphere again"
+    )]
+    ClaimLost {
+        /// The request.
+        request_id: VmRequestId,
+        /// Who had the claim.
+        holder: String,
+    },
+}
