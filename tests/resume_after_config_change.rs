@@ -286,3 +286,50 @@ async fn a_provisioning_started_before_placements_were_recorded_resumes_in_its_f
         .expect("the VM stream");
     assert_eq!(vm.placement, None, "v1 recorded none");
 }
+
+/// A refresh reads the VM on the vCenter that created it. VM ids (`vm-42`)
+/// are per vCenter: asking the newly configured one for the recorded id
+/// could read, and record, another VM's guest facts.
+#[tokio::test]
+async fn a_refresh_after_the_tenant_moved_to_another_vcenter_asks_no_other_vcenter() {
+    let sim = simulator();
+    let store = Arc::new(MemoryEventStore::new());
+    let timeline = Arc::new(MemoryTimeline::new());
+    let before = tenant_config("acme", 5);
+    let first = service(&store, &timeline, &sim, &before);
+    let request = first.submit(new_request(&before, "app01")).await.unwrap();
+    first
+        .approve(before.tenant_id, request, user())
+        .await
+        .unwrap();
+    let ProvisionOutcome::Ready { vm_id, .. } =
+        first.provision(before.tenant_id, request).await.unwrap()
+    else {
+        panic!("the first provisioning is ready");
+    };
+
+    let mut moved = before.clone();
+    moved.vcenter.url = "https://vc-new.test.invalid/sdk".into();
+    let restarted = service(&store, &timeline, &sim, &moved);
+    let reads = sim.call_count(Operation::GetVm);
+    let err = restarted
+        .refresh_guest_info(moved.tenant_id, vm_id)
+        .await
+        .expect_err("no credentials for the VM's vCenter");
+    assert!(
+        matches!(err, ServiceError::RecordedVcenterNotConfigured { .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        sim.call_count(Operation::GetVm),
+        reads,
+        "no vCenter was asked"
+    );
+
+    // On the vCenter that made it, the refresh reads it.
+    let back = service(&store, &timeline, &sim, &before);
+    back.refresh_guest_info(before.tenant_id, vm_id)
+        .await
+        .expect("refresh on the VM's own vCenter");
+    assert_eq!(sim.call_count(Operation::GetVm), reads + 1);
+}

@@ -163,7 +163,9 @@ where
     ///
     /// # Errors
     /// [`ServiceError::VmNotFound`], [`ServiceError::VmNotProvisioned`],
-    /// [`ServiceError::Vsphere`], or a store failure.
+    /// [`ServiceError::RecordedVcenterNotConfigured`] when the VM's vCenter
+    /// is no longer configured, [`ServiceError::Vsphere`], or a store
+    /// failure.
     pub async fn refresh_guest_info(
         &self,
         tenant: TenantId,
@@ -182,7 +184,8 @@ where
                     vm_id,
                     status: vm.status,
                 })?;
-            let info = self.vsphere.get_vm(&config.vcenter, &vmware_vm_id).await?;
+            let vcenter = super::flow::vcenter_of(&config, &vm)?;
+            let info = self.vsphere.get_vm(vcenter, &vmware_vm_id).await?;
             let user = loaded
                 .events
                 .last()

@@ -43,10 +43,10 @@ pub enum ServiceError {
     Vsphere(#[from] VsphereError),
     /// The VM's provisioning started on a vCenter that the tenant's
     /// configuration no longer names, so there are no credentials to finish
-    /// it with. Nothing is recorded: once that vCenter is configured again,
-    /// a rerun resumes.
+    /// it with, or to read it. Nothing is recorded: once that vCenter is
+    /// configured again, a rerun resumes.
     #[error(
-        "VM {vm_id} is being built on a vCenter that this tenant's configuration no longer names; configure that vCenter again to finish it"
+        "VM {vm_id} lives on a vCenter that this tenant's configuration no longer names; configure that vCenter again to finish or read it"
     )]
     RecordedVcenterNotConfigured {
         /// The VM.

@@ -6,7 +6,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::aggregate::Aggregate;
 use crate::clock::{Clock, IdGenerator};
-use crate::config::{TenantConfig, endpoint_key};
+use crate::config::{TenantConfig, VcenterEndpoint, endpoint_key};
 use crate::error::DomainError;
 use crate::event::EventMetadata;
 use crate::ids::{CorrelationId, TenantId, VmId, VmRequestId};
@@ -761,6 +761,22 @@ where
     }
 }
 
+/// The configured vCenter that holds `vm`: the one its provisioning
+/// recorded. VMware's VM ids are per vCenter, so any call about an existing
+/// VM goes there or nowhere. VMs recorded before placements were (v1)
+/// follow the configuration, as they always did.
+pub(super) fn vcenter_of<'a>(
+    config: &'a TenantConfig,
+    vm: &Vm,
+) -> Result<&'a VcenterEndpoint, ServiceError> {
+    match &vm.placement {
+        Some(placement) if endpoint_key(&placement.endpoint_url) != config.vcenter.key() => {
+            Err(ServiceError::RecordedVcenterNotConfigured { vm_id: vm.id })
+        }
+        _ => Ok(&config.vcenter),
+    }
+}
+
 /// The spec of a VM whose provisioning started: built from what its start
 /// recorded, so that a resume finds (and adopts) the VM it started even when
 /// the tenant's configuration changed since; `fresh` (from the current
@@ -783,9 +799,7 @@ pub(super) fn recorded_spec(
     if *placement == fresh.placement() {
         return Ok(fresh);
     }
-    if endpoint_key(&placement.endpoint_url) != config.vcenter.key() {
-        return Err(ServiceError::RecordedVcenterNotConfigured { vm_id: vm.id });
-    }
+    vcenter_of(config, vm)?;
     info!(
         folder = %placement.folder_path,
         datastore = %placement.datastore,
