@@ -163,9 +163,13 @@ async fn with_store<V: VspherePort>(
     };
     #[cfg(feature = "postgres")]
     {
-        let store = postgres::connect(url).await?;
-        let timeline = store.timeline();
-        let service = ProvisioningService::new(store, vsphere, timeline, tenants);
+        // A per-run password is fine for an example on a throwaway
+        // database; a host keeps its application login's password.
+        let password = dvmm::core::config::Secret::new(format!("example-{}", uuid::Uuid::new_v4()));
+        let parts = dvmm::store::postgres::setup(url, "dvmm_example", &password)
+            .await
+            .map_err(|e| e.to_string())?;
+        let service = ProvisioningService::new(parts.store, vsphere, parts.timeline, tenants);
         let earlier = service
             .list_requests(tenant.tenant_id)
             .await
@@ -189,40 +193,6 @@ async fn with_store<V: VspherePort>(
     {
         let _ = (url, vsphere, tenants);
         Err("--database-url needs the postgres feature: cargo run --features postgres --example provision -- --database-url URL".into())
-    }
-}
-
-#[cfg(feature = "postgres")]
-mod postgres {
-    use dvmm::core::config::Secret;
-    use dvmm::store::postgres::sqlx::postgres::{PgConnectOptions, PgPool};
-    use dvmm::store::postgres::{PgEventStore, create_app_login, migrate};
-
-    const APP_LOGIN: &str = "dvmm_example";
-
-    /// Migrates with the given (owner) URL, then connects as an application
-    /// login that row-level security applies to.
-    pub async fn connect(url: &str) -> Result<PgEventStore, String> {
-        let options: PgConnectOptions = url
-            .parse()
-            .map_err(|e| format!("bad --database-url: {e}"))?;
-        let admin = PgPool::connect_with(options.clone())
-            .await
-            .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
-        migrate(&admin).await.map_err(|e| e.to_string())?;
-        // A per-database password derived from nothing secret is fine for an
-        // example on a throwaway database; a host manages its own role.
-        let password = format!("example-{}", uuid::Uuid::new_v4());
-        create_app_login(&admin, APP_LOGIN, &Secret::new(password.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
-        admin.close().await;
-        PgEventStore::connect_with(
-            PgEventStore::default_pool_options(),
-            options.username(APP_LOGIN).password(&password),
-        )
-        .await
-        .map_err(|e| e.to_string())
     }
 }
 

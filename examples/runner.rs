@@ -295,11 +295,10 @@ impl Run {
             let pool_size = u32::try_from(self.args.workers * self.args.concurrency)
                 .unwrap_or(u32::MAX)
                 .clamp(5, 40);
-            let store = postgres::connect(url, pool_size).await?;
-            let queue = store.work_queue();
-            let checkpoints = store.checkpoints();
-            let timeline = store.timeline();
-            let service = ProvisioningService::new(store, vsphere, timeline, tenants)
+            let parts = postgres::connect(url, pool_size).await?;
+            let queue = parts.work_queue;
+            let checkpoints = parts.checkpoints;
+            let service = ProvisioningService::new(parts.store, vsphere, parts.timeline, tenants)
                 .with_claims(queue.clone(), TokioTimer, lease)
                 .with_holder_name(format!("{}-direct", self.worker_prefix()));
             self.drive(tenant, Arc::new(service), queue, checkpoints, audit)
@@ -755,8 +754,8 @@ mod postgres {
     use std::time::Duration;
 
     use dvmm::core::config::Secret;
-    use dvmm::store::postgres::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-    use dvmm::store::postgres::{PgEventStore, create_app_login, migrate};
+    use dvmm::store::postgres::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use dvmm::store::postgres::{PgParts, SetupOptions, setup_with};
 
     /// The application login of a database: `dvmm_runner_{database}` (roles
     /// are cluster-wide, so deployments on other databases keep their own).
@@ -772,42 +771,28 @@ mod postgres {
         role
     }
 
-    /// Migrates with the given (owner) URL, then connects as an application
-    /// login that row-level security applies to.
-    pub async fn connect(url: &str, pool_size: u32) -> Result<PgEventStore, String> {
+    /// Sets the database up with the given (owner) URL and connects as an
+    /// application login that row-level security applies to.
+    pub async fn connect(url: &str, pool_size: u32) -> Result<PgParts, String> {
         let options: PgConnectOptions = url
             .parse()
-            .map_err(|e| format!("bad --database-url: {e}"))?;
+            .map_err(|_| "--database-url is not a postgres:// URL".to_owned())?;
         let login = app_login(options.get_database().unwrap_or("postgres"));
-        let admin = PgPool::connect_with(options.clone())
-            .await
-            .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
-        migrate(&admin).await.map_err(|e| e.to_string())?;
         // Every process of a run derives the same password, so processes that
         // start together cannot lock each other out by resetting it. It is a
         // one-way function of the admin URL, which the caller already holds.
-        let password = format!(
+        let password = Secret::new(format!(
             "runner-{}",
             uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, url.as_bytes()).simple()
-        );
-        let secret = Secret::new(password.clone());
-        let mut attempt = 0;
-        // Concurrent role changes may collide ("tuple concurrently updated").
-        while let Err(e) = create_app_login(&admin, &login, &secret).await {
-            attempt += 1;
-            if attempt >= 5 {
-                return Err(e.to_string());
-            }
-            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-        }
-        admin.close().await;
-        PgEventStore::connect_with(
-            PgPoolOptions::new()
+        ));
+        let setup = SetupOptions {
+            pool: PgPoolOptions::new()
                 .max_connections(pool_size)
                 .acquire_timeout(Duration::from_secs(30)),
-            options.username(&login).password(&password),
-        )
-        .await
-        .map_err(|e| e.to_string())
+            ..SetupOptions::default()
+        };
+        setup_with(options, &login, &password, setup)
+            .await
+            .map_err(|e| e.to_string())
     }
 }

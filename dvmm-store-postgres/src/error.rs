@@ -15,6 +15,36 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// The admin URL given to [`crate::setup`] does not parse. The URL is
+    /// not repeated: it may hold a password.
+    #[error("invalid PostgreSQL URL: {reason}")]
+    InvalidUrl {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// No connection could be opened to the server.
+    #[error("cannot reach PostgreSQL at {host}:{port}: {reason}")]
+    Unreachable {
+        /// The host (or socket directory) connected to.
+        host: String,
+        /// The port.
+        port: u16,
+        /// Why.
+        reason: crate::ConnectFailure,
+    },
+    /// The server refused the user's password (or the user does not exist,
+    /// or `pg_hba.conf` has no entry for it).
+    #[error("PostgreSQL refused the login of user {user:?}: check the user name and password")]
+    AuthenticationFailed {
+        /// The user that was refused.
+        user: String,
+    },
+    /// The server has no database of that name.
+    #[error("PostgreSQL has no database {database:?}: create it first (CREATE DATABASE)")]
+    DatabaseMissing {
+        /// The missing database.
+        database: String,
+    },
     /// A migration failed.
     #[error("failed to apply the dvmm migrations: {source}")]
     Migrate {

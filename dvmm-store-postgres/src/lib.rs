@@ -5,6 +5,7 @@ mod event_store;
 mod queue;
 mod schema;
 mod scram;
+mod setup;
 mod tenant;
 mod timeline;
 
@@ -15,6 +16,7 @@ pub use schema::{APP_ROLE, MIGRATOR, app_role, create_app_login, migrate, verify
 pub use scram::{
     SCRAM_ITERATIONS, SCRAM_SALT_LEN, scram_sha256_verifier, scram_sha256_verifier_with,
 };
+pub use setup::{ConnectFailure, PgParts, SetupOptions, setup, setup_with};
 pub use timeline::PgTimeline;
 
 /// The driver, re-exported so hosts build pools and options with the same
