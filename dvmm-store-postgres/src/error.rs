@@ -59,7 +59,8 @@ pub enum Error {
     NotMigrated,
     /// The connection's role would not be held back by row-level security.
     #[error(
-        "role {role:?} {reason}; connect as a login role made by create_app_login for this database instead"
+        "role {role:?} {reason}; connect as a login role made by create_app_login for this database instead \
+         (dvmm_store_postgres::setup does both from this URL)"
     )]
     UnsafeRole {
         /// The role the connection uses.

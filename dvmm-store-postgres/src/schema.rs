@@ -197,11 +197,13 @@ pub async fn verify_app_role(pool: &PgPool) -> Result<()> {
     .await
     .map_err(db)?;
     let (role, superuser, bypass, owner, recorded) = row;
+    // The role first: a superuser URL on a fresh database must hear that it
+    // is the wrong role, not "migrate" and then "wrong role" after that.
     let reason = match (superuser, bypass, owner) {
-        (_, _, None) => return Err(Error::NotMigrated),
-        _ if !recorded => return Err(Error::NotMigrated),
         (Some(true), _, _) => "is a superuser, which bypasses row-level security",
         (_, Some(true), _) => "has BYPASSRLS",
+        (_, _, None) => return Err(Error::NotMigrated),
+        _ if !recorded => return Err(Error::NotMigrated),
         (_, _, Some(true)) => "owns the dvmm tables",
         _ => "",
     };

@@ -559,7 +559,9 @@ async fn only_a_role_held_to_the_policies_may_run_the_store() {
         .await
         .expect("the checkpoints take the app role");
 
-    // A database without the tables is reported as such.
+    // A superuser on a database without the tables hears first that it is
+    // the wrong role (and how to set up), not that the database needs
+    // migrating, after which it would hear it anyway.
     let url = support::database_url("unmigrated").expect("url");
     let unmigrated = PgPoolOptions::new()
         .max_connections(1)
@@ -568,8 +570,25 @@ async fn only_a_role_held_to_the_policies_may_run_the_store() {
         .expect("connect");
     let err = verify_app_role(&unmigrated)
         .await
-        .expect_err("not migrated");
+        .expect_err("a superuser, whether migrated or not");
+    assert!(
+        matches!(&err, Error::UnsafeRole { .. }) && err.to_string().contains("setup"),
+        "{err}"
+    );
+    // A login held to the policies, on a database without the tables, is
+    // told to migrate.
+    let plain = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            db.app_options
+                .clone()
+                .database(db.server.get_database().unwrap_or("postgres")),
+        )
+        .await
+        .expect("the app login may connect to the unmigrated database");
+    let err = verify_app_role(&plain).await.expect_err("not migrated");
     assert!(matches!(err, Error::NotMigrated), "{err}");
+    plain.close().await;
 
     // The store's Debug output does not carry the connection password.
     let password = db.app_password.clone();
