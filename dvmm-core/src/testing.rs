@@ -1,5 +1,9 @@
 //! Test support for hosts and adapters (feature `testing`):
 //! - [`store_conformance`]: the contract every [`EventStore`] must pass;
+//! - [`work_queue_conformance`], [`checkpoint_conformance`] and
+//!   [`timeline_conformance`]: the same for the runner's queue and
+//!   checkpoints and for the timeline, so a host writing its own adapter has
+//!   something to check it against;
 //! - [`AggregateTest`]: a given/when/then harness for aggregates.
 
 use std::fmt::Debug;
@@ -408,5 +412,213 @@ pub async fn concurrent_writers_on_one_stream<S: EventStore>(store: &S, writers:
         seen.len(),
         writers + 1,
         "every writer's event is there once"
+    );
+}
+
+/// The contract every [`WorkQueue`](crate::ports::WorkQueue) must pass,
+/// on an empty queue that no one else uses while it runs. Leases are long
+/// (an hour), so nothing here depends on timing; lapsed leases are each
+/// adapter's own test, on its own clock.
+///
+/// # Panics
+/// On the first broken rule, saying which.
+pub async fn work_queue_conformance<Q: crate::ports::WorkQueue>(queue: &Q) {
+    use crate::ids::VmRequestId;
+    use std::time::Duration;
+    const HOUR: Duration = Duration::from_secs(3600);
+    let tenant = TenantId::from_uuid(Uuid::new_v4());
+    let request = |_| VmRequestId::from_uuid(Uuid::new_v4());
+    let [a, b, c]: [VmRequestId; 3] = std::array::from_fn(request);
+
+    for id in [a, b, c, a] {
+        queue.enqueue(tenant, id).await.expect("enqueue");
+    }
+    let first = queue.claim("w1", 2, HOUR).await.expect("claim");
+    assert_eq!(first.len(), 2, "claim takes up to max: {first:?}");
+    let second = queue.claim("w2", 10, HOUR).await.expect("claim");
+    assert_eq!(
+        second.len(),
+        1,
+        "an enqueued duplicate is one job, and leased jobs are not handed out again: {second:?}"
+    );
+    let mut seen: Vec<VmRequestId> = first.iter().chain(&second).map(|j| j.request_id).collect();
+    seen.sort_by_key(|id| id.as_uuid());
+    let mut all = vec![a, b, c];
+    all.sort_by_key(|id| id.as_uuid());
+    assert_eq!(seen, all, "every job is handed out exactly once");
+    for job in first.iter().chain(&second) {
+        assert_eq!(job.tenant_id, tenant);
+        assert_eq!(job.attempts, 0, "a new job has no attempts: {job:?}");
+        assert_eq!(job.claims, 1, "a first claim counts one: {job:?}");
+    }
+    assert!(
+        queue.claim("w3", 10, HOUR).await.expect("claim").is_empty(),
+        "nothing is left to claim while every job is leased"
+    );
+
+    let mine = first[0].request_id;
+    let theirs = second[0].request_id;
+    assert!(queue.renew("w1", mine, HOUR).await.expect("renew"));
+    assert!(
+        !queue.renew("w1", theirs, HOUR).await.expect("renew"),
+        "only the holder renews"
+    );
+
+    // Only the holder completes, retries, postpones or releases.
+    queue.complete("w1", theirs).await.expect("complete");
+    queue.release("w1", theirs).await.expect("release");
+    queue
+        .retry_later("w1", theirs, Duration::ZERO)
+        .await
+        .expect("retry_later");
+    queue
+        .postpone("w1", theirs, Duration::ZERO)
+        .await
+        .expect("postpone");
+    assert!(
+        queue.renew("w2", theirs, HOUR).await.expect("renew"),
+        "another worker's calls left w2's lease alone"
+    );
+
+    // Released: runnable again at once, no attempt counted.
+    queue.release("w2", theirs).await.expect("release");
+    let again = queue.claim("w3", 10, HOUR).await.expect("claim");
+    assert_eq!(again.len(), 1, "a released job is runnable at once");
+    assert_eq!(again[0].request_id, theirs);
+    assert_eq!(again[0].attempts, 0, "releasing counts no attempt");
+    assert_eq!(again[0].claims, 1, "giving a job back resets its claims");
+
+    // Retried later: one attempt counted, not runnable before its delay.
+    queue
+        .retry_later("w3", theirs, HOUR)
+        .await
+        .expect("retry_later");
+    assert!(
+        queue.claim("w4", 10, HOUR).await.expect("claim").is_empty(),
+        "a job retried in an hour is not runnable now"
+    );
+    // Postponed: not runnable before its delay either.
+    let other = first[1].request_id;
+    queue.postpone("w1", other, HOUR).await.expect("postpone");
+    assert!(
+        queue.claim("w4", 10, HOUR).await.expect("claim").is_empty(),
+        "a job postponed by an hour is not runnable now"
+    );
+
+    // Completed: never handed out again, not even when enqueued again, and
+    // purged only once old enough.
+    queue.complete("w1", mine).await.expect("complete");
+    queue.enqueue(tenant, mine).await.expect("enqueue");
+    assert!(
+        queue.claim("w5", 10, HOUR).await.expect("claim").is_empty(),
+        "a finished job is not queued again"
+    );
+    assert_eq!(
+        queue.purge_finished(HOUR).await.expect("purge"),
+        0,
+        "a job finished just now is younger than an hour"
+    );
+    assert_eq!(
+        queue.purge_finished(Duration::ZERO).await.expect("purge"),
+        1,
+        "only the finished job is purged"
+    );
+    assert!(
+        !queue.renew("w3", theirs, HOUR).await.expect("renew"),
+        "a job given back is no longer held"
+    );
+}
+
+/// The contract every [`CheckpointStore`](crate::ports::CheckpointStore)
+/// must pass.
+///
+/// # Panics
+/// On the first broken rule, saying which.
+pub async fn checkpoint_conformance<C: crate::ports::CheckpointStore>(checkpoints: &C) {
+    let t1 = TenantId::from_uuid(Uuid::new_v4());
+    let t2 = TenantId::from_uuid(Uuid::new_v4());
+    let name = format!("feed-{}", Uuid::new_v4().simple());
+    assert_eq!(
+        checkpoints.load(&name, t1).await.expect("load"),
+        0,
+        "nothing saved reads as 0"
+    );
+    checkpoints.save(&name, t1, 42).await.expect("save");
+    assert_eq!(checkpoints.load(&name, t1).await.expect("load"), 42);
+    checkpoints.save(&name, t1, 17).await.expect("save lower");
+    assert_eq!(
+        checkpoints.load(&name, t1).await.expect("load"),
+        42,
+        "a lower position is ignored"
+    );
+    checkpoints
+        .save(&name, t1, u64::from(u32::MAX) + 7)
+        .await
+        .expect("save");
+    assert_eq!(
+        checkpoints.load(&name, t1).await.expect("load"),
+        u64::from(u32::MAX) + 7,
+        "positions beyond 32 bits round-trip"
+    );
+    assert_eq!(
+        checkpoints.load(&name, t2).await.expect("load"),
+        0,
+        "checkpoints are per tenant"
+    );
+    assert_eq!(
+        checkpoints.load("another-feed", t1).await.expect("load"),
+        0,
+        "checkpoints are per name"
+    );
+}
+
+/// The contract every [`TimelineSink`](crate::ports::TimelineSink) must
+/// pass.
+///
+/// # Panics
+/// On the first broken rule, saying which.
+pub async fn timeline_conformance<T: crate::ports::TimelineSink>(timeline: &T) {
+    use crate::ids::VmRequestId;
+    use crate::timeline::{TimelineEntry, TimelineEntryType};
+    let tenant = TenantId::from_uuid(Uuid::new_v4());
+    let other = TenantId::from_uuid(Uuid::new_v4());
+    let request = VmRequestId::from_uuid(Uuid::new_v4());
+    let at = |s: i64| Utc.timestamp_opt(1_800_000_000 + s, 123_456_789).unwrap();
+    let entry = |entry_type, details: &str, s| TimelineEntry {
+        event_id: EventId::from_uuid(Uuid::new_v4()),
+        tenant_id: tenant,
+        request_id: request,
+        entry_type,
+        details: details.to_owned(),
+        occurred_at: at(s),
+    };
+    let created = entry(TimelineEntryType::Created, "Request created", 0);
+    let approved = entry(TimelineEntryType::Approved, "Approved – «ok» ✓", 5);
+    let ready = entry(TimelineEntryType::VmReady, "VM ready - IP: 10.0.0.7", 9);
+    // Recorded out of order, and one of them twice.
+    for e in [&ready, &created, &approved, &ready] {
+        timeline.record(e.clone()).await.expect("record");
+    }
+    let listed = timeline.list(tenant, request).await.expect("list");
+    assert_eq!(
+        listed,
+        vec![created, approved, ready],
+        "oldest first, each event once, every field (nanoseconds, text) as recorded"
+    );
+    assert!(
+        timeline
+            .list(other, request)
+            .await
+            .expect("list")
+            .is_empty(),
+        "another tenant sees none of it"
+    );
+    assert!(
+        timeline
+            .list(tenant, VmRequestId::from_uuid(Uuid::new_v4()))
+            .await
+            .expect("list")
+            .is_empty(),
+        "another request has its own timeline"
     );
 }

@@ -25,3 +25,18 @@ async fn memory_store_survives_parallel_writers_on_threads() {
     }
     assert_eq!(store.len(), 4 * 17);
 }
+
+#[tokio::test]
+async fn memory_queue_passes_the_work_queue_contract() {
+    dvmm_core::testing::work_queue_conformance(&dvmm_store_memory::MemoryWorkQueue::new()).await;
+}
+
+#[tokio::test]
+async fn memory_checkpoints_pass_the_checkpoint_contract() {
+    dvmm_core::testing::checkpoint_conformance(&dvmm_store_memory::MemoryCheckpoints::new()).await;
+}
+
+#[tokio::test]
+async fn memory_timeline_passes_the_timeline_contract() {
+    dvmm_core::testing::timeline_conformance(&dvmm_store_memory::MemoryTimeline::new()).await;
+}
