@@ -30,7 +30,12 @@ pub mod store {
 #[cfg(feature = "vsphere")]
 pub use dvmm_vsphere as vsphere;
 
-pub use dvmm_core::runner::{ProvisioningRunner, RunnerConfig, RunnerReport};
+pub use dvmm_core::runner::{ProvisioningRunner, RunnerConfig, RunnerHealth, RunnerReport};
+
+mod runner_handle;
+pub use runner_handle::{RunnerError, RunnerExt, RunnerHandle};
+
+pub mod wait;
 
 /// [`dvmm_core::runner::Timer`] on tokio's clock, for the
 /// [`ProvisioningRunner`].

@@ -249,6 +249,29 @@ pub struct RunnerReport {
     pub stopped_feeds: u64,
 }
 
+/// What a running runner is doing, for a host's health endpoint: see
+/// [`ProvisioningRunner::health`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunnerHealth {
+    /// Whether [`ProvisioningRunner::run`] is running (false before it
+    /// starts and after it returns).
+    pub running: bool,
+    /// Provisionings (and probes) under way.
+    pub in_flight: usize,
+    /// Jobs claimed but waiting here: for a free slot, or for their
+    /// vCenter to come back.
+    pub held: usize,
+    /// vCenter endpoints parked as unreachable.
+    pub parked_endpoints: usize,
+    /// Feed or claim failures in a row (0 when the store answers).
+    pub store_failures: u32,
+    /// The last error met (store failures and failed provisioning
+    /// commands), with when; outcomes recorded on requests are not errors.
+    pub last_error: Option<(DateTime<Utc>, String)>,
+    /// Totals since the run started.
+    pub report: RunnerReport,
+}
+
 /// An event the feed could not read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoisonEvent {
@@ -339,6 +362,7 @@ pub struct ProvisioningRunner<S, V, T, C, I, Q, K, W> {
     config: RunnerConfig,
     /// Where each stopped tenant's feed stops (see [`FeedReport`]).
     stops: std::sync::Mutex<HashMap<TenantId, u64>>,
+    health: std::sync::Mutex<RunnerHealth>,
 }
 
 impl<S, V, T, C, I, Q, K, W> fmt::Debug for ProvisioningRunner<S, V, T, C, I, Q, K, W> {
@@ -594,7 +618,27 @@ where
             timer,
             config,
             stops: std::sync::Mutex::new(HashMap::new()),
+            health: std::sync::Mutex::default(),
         })
+    }
+
+    /// A snapshot of what the runner is doing; cheap, and safe to call from
+    /// another task while [`run`](Self::run) runs (it is updated once per
+    /// turn of the runner's loop).
+    pub fn health(&self) -> RunnerHealth {
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn update_health(&self, update: impl FnOnce(&mut RunnerHealth)) {
+        update(&mut self.health.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn note_error(&self, error: &dyn fmt::Display) {
+        let at = self.service.clock().now();
+        self.update_health(|h| h.last_error = Some((at, error.to_string())));
     }
 
     /// The configuration.
@@ -760,6 +804,12 @@ where
         let mut fatal: Option<ServiceError> = None;
         let worker = self.config.worker_id.clone();
         info!(worker = %worker, concurrency = self.config.concurrency, "provisioning runner started");
+        self.update_health(|h| {
+            *h = RunnerHealth {
+                running: true,
+                ..RunnerHealth::default()
+            }
+        });
         loop {
             futures::select_biased! {
                 _ = shutdown.as_mut() => {
@@ -797,6 +847,7 @@ where
                         match keep_polling(&mut inflight, &mut finished, feed).await {
                             Ok(()) => feed_failures.ok(),
                             Err(error) => {
+                                self.note_error(&error);
                                 let now = self.service.clock().now();
                                 fatal = feed_failures.failed("feeding the work queue", error, now, &self.config);
                             }
@@ -870,12 +921,23 @@ where
                         }
                     }
                     Err(error) => {
+                        self.note_error(&error);
                         let now = self.service.clock().now();
                         fatal =
                             claim_failures.failed("claiming work", error.into(), now, &self.config);
                     }
                 }
             }
+            let (in_flight, held_here, parked) =
+                (inflight.len(), held.len(), parks.by_endpoint.len());
+            let failures = feed_failures.count.max(claim_failures.count);
+            self.update_health(|h| {
+                h.in_flight = in_flight;
+                h.held = held_here;
+                h.parked_endpoints = parked;
+                h.store_failures = failures;
+                h.report = report.clone();
+            });
             if fatal.is_some() {
                 break;
             }
@@ -898,6 +960,16 @@ where
             )
             .await;
         info!(?report, "provisioning runner stopped");
+        if let Some(error) = fatal.as_ref().or(drained.as_ref().err()) {
+            self.note_error(error);
+        }
+        let last = report.clone();
+        self.update_health(|h| {
+            h.running = false;
+            h.in_flight = 0;
+            h.held = 0;
+            h.report = last;
+        });
         match (fatal, drained) {
             (Some(error), _) | (None, Err(error)) => Err(error),
             (None, Ok(())) => Ok(report),
@@ -1097,6 +1169,7 @@ where
                 self.queue.retry_later(worker, id, delay).await
             }
             Ok(Err(error)) => {
+                self.note_error(&error);
                 let delay = self.config.backoff.delay(job.attempts + 1);
                 warn!(request_id = %id, %error, ?delay, "provisioning command failed; retrying later");
                 report.retried += 1;
@@ -1104,6 +1177,7 @@ where
             }
         };
         if let Err(error) = queue_result {
+            self.note_error(&error);
             // The lease will expire and the job will be claimed again; the
             // service's idempotency makes that harmless.
             warn!(request_id = %id, %error, "could not update the work queue");
