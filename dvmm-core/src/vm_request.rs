@@ -338,8 +338,7 @@ impl Aggregate for VmRequest {
         let Some(state) = state else {
             return match command {
                 C::Submit(submit) => {
-                    let vm_name = VmName::new(&submit.project_prefix, &submit.requested_name)
-                        .map_err(|e| DomainError::Invalid(e.to_string()))?;
+                    let vm_name = VmName::new(&submit.project_prefix, &submit.requested_name)?;
                     submit
                         .resources
                         .validate("resources")
