@@ -1,6 +1,8 @@
 //! Per-tenant configuration: which vCenter, where VMs go, how big each size
 //! is and how long to wait. Deserializable from TOML or JSON and validated on
-//! load, with errors that name the bad field.
+//! load, with errors that name the bad field; loaded from text with
+//! [`TenantConfig::from_json`] or [`TenantConfig::from_toml`], errors also
+//! say the line and column.
 //!
 //! ```
 //! use dvmm_core::config::TenantConfig;
