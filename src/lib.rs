@@ -48,7 +48,9 @@ pub mod store {
     #[cfg(feature = "postgres")]
     pub use dvmm_store_postgres as postgres;
 
-    // Paths from before the backends were symmetrical.
+    // Paths from before the backends were symmetrical. Nothing in the
+    // workspace uses them any more; they stay, hidden, until work started
+    // on the old paths has landed.
     #[doc(hidden)]
     pub use dvmm_store_memory::{
         MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue,
@@ -73,7 +75,7 @@ pub mod vsphere {
     /// The in-process vCenter simulator, with fault injection.
     pub use dvmm_vsphere::sim;
 
-    // Paths from before the adapters were symmetrical.
+    // Paths from before the adapters were symmetrical (see `store`).
     #[doc(hidden)]
     pub use dvmm_vsphere::{SoapOptions, SoapVsphere, adapter, options};
 }
