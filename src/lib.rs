@@ -13,8 +13,8 @@ pub use dvmm_core::{
     PowerState, ProvisionOutcome, ProvisioningRunner, ProvisioningService, RandomIds,
     RequestClaims, ResourceError, RunnerConfig, RunnerConfigError, RunnerReport, Secret,
     SequentialIds, ServiceError, SizeTable, StoreError, StoredEvent, StreamId, SystemClock,
-    TenantConfig, Tenants, TimelineEntry, TimelineEntryType, TimelineSink, Timeouts, Timer,
-    UnknownSize, VcenterEndpoint, Vm, VmEvent, VmGuestInfo, VmName, VmPlacement,
+    TenantConfig, Tenants, TextLocation, TimelineEntry, TimelineEntryType, TimelineSink, Timeouts,
+    Timer, UnknownSize, VcenterEndpoint, Vm, VmEvent, VmGuestInfo, VmName, VmPlacement,
     VmProvisioningResult, VmRequest, VmRequestEvent, VmRequestStatus, VmResources, VmSize, VmSpec,
     VmStatus, VsphereError, VspherePort, WorkQueue,
 };
