@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use dvmm::store::{MemoryEventStore, MemoryTimeline};
+use dvmm::store::memory::{MemoryEventStore, MemoryTimeline};
 use dvmm::vsphere::sim::Simulator;
 use dvmm::{
     NewVmRequest, ProjectId, ProvisionOutcome, ProvisioningService, TenantConfig, TenantId,

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use dvmm::core::runner::{CheckpointStore, WorkQueue};
-use dvmm::store::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
+use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{Simulator, SimulatorConfig};
 use dvmm::{
     EventStore, NewVmRequest, ProjectId, ProvisioningRunner, ProvisioningService, RunnerConfig,

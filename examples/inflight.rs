@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dvmm::store::{MemoryEventStore, MemoryTimeline};
+use dvmm::store::memory::{MemoryEventStore, MemoryTimeline};
 use dvmm::vsphere::sim::{Delays, Simulator, SimulatorConfig};
 use dvmm::{
     NewVmRequest, ProjectId, ProvisionOutcome, ProvisioningService, TenantId, Tenants, UserId,
@@ -43,7 +43,7 @@ async fn main() {
     }
     let simulator = Simulator::new(config);
     let tenant = simulator
-        .tenant_config(TenantId::from_uuid(Uuid::new_v4()), "acme")
+        .tenant_config(TenantId::new_v4(), "acme")
         .expect("the default inventory has a placement");
     let service = Arc::new(ProvisioningService::new(
         Arc::new(MemoryEventStore::new()),

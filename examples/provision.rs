@@ -23,9 +23,9 @@ mod common;
 
 use clap::Parser;
 use common::{VcenterArgs, tenant_id_for};
-use dvmm::store::{MemoryEventStore, MemoryTimeline};
+use dvmm::store::memory::{MemoryEventStore, MemoryTimeline};
 use dvmm::vsphere::sim::{Delays, IpMode, Simulator, SimulatorConfig};
-use dvmm::vsphere::{SoapOptions, SoapVsphere};
+use dvmm::vsphere::soap::{SoapOptions, SoapVsphere};
 use dvmm::{
     EventStore, NewVmRequest, ProjectId, ProvisionOutcome, ProvisioningService, TenantConfig,
     Tenants, TimelineSink, UserId, VmSize, VspherePort,
@@ -165,7 +165,7 @@ async fn with_store<V: VspherePort>(
     {
         // A per-run password is fine for an example on a throwaway
         // database; a host keeps its application login's password.
-        let password = dvmm::core::config::Secret::new(format!("example-{}", uuid::Uuid::new_v4()));
+        let password = dvmm::Secret::new(format!("example-{}", uuid::Uuid::new_v4()));
         let parts = dvmm::store::postgres::setup(url, "dvmm_example", &password)
             .await
             .map_err(|e| e.to_string())?;
@@ -209,8 +209,8 @@ where
     V: VspherePort,
     T: TimelineSink,
 {
-    let requester = UserId::from_uuid(Uuid::new_v4());
-    let approver = UserId::from_uuid(Uuid::new_v4());
+    let requester = UserId::new_v4();
+    let approver = UserId::new_v4();
     let request_id = service
         .submit(NewVmRequest {
             tenant_id: tenant.tenant_id,

@@ -40,12 +40,12 @@ mod common;
 
 use clap::Parser;
 use common::{VcenterArgs, tenant_id_for};
-use dvmm::core::config::VcenterEndpoint;
-use dvmm::core::runner::{CheckpointStore, WorkQueue};
-use dvmm::core::spec::VmGuestInfo;
-use dvmm::store::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
+use dvmm::config::VcenterEndpoint;
+use dvmm::runner::{CheckpointStore, WorkQueue};
+use dvmm::spec::VmGuestInfo;
+use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{Delays, Simulator, SimulatorConfig};
-use dvmm::vsphere::{SoapOptions, SoapVsphere};
+use dvmm::vsphere::soap::{SoapOptions, SoapVsphere};
 use dvmm::{
     EventStore, NewVmRequest, ProjectId, ProvisioningRunner, ProvisioningService, RunnerConfig,
     TenantConfig, TenantId, Tenants, TimelineSink, TokioTimer, UserId, VmProvisioningResult,
@@ -566,8 +566,8 @@ impl Run {
             &Uuid::NAMESPACE_OID,
             self.args.project.as_bytes(),
         ));
-        let approver = UserId::from_uuid(Uuid::new_v4());
-        let requester = UserId::from_uuid(Uuid::new_v4());
+        let approver = UserId::new_v4();
+        let requester = UserId::new_v4();
         let results: Vec<Result<(), String>> = futures::stream::iter(0..self.args.approve)
             .map(|i| async move {
                 let id = service
@@ -753,7 +753,7 @@ impl<V: VspherePort> VspherePort for Flaky<V> {
 mod postgres {
     use std::time::Duration;
 
-    use dvmm::core::config::Secret;
+    use dvmm::config::Secret;
     use dvmm::store::postgres::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
     use dvmm::store::postgres::{PgParts, SetupOptions, setup_with};
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::{new_request, tenant_config, user};
 use dvmm::core::config::VcenterEndpoint;
 use dvmm::core::spec::VmGuestInfo;
-use dvmm::store::{MemoryEventStore, MemoryTimeline};
+use dvmm::store::memory::{MemoryEventStore, MemoryTimeline};
 use dvmm::vsphere::sim::{Fault, FaultRule, Operation, Simulator, Trigger};
 use dvmm::{
     AppendOutcome, EventStore, NewEvent, ProvisionOutcome, ProvisioningService, StoreError,

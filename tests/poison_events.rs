@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use common::{new_request, tenant_config, user};
 use dvmm::core::runner::{CheckpointStore, FeedReport};
-use dvmm::store::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
+use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::Simulator;
 use dvmm::{
     Backoff, CorrelationId, EventId, EventMetadata, EventStore, NewEvent, ProvisioningRunner,

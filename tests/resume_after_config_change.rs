@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::{new_request, tenant_config, user};
 use dvmm::core::config::TenantConfig;
-use dvmm::store::{MemoryEventStore, MemoryTimeline};
+use dvmm::store::memory::{MemoryEventStore, MemoryTimeline};
 use dvmm::vsphere::sim::{
     Fault, FaultRule, Inventory, Operation, SimDatacenter, Simulator, SimulatorConfig, Trigger,
 };

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use common::{new_request, tenant_config, user};
 use dvmm::core::backoff::FixedJitter;
 use dvmm::core::runner::{Job, WorkQueue};
-use dvmm::store::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
+use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{Operation, Simulator};
 use dvmm::{
     Backoff, Clock, ProvisioningRunner, ProvisioningService, RunnerConfig, ServiceError,

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use common::{new_request, tenant_config, user};
 use dvmm::core::event::{NewEvent, StoredEvent, StreamId};
 use dvmm::core::ports::{AppendOutcome, StoreError};
-use dvmm::store::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
+use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{Delays, Operation, Simulator, SimulatorConfig};
 use dvmm::{
     Backoff, Clock, EventStore, ProvisioningRunner, ProvisioningService, RunnerConfig, TenantId,

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 
 use common::{new_request, tenant_config, user};
 use dvmm::core::runner::WorkQueue;
-use dvmm::store::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
+use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{
     Delays, Fault, FaultRule, Operation, Simulator, SimulatorConfig, Trigger,
 };

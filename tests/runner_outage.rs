@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use common::{new_request, tenant_config, user};
 use dvmm::core::config::Secret;
-use dvmm::store::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
-use dvmm::vsphere::{SoapOptions, SoapVsphere};
+use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
+use dvmm::vsphere::soap::{SoapOptions, SoapVsphere};
 use dvmm::{
     Backoff, ProvisioningRunner, ProvisioningService, RunnerConfig, TenantConfig, Tenants,
     TokioTimer, VmRequestId, VmRequestStatus,

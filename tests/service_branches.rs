@@ -11,7 +11,7 @@ use common::{new_request, tenant_config, user};
 use dvmm::core::config::VcenterEndpoint;
 use dvmm::core::provisioning::request_stream;
 use dvmm::core::spec::{IP_TIMEOUT_WARNING, PowerState, VmGuestInfo};
-use dvmm::store::{MemoryEventStore, MemoryTimeline};
+use dvmm::store::memory::{MemoryEventStore, MemoryTimeline};
 use dvmm::{
     AppendOutcome, DomainEvent, EventStore, NewEvent, ProvisionOutcome, ProvisioningService,
     ServiceError, StoreError, StoredEvent, StreamId, TenantConfig, TenantId, Tenants,

@@ -23,7 +23,7 @@ use dvmm::core::event::{NewEvent, StoredEvent, StreamId};
 use dvmm::core::ports::{AppendOutcome, StoreError};
 use dvmm::core::runner::WorkQueue;
 use dvmm::core::spec::VmGuestInfo;
-use dvmm::store::{MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
+use dvmm::store::memory::{MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{
     Delays, Fault, FaultRule, Operation, Simulator, SimulatorConfig, Trigger,
 };

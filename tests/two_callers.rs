@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use common::{new_request, tenant_config, user};
 use dvmm::core::ports::{ClaimAttempt, RequestClaims};
 use dvmm::core::runner::WorkQueue;
-use dvmm::store::{MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
+use dvmm::store::memory::{MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{
     Delays, Fault, FaultRule, Operation, Simulator, SimulatorConfig, Trigger,
 };

@@ -17,7 +17,7 @@ use std::time::Duration;
 use common::tenant_config;
 use dvmm::core::config::{MAX_IP_WAIT_SECS, MAX_TASK_SECS, Secret};
 use dvmm::core::spec::{PowerState, VmName, VmResources};
-use dvmm::vsphere::{SoapOptions, SoapVsphere};
+use dvmm::vsphere::soap::{SoapOptions, SoapVsphere};
 use dvmm::{Tenants, VmId, VmRequestId, VmSpec, VspherePort};
 use uuid::Uuid;
 

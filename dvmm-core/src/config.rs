@@ -1,6 +1,8 @@
 //! Per-tenant configuration: which vCenter, where VMs go, how big each size
 //! is and how long to wait. Deserializable from TOML or JSON and validated on
-//! load, with errors that name the bad field.
+//! load, with errors that name the bad field; loaded from text with
+//! [`TenantConfig::from_json`] or [`TenantConfig::from_toml`], errors also
+//! say the line and column.
 //!
 //! ```
 //! use dvmm_core::config::TenantConfig;
@@ -21,6 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config_spans::{FieldSpans, location_of, offset_of};
 use crate::ids::TenantId;
 use crate::size::SizeTable;
 
@@ -50,7 +53,7 @@ impl fmt::Debug for Secret {
 
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
+        f.pad("***")
     }
 }
 
@@ -214,23 +217,108 @@ impl Default for Timeouts {
 }
 
 /// A configuration value is missing or wrong.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid tenant configuration: {field}: {reason}")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
-    /// The dotted path of the bad field, e.g. `vcenter.url`.
+    /// The dotted path of the bad field, e.g. `vcenter.url`; empty when no
+    /// field can be told (a JSON syntax error, say).
     pub field: String,
     /// What is wrong.
     pub reason: String,
+    /// Where in the text the error is, when the configuration was loaded
+    /// from text by [`TenantConfig::from_json`] or
+    /// [`TenantConfig::from_toml`]: the bad field's value, or where the
+    /// parser stopped.
+    pub location: Option<TextLocation>,
+}
+
+/// A 1-based line and column (counted in characters) in a configuration
+/// text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextLocation {
+    /// The line, from 1.
+    pub line: usize,
+    /// The column, from 1.
+    pub column: usize,
+}
+
+impl fmt::Display for TextLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}, column {}", self.line, self.column)
+    }
 }
 
 impl ConfigError {
-    fn new(field: &str, reason: impl Into<String>) -> Self {
+    /// An error about `field` (a dotted path such as `vcenter.url`), with no
+    /// location.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
-            field: field.to_owned(),
+            field: field.into(),
             reason: reason.into(),
+            location: None,
+        }
+    }
+
+    /// This error, located at its field's value in `text`.
+    fn located(mut self, text: &str, spans: &FieldSpans) -> Self {
+        if self.location.is_none()
+            && let Some(start) = spans.start_of(&self.field)
+        {
+            self.location = Some(location_of(text, start));
+        }
+        self
+    }
+
+    /// A parser's error: `message` (without the parser's own position) at
+    /// byte `offset`, attributed to the field whose value holds it, or to
+    /// the field a "missing field" or "unknown field" message names.
+    fn from_parser(text: &str, spans: &FieldSpans, offset: Option<usize>, message: &str) -> Self {
+        let at = offset.and_then(|offset| spans.field_at(offset));
+        let named = ["missing field `", "unknown field `"]
+            .iter()
+            .find_map(|lead| message.strip_prefix(lead))
+            .and_then(|rest| rest.split('`').next());
+        let field = match (named, at) {
+            (Some(name), Some(parent)) => format!("{parent}.{name}"),
+            (Some(name), None) => name.to_owned(),
+            (None, at) => at.unwrap_or_default().to_owned(),
+        };
+        // Checks inside a value (a size's resources) name the exact field
+        // first: `sizes.M.cpu: must be ...`.
+        let (field, reason) = match message.split_once(": ") {
+            Some((inner, reason))
+                if !field.is_empty() && inner.starts_with(&format!("{field}.")) =>
+            {
+                (inner.to_owned(), reason.to_owned())
+            }
+            _ => (field, message.to_owned()),
+        };
+        let location = spans
+            .start_of(&field)
+            .filter(|_| named.is_none())
+            .or(offset)
+            .map(|offset| location_of(text, offset));
+        Self {
+            field,
+            reason,
+            location,
         }
     }
 }
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("invalid tenant configuration")?;
+        match (self.field.is_empty(), &self.location) {
+            (true, Some(at)) => write!(f, " at {at}")?,
+            (false, Some(at)) => write!(f, ": {} (at {at})", self.field)?,
+            (true, None) => {}
+            (false, None) => write!(f, ": {}", self.field)?,
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// Everything dvmm needs to know about one tenant.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -266,7 +354,9 @@ pub struct TenantConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTenantConfig {
-    tenant_id: TenantId,
+    // Parsed after the rest, so that a malformed id is an error that names
+    // this field (serde's own UUID error names none).
+    tenant_id: String,
     slug: String,
     vcenter: VcenterEndpoint,
     datacenter: String,
@@ -360,8 +450,17 @@ impl TryFrom<RawTenantConfig> for TenantConfig {
     type Error = ConfigError;
 
     fn try_from(raw: RawTenantConfig) -> Result<Self, Self::Error> {
+        let tenant_id = raw.tenant_id.trim().parse::<TenantId>().map_err(|_| {
+            ConfigError::new(
+                "tenant_id",
+                format!(
+                    "{:?} is not a UUID (such as 6f1c1d2e-0000-4000-8000-000000000001)",
+                    raw.tenant_id
+                ),
+            )
+        })?;
         let config = TenantConfig {
-            tenant_id: raw.tenant_id,
+            tenant_id,
             slug: raw.slug,
             vcenter: raw.vcenter,
             datacenter: raw.datacenter,
@@ -380,6 +479,62 @@ impl TryFrom<RawTenantConfig> for TenantConfig {
 }
 
 impl TenantConfig {
+    /// Loads and validates a configuration from JSON text.
+    ///
+    /// Unlike `serde_json::from_str`, which only knows where the parser
+    /// stopped, the error names the field and says where its value is.
+    ///
+    /// ```
+    /// use dvmm_core::config::TenantConfig;
+    ///
+    /// let err = TenantConfig::from_json("{\n  \"tenant_id\": 7\n}").unwrap_err();
+    /// assert_eq!(err.field, "tenant_id");
+    /// let at = err.location.unwrap();
+    /// assert_eq!((at.line, at.column), (2, 16));
+    /// ```
+    ///
+    /// # Errors
+    /// A [`ConfigError`] with the bad field (empty when none can be told)
+    /// and its [`TextLocation`].
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let raw = serde_json::from_str::<RawTenantConfig>(text).map_err(|error| {
+            let spans = FieldSpans::of_json(text);
+            let offset = (error.line() > 0).then(|| offset_of(text, error.line(), error.column()));
+            // serde_json appends its own position, which the location
+            // replaces.
+            let message = error.to_string();
+            let message = match message.rsplit_once(" at line ") {
+                Some((message, _)) if error.line() > 0 => message.to_owned(),
+                _ => message,
+            };
+            ConfigError::from_parser(text, &spans, offset, &message)
+        })?;
+        Self::try_from(raw).map_err(|error| error.located(text, &FieldSpans::of_json(text)))
+    }
+
+    /// Loads and validates a configuration from TOML text (feature `toml`).
+    ///
+    /// ```
+    /// use dvmm_core::config::TenantConfig;
+    ///
+    /// let err = TenantConfig::from_toml("tenant_id = 42\n").unwrap_err();
+    /// assert_eq!(err.field, "tenant_id");
+    /// assert_eq!(err.location.unwrap().line, 1);
+    /// ```
+    ///
+    /// # Errors
+    /// A [`ConfigError`] with the bad field (empty when none can be told)
+    /// and its [`TextLocation`].
+    #[cfg(feature = "toml")]
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let raw = toml::from_str::<RawTenantConfig>(text).map_err(|error| {
+            let spans = FieldSpans::of_toml(text);
+            let offset = error.span().map(|span| span.start);
+            ConfigError::from_parser(text, &spans, offset, error.message())
+        })?;
+        Self::try_from(raw).map_err(|error| error.located(text, &FieldSpans::of_toml(text)))
+    }
+
     /// Checks every field; deserialization calls this, so a loaded
     /// configuration is always valid.
     ///
@@ -593,6 +748,135 @@ ip_wait_secs = 30
             endpoint_key("https://vc-a.example.com/sdk"),
             endpoint_key("https://vc-b.example.com/sdk")
         );
+    }
+
+    const GOOD_JSON: &str = r#"{
+  "tenant_id": "6f1c1d2e-0000-4000-8000-000000000001",
+  "slug": "acme",
+  "vcenter": {
+    "url": "https://vc.example.com/sdk",
+    "username": "svc-dvmm",
+    "password": "hunter2"
+  },
+  "datacenter": "DC0", "cluster": "DC0_C0", "datastore": "LocalDS_0",
+  "template": "ubuntu-22.04", "network": "VM Network",
+  "sizes": { "M": { "cpu": 3, "memory_mib": 6144, "disk_gib": 60 } },
+  "timeouts": { "ip_wait_secs": 30 }
+}"#;
+
+    fn json_error(from: &str, to: &str) -> ConfigError {
+        assert!(GOOD_JSON.contains(from), "{from}");
+        TenantConfig::from_json(&GOOD_JSON.replace(from, to)).unwrap_err()
+    }
+
+    fn at(error: &ConfigError) -> (usize, usize) {
+        let location = error
+            .location
+            .unwrap_or_else(|| panic!("no location: {error}"));
+        (location.line, location.column)
+    }
+
+    #[test]
+    fn from_json_loads_what_serde_loads() {
+        let config = TenantConfig::from_json(GOOD_JSON).unwrap();
+        assert_eq!(
+            config,
+            serde_json::from_str::<TenantConfig>(GOOD_JSON).unwrap()
+        );
+        assert_eq!(config.sizes.resources(VmSize::M).cpu, 3);
+    }
+
+    #[test]
+    fn json_errors_name_the_field_and_where_its_value_is() {
+        // A malformed tenant id: serde alone names no field.
+        let e = json_error("6f1c1d2e-0000-4000-8000-000000000001", "acme");
+        assert_eq!(e.field, "tenant_id");
+        assert_eq!(at(&e), (2, 16));
+        assert!(
+            e.to_string().contains("tenant_id (at line 2, column 16)"),
+            "{e}"
+        );
+        // A rule checked after parsing: serde_json would say line 0, column 0.
+        let e = json_error("https://vc.example.com/sdk", "vc.example.com");
+        assert_eq!(e.field, "vcenter.url");
+        assert_eq!(at(&e), (5, 12));
+        // A value of the wrong type, nested.
+        let e = json_error("\"ip_wait_secs\": 30", "\"ip_wait_secs\": \"soon\"");
+        assert_eq!(e.field, "timeouts.ip_wait_secs");
+        assert_eq!(at(&e).0, 12);
+        // A size's resources name the exact field.
+        let e = json_error("\"cpu\": 3", "\"cpu\": 0");
+        assert_eq!(e.field, "sizes.M.cpu");
+        assert_eq!(at(&e), (11, 28));
+        // Unknown and missing fields.
+        let e = json_error("\"network\"", "\"netwrok\"");
+        assert_eq!(e.field, "netwrok");
+        assert_eq!(at(&e).0, 10);
+        let e = json_error("\"username\": \"svc-dvmm\",", "");
+        assert_eq!(e.field, "vcenter.username");
+        assert!(e.location.is_some(), "{e}");
+    }
+
+    #[test]
+    fn a_json_syntax_error_has_a_location_and_no_field() {
+        let e = json_error("\"slug\": \"acme\",", "\"slug\": \"acme\"");
+        assert_eq!(e.field, "");
+        assert_eq!(at(&e).0, 4);
+        assert!(
+            e.to_string()
+                .starts_with("invalid tenant configuration at line 4"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn toml_errors_name_the_field_and_where_its_value_is() {
+        let toml_error = |from: &str, to: &str| {
+            assert!(GOOD.contains(from), "{from}");
+            TenantConfig::from_toml(&GOOD.replace(from, to)).unwrap_err()
+        };
+        assert_eq!(
+            TenantConfig::from_toml(GOOD).unwrap(),
+            toml::from_str::<TenantConfig>(GOOD).unwrap()
+        );
+        let e = toml_error("https://vc.example.com/sdk", "vc.example.com");
+        assert_eq!(e.field, "vcenter.url");
+        assert_eq!(at(&e), (11, 7));
+        let e = toml_error("\"6f1c1d2e-0000-4000-8000-000000000001\"", "42");
+        assert_eq!(e.field, "tenant_id");
+        assert_eq!(at(&e), (2, 13));
+        let e = toml_error("cpu = 3", "cpu = 0");
+        assert_eq!(e.field, "sizes.M.cpu");
+        assert_eq!(at(&e), (17, 7));
+        let e = toml_error("ip_wait_secs = 30", "ip_wait_secs = 99999");
+        assert_eq!(e.field, "timeouts.ip_wait_secs");
+        assert_eq!(at(&e), (22, 16));
+        let e = toml_error("network = ", "netwrok = ");
+        assert_eq!(e.field, "netwrok");
+        assert_eq!(at(&e).0, 8);
+        // A syntax error inside a value is put on that value's field.
+        let e = toml_error("slug = \"acme\"", "slug = \"acme");
+        assert_eq!(e.field, "slug");
+        assert_eq!(at(&e).0, 3);
+        // Inline tables are located too.
+        let inline = GOOD
+            .replace("[sizes.M]\ncpu = 3\nmemory_mib = 6144\ndisk_gib = 60\n", "")
+            .replace(
+                "network = \"VM Network\"\n",
+                "network = \"VM Network\"\nsizes = { M = { cpu = 0, memory_mib = 6144, disk_gib = 60 } }\n",
+            );
+        let e = TenantConfig::from_toml(&inline).unwrap_err();
+        assert_eq!(e.field, "sizes.M.cpu");
+        assert_eq!(at(&e), (9, 23));
+    }
+
+    #[test]
+    fn a_bad_tenant_id_names_the_field_through_plain_serde_too() {
+        let text = GOOD_JSON.replace("6f1c1d2e-0000-4000-8000-000000000001", "acme");
+        let e = serde_json::from_str::<TenantConfig>(&text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tenant_id"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Domain rejections: a command that is not allowed in the aggregate's state.
 
+use crate::spec::NameError;
+
 /// A command was rejected by an aggregate. Nothing was recorded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DomainError {
@@ -28,6 +30,10 @@ pub enum DomainError {
     /// The command's own data is wrong.
     #[error("{0}")]
     Invalid(String),
+    /// The requested VM name breaks the naming rules; the error says which
+    /// part ([`NameError::part`]), so a form can mark that field.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
     /// A free-text field is longer than the domain accepts.
     #[error("{field} is {actual} characters long; at most {max} are accepted")]
     TooLong {

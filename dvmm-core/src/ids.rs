@@ -17,6 +17,14 @@ macro_rules! uuid_id {
         pub struct $name(Uuid);
 
         impl $name {
+            /// A new random (version 4) id, for hosts that mint their own
+            /// ids (users, projects, tenants) without a `uuid` dependency.
+            /// The service mints its ids through its
+            /// [`IdGenerator`](crate::IdGenerator) instead.
+            pub fn new_v4() -> Self {
+                Self(Uuid::new_v4())
+            }
+
             /// Wraps an existing UUID.
             pub const fn from_uuid(uuid: Uuid) -> Self {
                 Self(uuid)
@@ -36,7 +44,8 @@ macro_rules! uuid_id {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Display::fmt(&self.0, f)
+                // Padded to the caller's width: `Uuid`'s own `Display` ignores it.
+                f.pad(self.0.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
             }
         }
 
@@ -99,7 +108,7 @@ impl VmwareVmId {
 
 impl fmt::Display for VmwareVmId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -116,6 +125,25 @@ mod tests {
         assert_eq!(json, "\"00000000-0000-0000-0000-000000001234\"");
         assert_eq!(serde_json::from_str::<VmRequestId>(&json).unwrap(), id);
         assert!("not-a-uuid".parse::<TenantId>().is_err());
+    }
+
+    #[test]
+    fn new_v4_ids_are_random_version_4_uuids() {
+        let a = UserId::new_v4();
+        let b = UserId::new_v4();
+        assert_ne!(a, b);
+        assert_eq!(a.as_uuid().get_version_num(), 4);
+    }
+
+    #[test]
+    fn display_pads_to_the_requested_width() {
+        let id = TenantId::from_uuid(Uuid::from_u128(0x1234));
+        assert_eq!(
+            format!("[{id:>40}]"),
+            "[    00000000-0000-0000-0000-000000001234]"
+        );
+        assert_eq!(format!("{id}"), "00000000-0000-0000-0000-000000001234");
+        assert_eq!(format!("[{:<9}]", VmwareVmId::new("vm-1")), "[vm-1     ]");
     }
 
     #[test]

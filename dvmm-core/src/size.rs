@@ -37,7 +37,7 @@ impl VmSize {
 
 impl fmt::Display for VmSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 

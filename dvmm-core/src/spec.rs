@@ -28,7 +28,7 @@ pub enum NamePart {
 
 impl fmt::Display for NamePart {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             NamePart::ProjectPrefix => "project prefix",
             NamePart::RequestedName => "requested VM name",
             NamePart::FullName => "VM name",
@@ -195,7 +195,7 @@ impl From<VmName> for String {
 
 impl fmt::Display for VmName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 

@@ -34,7 +34,9 @@ pub enum VmStatus {
 
 impl fmt::Display for VmStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
+        // The variant's name, padded to the caller's width (`{:<12}` in a
+        // table); derived `Debug` ignores width.
+        f.pad(&format!("{self:?}"))
     }
 }
 

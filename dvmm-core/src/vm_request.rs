@@ -35,7 +35,9 @@ pub enum VmRequestStatus {
 
 impl fmt::Display for VmRequestStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
+        // The variant's name, padded to the caller's width (`{:<12}` in a
+        // table); derived `Debug` ignores width.
+        f.pad(&format!("{self:?}"))
     }
 }
 
@@ -336,8 +338,7 @@ impl Aggregate for VmRequest {
         let Some(state) = state else {
             return match command {
                 C::Submit(submit) => {
-                    let vm_name = VmName::new(&submit.project_prefix, &submit.requested_name)
-                        .map_err(|e| DomainError::Invalid(e.to_string()))?;
+                    let vm_name = VmName::new(&submit.project_prefix, &submit.requested_name)?;
                     submit
                         .resources
                         .validate("resources")

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use chrono::{DateTime, TimeZone, Utc};
 use dvmm_core::event::StreamId;
 use dvmm_core::ids::*;
-use dvmm_core::spec::{IP_TIMEOUT_WARNING, PowerState, VmResources, VmSize};
+use dvmm_core::spec::{IP_TIMEOUT_WARNING, NamePart, PowerState, VmResources, VmSize};
 use dvmm_core::testing::AggregateTest;
 use dvmm_core::vm::*;
 use dvmm_core::vm_request::*;
@@ -418,25 +418,28 @@ fn a_rejection_needs_a_reason() {
 #[test]
 fn a_bad_name_is_rejected_naming_the_part() {
     let cases = [
-        ("Web", "app01", "project prefix"),
-        ("", "app01", "project prefix"),
-        ("web-", "app01", "project prefix"),
-        ("web", "App01", "requested VM name"),
-        ("web", "app_01", "requested VM name"),
-        ("web", "", "requested VM name"),
-        ("web", "-app", "requested VM name"),
+        ("Web", "app01", NamePart::ProjectPrefix),
+        ("", "app01", NamePart::ProjectPrefix),
+        ("web-", "app01", NamePart::ProjectPrefix),
+        ("web", "App01", NamePart::RequestedName),
+        ("web", "app_01", NamePart::RequestedName),
+        ("web", "", NamePart::RequestedName),
+        ("web", "-app", NamePart::RequestedName),
     ];
     for (prefix, name, part) in cases {
         AggregateTest::<VmRequest>::given_no_events()
             .when(submit_named(prefix, name))
-            .then_expect_error(|e| matches!(e, DomainError::Invalid(msg) if msg.starts_with(part)));
+            .then_expect_error(|e| {
+                matches!(e, DomainError::InvalidName(error)
+                    if error.part() == part && error.to_string().starts_with(&part.to_string()))
+            });
     }
     let long = "a".repeat(60);
     AggregateTest::<VmRequest>::given_no_events()
         .when(submit_named("web", &long))
         .then_expect_error(|e| {
-            matches!(e, DomainError::Invalid(msg)
-                if msg.starts_with("requested VM name") && msg.contains("at most 59"))
+            matches!(e, DomainError::InvalidName(error)
+                if error.part() == NamePart::RequestedName && error.to_string().contains("at most 59"))
         });
 }
 

@@ -1,8 +1,8 @@
 //! What the examples share: the vCenter flags and the tenant they describe.
 
 use clap::Args;
-use dvmm::core::config::{Secret, Timeouts, VcenterEndpoint};
-use dvmm::core::spec::SizeTable;
+use dvmm::SizeTable;
+use dvmm::config::{Secret, Timeouts, VcenterEndpoint};
 use dvmm::{TenantConfig, TenantId};
 use uuid::Uuid;
 

@@ -19,6 +19,8 @@ use super::{ProvisioningService, ServiceError};
 /// before giving up with [`ServiceError::TooManyConflicts`].
 pub(super) const MAX_CONFLICT_RETRIES: usize = 16;
 
+/// An aggregate as read from its stream: its state, the version the next
+/// append expects, and the events (for the timeline to catch up on).
 pub(super) struct Loaded<A: Aggregate> {
     pub(super) state: Option<A>,
     pub(super) version: u64,

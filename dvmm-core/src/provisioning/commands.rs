@@ -46,8 +46,10 @@ where
     /// timeline. Returns the new request's id.
     ///
     /// # Errors
-    /// [`ServiceError::Domain`] for a bad name (the message says which part is
-    /// wrong), [`ServiceError::UnknownTenant`], or a store failure.
+    /// [`ServiceError::InvalidName`] for a bad name (carrying the
+    /// [`NameError`](crate::NameError) that says which part is wrong),
+    /// [`ServiceError::Domain`] for other bad input (an over-long
+    /// justification, …), [`ServiceError::UnknownTenant`], or a store failure.
     pub async fn submit(&self, request: NewVmRequest) -> Result<VmRequestId, ServiceError> {
         let config = self.tenant(request.tenant_id)?;
         let request_id = VmRequestId::from_uuid(self.ids.new_uuid());

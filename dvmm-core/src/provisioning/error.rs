@@ -4,6 +4,7 @@ use crate::error::DomainError;
 use crate::event::{EventDecodeError, StreamId};
 use crate::ids::{TenantId, VmId, VmRequestId};
 use crate::ports::{StoreError, VsphereError};
+use crate::spec::NameError;
 use crate::vm::VmStatus;
 
 use super::aggregates::MAX_CONFLICT_RETRIES;
@@ -14,7 +15,12 @@ use super::aggregates::MAX_CONFLICT_RETRIES;
 pub enum ServiceError {
     /// The aggregate refused the command.
     #[error(transparent)]
-    Domain(#[from] DomainError),
+    Domain(DomainError),
+    /// The requested VM name breaks the naming rules. [`NameError::part`]
+    /// says which part is wrong (the project prefix or the requested name),
+    /// so a form can mark that field without reading the message.
+    #[error(transparent)]
+    InvalidName(NameError),
     /// The request does not exist (for this tenant).
     #[error("VM request {0} was not found")]
     RequestNotFound(VmRequestId),
@@ -70,4 +76,15 @@ pub enum ServiceError {
         /// Who had the claim.
         holder: String,
     },
+}
+
+impl From<DomainError> for ServiceError {
+    /// A bad name becomes [`ServiceError::InvalidName`] wherever the
+    /// aggregate refuses it, so callers match one variant for it.
+    fn from(error: DomainError) -> Self {
+        match error {
+            DomainError::InvalidName(name) => ServiceError::InvalidName(name),
+            error => ServiceError::Domain(error),
+        }
+    }
 }

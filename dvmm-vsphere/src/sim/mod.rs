@@ -318,10 +318,10 @@ impl Simulator {
     ) -> Result<TenantConfig, ConfigError> {
         let placement = self.state().default_placement();
         let Some([datacenter, cluster, datastore, network, template]) = placement else {
-            return Err(ConfigError {
-                field: "inventory".into(),
-                reason: "no datacenter has a cluster, a datastore, a network and a template".into(),
-            });
+            return Err(ConfigError::new(
+                "inventory",
+                "no datacenter has a cluster, a datastore, a network and a template",
+            ));
         };
         let config = TenantConfig {
             tenant_id,
