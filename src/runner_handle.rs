@@ -4,10 +4,10 @@
 //!
 //! ```no_run
 //! # async fn demo(runner: dvmm::ProvisioningRunner<
-//! #     std::sync::Arc<dvmm::store::MemoryEventStore>, dvmm::vsphere::sim::Simulator,
-//! #     std::sync::Arc<dvmm::store::MemoryTimeline>, dvmm::core::clock::SystemClock,
-//! #     dvmm::core::clock::RandomIds, std::sync::Arc<dvmm::store::MemoryWorkQueue>,
-//! #     std::sync::Arc<dvmm::store::MemoryCheckpoints>, dvmm::TokioTimer>,
+//! #     std::sync::Arc<dvmm::store::memory::MemoryEventStore>, dvmm::vsphere::sim::Simulator,
+//! #     std::sync::Arc<dvmm::store::memory::MemoryTimeline>, dvmm::SystemClock,
+//! #     dvmm::RandomIds, std::sync::Arc<dvmm::store::memory::MemoryWorkQueue>,
+//! #     std::sync::Arc<dvmm::store::memory::MemoryCheckpoints>, dvmm::TokioTimer>,
 //! # ) -> Result<(), dvmm::RunnerError> {
 //! use dvmm::RunnerExt;
 //!

@@ -11,7 +11,7 @@
 //! # ) -> Result<(), dvmm::wait::WaitError>
 //! # where
 //! #     S: dvmm::EventStore, V: dvmm::VspherePort, T: dvmm::TimelineSink,
-//! #     C: dvmm::Clock, I: dvmm::core::clock::IdGenerator,
+//! #     C: dvmm::Clock, I: dvmm::IdGenerator,
 //! # {
 //! use std::time::Duration;
 //! use dvmm::wait::{await_request_for, conditions};

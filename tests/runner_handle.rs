@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{new_request, tenant_config, user};
-use dvmm::store::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
+use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::Simulator;
 use dvmm::wait::{WaitError, await_request, await_request_for, conditions};
 use dvmm::{
@@ -39,8 +39,8 @@ fn runner(
     Arc<MemoryEventStore>,
     Simulator,
     Arc<MemoryTimeline>,
-    dvmm::core::SystemClock,
-    dvmm::core::RandomIds,
+    dvmm::SystemClock,
+    dvmm::RandomIds,
     MemoryWorkQueue,
     MemoryCheckpoints,
     TokioTimer,
