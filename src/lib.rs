@@ -80,6 +80,7 @@ pub mod vsphere {
     pub use dvmm_vsphere::{SoapOptions, SoapVsphere, adapter, options};
 }
 
+pub mod any;
 mod runner_handle;
 pub use dvmm_core::runner::RunnerHealth;
 pub use runner_handle::{RunnerError, RunnerExt, RunnerHandle};
