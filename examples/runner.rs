@@ -115,6 +115,14 @@ struct Args {
     /// here); prints a `direct:` line with what those calls returned.
     #[arg(long)]
     direct: bool,
+    /// Serve the metrics in Prometheus text format on this address (e.g.
+    /// 127.0.0.1:9464, path /metrics).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// With --metrics-addr: keep serving this long after the summary line,
+    /// so a scraper can read the final figures.
+    #[arg(long, default_value_t = 0)]
+    metrics_linger_secs: u64,
     /// Where to provision: a vCenter, or the in-process simulator.
     #[command(flatten)]
     vcenter: VcenterArgs,
@@ -124,9 +132,31 @@ struct Args {
 async fn main() -> ExitCode {
     common::init_tracing();
     let args = Args::parse();
-    match run(args).await {
+    let linger = Duration::from_secs(args.metrics_linger_secs);
+    if let Some(addr) = args.metrics_addr {
+        // The library only records through the `metrics` facade; the
+        // exporter is the host's choice, here Prometheus over HTTP.
+        if let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+        {
+            eprintln!("error: cannot serve metrics on {addr}: {e}");
+            return ExitCode::from(2);
+        }
+        println!("metrics: http://{addr}/metrics");
+    }
+    let outcome = run(args).await;
+    let lingering = async {
+        if !linger.is_zero() {
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            tokio::time::sleep(linger).await;
+        }
+    };
+    match outcome {
         Ok(summary) => {
             println!("{summary}");
+            lingering.await;
             if summary.is_clean() {
                 ExitCode::SUCCESS
             } else {

@@ -26,7 +26,7 @@ pub use dvmm_core::{
 // `dvmm::ports::…` and so on read as `dvmm_core::…` does.
 pub use dvmm_core::{
     aggregate, backoff, clock, config, error, event, ids, ports, provisioning, size, spec,
-    timeline, vm, vm_request,
+    telemetry, timeline, vm, vm_request,
 };
 
 /// The background runner: its engine and configuration, the ports it

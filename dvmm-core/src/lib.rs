@@ -13,6 +13,7 @@ pub mod provisioning;
 pub mod runner;
 pub mod size;
 pub mod spec;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod timeline;

@@ -56,6 +56,7 @@ use crate::event::{DomainEvent, EventDecodeError, StoredEvent, StreamId};
 use crate::ids::{TenantId, VmRequestId};
 use crate::ports::{EventStore, TimelineSink, VsphereError, VspherePort};
 use crate::provisioning::{ProvisionOutcome, ProvisioningService, ServiceError};
+use crate::telemetry;
 use crate::vm_request::{VmRequest, VmRequestEvent, VmRequestStatus};
 
 pub use crate::ports::{CheckpointStore, Job, Timer, WorkQueue};
@@ -848,6 +849,7 @@ where
                             Ok(()) => feed_failures.ok(),
                             Err(error) => {
                                 self.note_error(&error);
+                                metrics::counter!(telemetry::RUNNER_STORE_FAILURES).increment(1);
                                 let now = self.service.clock().now();
                                 fatal = feed_failures.failed("feeding the work queue", error, now, &self.config);
                             }
@@ -922,6 +924,7 @@ where
                     }
                     Err(error) => {
                         self.note_error(&error);
+                        metrics::counter!(telemetry::RUNNER_STORE_FAILURES).increment(1);
                         let now = self.service.clock().now();
                         fatal =
                             claim_failures.failed("claiming work", error.into(), now, &self.config);
@@ -930,6 +933,9 @@ where
             }
             let (in_flight, held_here, parked) =
                 (inflight.len(), held.len(), parks.by_endpoint.len());
+            metrics::gauge!(telemetry::RUNNER_IN_FLIGHT).set(in_flight as f64);
+            metrics::gauge!(telemetry::RUNNER_HELD).set(held_here as f64);
+            metrics::gauge!(telemetry::RUNNER_PARKED_ENDPOINTS).set(parked as f64);
             let failures = feed_failures.count.max(claim_failures.count);
             self.update_health(|h| {
                 h.in_flight = in_flight;
@@ -1123,6 +1129,7 @@ where
             Err(Aborted) | Ok(Err(ServiceError::ClaimLost { .. })) => {
                 // Lost the lease: another worker owns the job now.
                 report.released += 1;
+                metrics::counter!(telemetry::RUNNER_LEASE_LOSSES).increment(1);
                 Ok(())
             }
             Ok(Ok(ProvisionOutcome::Ready { .. })) => {
@@ -1145,6 +1152,7 @@ where
                 // stops. Not the request's fault: no attempt is counted.
                 debug!(request_id = %id, %reason, "provisioning by another caller; checking later");
                 report.waited += 1;
+                metrics::counter!(telemetry::RUNNER_OUTAGE_WAITS).increment(1);
                 self.queue
                     .postpone(worker, id, self.config.backoff.delay(job.attempts + 1))
                     .await
@@ -1160,12 +1168,14 @@ where
                     .unwrap_or(Duration::ZERO);
                 debug!(request_id = %id, %error, ?delay, "waiting for vCenter");
                 report.waited += 1;
+                metrics::counter!(telemetry::RUNNER_OUTAGE_WAITS).increment(1);
                 self.queue.postpone(worker, id, delay).await
             }
             Ok(Ok(ProvisionOutcome::Deferred { error, .. })) => {
                 let delay = self.config.backoff.delay(job.attempts + 1);
                 info!(request_id = %id, %error, attempt = job.attempts + 1, ?delay, "retryable failure; retrying later");
                 report.retried += 1;
+                metrics::counter!(telemetry::RUNNER_RETRIES).increment(1);
                 self.queue.retry_later(worker, id, delay).await
             }
             Ok(Err(error)) => {
@@ -1173,6 +1183,7 @@ where
                 let delay = self.config.backoff.delay(job.attempts + 1);
                 warn!(request_id = %id, %error, ?delay, "provisioning command failed; retrying later");
                 report.retried += 1;
+                metrics::counter!(telemetry::RUNNER_RETRIES).increment(1);
                 self.queue.retry_later(worker, id, delay).await
             }
         };

@@ -170,7 +170,6 @@ impl Breaker {
     }
 
     /// Whether the breaker is closed (calls flow normally).
-    #[cfg(test)]
     pub fn is_closed(&self) -> bool {
         matches!(self.lock().state, State::Closed { .. })
     }
@@ -209,6 +208,7 @@ impl Transport for BreakerTransport {
     fn round_trip<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Response, VsphereError>> {
         Box::pin(async move {
             let Some(permit) = self.breaker.admit() else {
+                self.report_state();
                 return Err(VsphereError::CircuitOpen {
                     endpoint: self.endpoint.clone(),
                 });
@@ -225,8 +225,21 @@ impl Transport for BreakerTransport {
             } else {
                 permit.success();
             }
+            self.report_state();
             result
         })
+    }
+}
+
+impl BreakerTransport {
+    /// Sets [`dvmm_core::telemetry::VSPHERE_BREAKER_OPEN`] for this endpoint.
+    fn report_state(&self) {
+        let open = if self.breaker.is_closed() { 0.0 } else { 1.0 };
+        metrics::gauge!(
+            dvmm_core::telemetry::VSPHERE_BREAKER_OPEN,
+            "endpoint" => self.endpoint.clone()
+        )
+        .set(open);
     }
 }
 

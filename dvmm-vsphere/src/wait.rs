@@ -190,6 +190,22 @@ pub async fn wait_for_task(
     operation: &str,
     timeout: Duration,
 ) -> Result<Option<Node>, VsphereError> {
+    let started = Instant::now();
+    let result = wait_for_task_untimed(session, task, operation, timeout).await;
+    metrics::histogram!(
+        dvmm_core::telemetry::PROVISIONING_STEP_DURATION,
+        "step" => operation.to_owned()
+    )
+    .record(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn wait_for_task_untimed(
+    session: &Arc<Session>,
+    task: &MoRef,
+    operation: &str,
+    timeout: Duration,
+) -> Result<Option<Node>, VsphereError> {
     let mut info = TaskInfo::default();
     let contents =
         methods::retrieve_properties(session, "Task", TASK_PATHS, std::slice::from_ref(task))

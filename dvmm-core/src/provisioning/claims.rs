@@ -146,6 +146,21 @@ where
         mode: Mode<'_>,
         holder: &str,
     ) -> Result<ProvisionOutcome, ServiceError> {
+        let started = std::time::Instant::now();
+        let outcome = self
+            .provision_claiming(tenant, request_id, mode, holder)
+            .await;
+        record_provisioning(tenant, &outcome, started.elapsed());
+        outcome
+    }
+
+    async fn provision_claiming(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        mode: Mode<'_>,
+        holder: &str,
+    ) -> Result<ProvisionOutcome, ServiceError> {
         match &self.claims {
             ClaimSource::Process(claims) => {
                 // In-process claims cost nothing to take, so the request is
@@ -313,4 +328,29 @@ pub(super) fn held_elsewhere(
         status: request.status,
         reason,
     }
+}
+
+/// The provisioning series of [`crate::telemetry`] for one call.
+fn record_provisioning(
+    tenant: TenantId,
+    outcome: &Result<ProvisionOutcome, ServiceError>,
+    took: std::time::Duration,
+) {
+    use crate::telemetry::{PROVISIONING_DURATION, PROVISIONINGS, tenant_labelled};
+    let (label, code) = match outcome {
+        Ok(ProvisionOutcome::Ready { .. }) => ("ready", None),
+        Ok(ProvisionOutcome::Failed { error, .. }) => ("failed", Some(error.code())),
+        Ok(ProvisionOutcome::Deferred { error, .. }) => ("deferred", Some(error.code())),
+        Ok(ProvisionOutcome::Skipped { .. }) => ("skipped", None),
+        Err(_) => ("error", None),
+    };
+    let mut labels = vec![("outcome", label.to_owned())];
+    if tenant_labelled() {
+        labels.push(("tenant", tenant.to_string()));
+    }
+    metrics::histogram!(PROVISIONING_DURATION, &labels).record(took.as_secs_f64());
+    if let Some(code) = code {
+        labels.push(("error_code", code.to_owned()));
+    }
+    metrics::counter!(PROVISIONINGS, &labels).increment(1);
 }

@@ -98,6 +98,28 @@ impl Counted {
 impl Transport for Counted {
     fn round_trip<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Response, VsphereError>> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.inner.round_trip(call)
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let result = self.inner.round_trip(call).await;
+            metrics::histogram!(
+                dvmm_core::telemetry::VSPHERE_CALL_DURATION,
+                "method" => call.method
+            )
+            .record(started.elapsed().as_secs_f64());
+            let fault = match &result {
+                Ok(Response::Ok(_)) => None,
+                Ok(Response::Fault(fault)) => Some(fault.kind.clone()),
+                Err(error) => Some(error.code().to_owned()),
+            };
+            if let Some(fault) = fault {
+                metrics::counter!(
+                    dvmm_core::telemetry::VSPHERE_FAULTS,
+                    "method" => call.method,
+                    "fault" => fault
+                )
+                .increment(1);
+            }
+            result
+        })
     }
 }
