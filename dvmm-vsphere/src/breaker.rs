@@ -237,7 +237,7 @@ impl BreakerTransport {
         let open = if self.breaker.is_closed() { 0.0 } else { 1.0 };
         metrics::gauge!(
             dvmm_core::telemetry::VSPHERE_BREAKER_OPEN,
-            "endpoint" => self.endpoint.clone()
+            "endpoint" => dvmm_core::config::endpoint_key(&self.endpoint)
         )
         .set(open);
     }
