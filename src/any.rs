@@ -333,6 +333,40 @@ pub struct Stores {
     pub work_queue: AnyWorkQueue,
     /// The checkpoints.
     pub checkpoints: AnyCheckpoints,
+    /// The request read model.
+    pub requests: AnyRequests,
+}
+
+/// The request read model: in memory or on PostgreSQL.
+#[derive(Clone, Debug)]
+pub enum AnyRequests {
+    /// `MemoryRequests`.
+    Memory(Arc<dvmm_store_memory::MemoryRequests>),
+    /// `PgRequests` (feature `postgres`).
+    #[cfg(feature = "postgres")]
+    Postgres(dvmm_store_postgres::PgRequests),
+}
+
+impl dvmm_core::read_model::RequestReadModel for AnyRequests {
+    fn upsert<'a>(
+        &'a self,
+        row: dvmm_core::read_model::RequestSummary,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        delegate!(self, r => r.upsert(row))
+    }
+
+    fn list<'a>(
+        &'a self,
+        tenant: TenantId,
+        filter: &'a dvmm_core::read_model::RequestFilter,
+        after: Option<dvmm_core::read_model::Cursor>,
+        limit: usize,
+    ) -> BoxFuture<
+        'a,
+        Result<dvmm_core::read_model::Page<dvmm_core::read_model::RequestSummary>, StoreError>,
+    > {
+        delegate!(self, r => r.list(tenant, filter, after, limit))
+    }
 }
 
 /// Why [`Backend::open`] failed.
@@ -358,6 +392,7 @@ impl Backend {
                 timeline: AnyTimeline::Memory(Arc::new(MemoryTimeline::new())),
                 work_queue: AnyWorkQueue::Memory(Arc::new(MemoryWorkQueue::new())),
                 checkpoints: AnyCheckpoints::Memory(Arc::new(MemoryCheckpoints::new())),
+                requests: AnyRequests::Memory(Arc::new(dvmm_store_memory::MemoryRequests::new())),
             }),
             #[cfg(feature = "postgres")]
             Backend::Postgres {
@@ -371,6 +406,7 @@ impl Backend {
                     timeline: AnyTimeline::Postgres(parts.timeline),
                     work_queue: AnyWorkQueue::Postgres(parts.work_queue),
                     checkpoints: AnyCheckpoints::Postgres(parts.checkpoints),
+                    requests: AnyRequests::Postgres(parts.requests),
                 })
             }
         }
@@ -379,8 +415,8 @@ impl Backend {
 
 #[cfg(feature = "vsphere")]
 impl Stores {
-    /// A [`HostService`] on these stores, whose provisioning claims are the
-    /// work queue's (so direct `provision` calls and the runner exclude
+    /// A [`HostService`] on these stores, with their request read model,
+    /// whose provisioning claims are the work queue's (so direct `provision` calls and the runner exclude
     /// each other, across processes on PostgreSQL), with a 30 s lease.
     pub fn service(&self, vsphere: AnyVsphere, tenants: Tenants) -> HostService {
         ProvisioningService::new(self.events.clone(), vsphere, self.timeline.clone(), tenants)
@@ -389,6 +425,7 @@ impl Stores {
                 crate::TokioTimer,
                 Duration::from_secs(30),
             )
+            .with_read_model(self.requests.clone())
     }
 
     /// A [`HostRunner`] for `service`, on these stores' queue and

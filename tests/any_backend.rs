@@ -56,9 +56,16 @@ async fn run_host(backend: Backend) {
         file_and_wait(&service, &tenant, "app01").await,
         VmRequestStatus::Ready
     );
-    // Reads go through the same one type.
+    // Reads go through the same one type, and the backend's read model.
     let listed = service.list_requests(tenant.tenant_id).await.unwrap();
     assert_eq!(listed.len(), 1);
+    let page = service
+        .list_requests_page(tenant.tenant_id, &Default::default(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(page.items[0].status, VmRequestStatus::Ready);
+    assert!(page.items[0].ip_address.is_some(), "{:?}", page.items[0]);
     let report = tokio::time::timeout(Duration::from_secs(60), handle.shutdown())
         .await
         .expect("the runner stops")

@@ -10,6 +10,7 @@ pub mod event;
 pub mod ids;
 pub mod ports;
 pub mod provisioning;
+pub mod read_model;
 pub mod runner;
 pub mod size;
 pub mod spec;

@@ -622,3 +622,143 @@ pub async fn timeline_conformance<T: crate::ports::TimelineSink>(timeline: &T) {
         "another request has its own timeline"
     );
 }
+
+/// The contract every [`RequestReadModel`](crate::read_model::RequestReadModel)
+/// must pass, on a model no one else writes to while it runs.
+///
+/// # Panics
+/// On the first broken rule, saying which.
+pub async fn read_model_conformance<R: crate::read_model::RequestReadModel>(model: &R) {
+    use crate::ids::{ProjectId, VmRequestId};
+    use crate::read_model::{Cursor, RequestFilter, RequestSummary};
+    use crate::size::VmSize;
+    use crate::vm_request::VmRequestStatus;
+    let tenant = TenantId::from_uuid(Uuid::new_v4());
+    let other = TenantId::from_uuid(Uuid::new_v4());
+    let (web, db) = (
+        ProjectId::from_uuid(Uuid::new_v4()),
+        ProjectId::from_uuid(Uuid::new_v4()),
+    );
+    let base = Utc.timestamp_opt(1_800_000_000, 0).unwrap();
+    let row = |tenant, project, i: i64, status| RequestSummary {
+        tenant_id: tenant,
+        request_id: VmRequestId::from_uuid(Uuid::new_v4()),
+        project_id: project,
+        project_prefix: "web".into(),
+        vm_name: format!("web-app{i:02}"),
+        size: VmSize::S,
+        status,
+        vm_id: None,
+        ip_address: None,
+        reason: None,
+        // Two rows per second: ties are ordered by request id.
+        created_at: base + chrono::Duration::seconds(i / 2),
+        updated_at: base,
+        version: 1,
+    };
+    let mut rows = Vec::new();
+    for i in 0..7 {
+        let (project, status) = if i % 3 == 0 {
+            (db, VmRequestStatus::Ready)
+        } else {
+            (web, VmRequestStatus::Pending)
+        };
+        rows.push(row(tenant, project, i, status));
+    }
+    for r in &rows {
+        model.upsert(r.clone()).await.expect("upsert");
+    }
+    model
+        .upsert(row(other, web, 0, VmRequestStatus::Pending))
+        .await
+        .expect("upsert");
+
+    // Newer versions replace, older ones do not.
+    let mut newer = rows[1].clone();
+    newer.status = VmRequestStatus::Approved;
+    newer.version = 3;
+    newer.updated_at = base + chrono::Duration::seconds(60);
+    model.upsert(newer.clone()).await.expect("upsert");
+    let mut older = rows[1].clone();
+    older.status = VmRequestStatus::Rejected;
+    older.version = 2;
+    model.upsert(older).await.expect("upsert");
+    rows[1] = newer;
+
+    let mut expected = rows.clone();
+    expected.sort_by(|a, b| {
+        (b.created_at, b.request_id.as_uuid()).cmp(&(a.created_at, a.request_id.as_uuid()))
+    });
+
+    // Page through everything, two at a time, cursors as text.
+    let mut seen = Vec::new();
+    let mut after: Option<Cursor> = None;
+    for _ in 0..10 {
+        let page = model
+            .list(tenant, &RequestFilter::default(), after, 2)
+            .await
+            .expect("list");
+        assert!(page.items.len() <= 2, "a page holds at most limit rows");
+        seen.extend(page.items);
+        match page.next {
+            Some(next) => after = Some(next.to_string().parse().expect("a cursor reads back")),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen, expected,
+        "every row once, newest first, the newest version, nothing of another tenant"
+    );
+
+    let ready = model
+        .list(
+            tenant,
+            &RequestFilter {
+                status: Some(VmRequestStatus::Ready),
+                ..RequestFilter::default()
+            },
+            None,
+            100,
+        )
+        .await
+        .expect("list");
+    let want: Vec<_> = expected
+        .iter()
+        .filter(|r| r.status == VmRequestStatus::Ready)
+        .cloned()
+        .collect();
+    assert_eq!(ready.items, want, "filtered by status");
+    assert_eq!(ready.next, None);
+    let in_web = model
+        .list(
+            tenant,
+            &RequestFilter {
+                project_id: Some(web),
+                status: Some(VmRequestStatus::Pending),
+            },
+            None,
+            100,
+        )
+        .await
+        .expect("list");
+    let want: Vec<_> = expected
+        .iter()
+        .filter(|r| r.project_id == web && r.status == VmRequestStatus::Pending)
+        .cloned()
+        .collect();
+    assert_eq!(in_web.items, want, "filtered by project and status");
+    assert_eq!(
+        model
+            .list(
+                TenantId::from_uuid(Uuid::new_v4()),
+                &RequestFilter::default(),
+                None,
+                10
+            )
+            .await
+            .expect("list")
+            .items,
+        vec![],
+        "a tenant without requests lists none"
+    );
+}

@@ -604,3 +604,59 @@ impl CheckpointStore for MemoryCheckpoints {
         Ok(())
     }
 }
+
+/// The request read model in memory (see
+/// [`dvmm_core::read_model::RequestReadModel`]).
+#[derive(Debug, Default)]
+pub struct MemoryRequests {
+    rows: Mutex<HashMap<(TenantId, VmRequestId), dvmm_core::read_model::RequestSummary>>,
+}
+
+impl MemoryRequests {
+    /// An empty read model.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(
+        &self,
+    ) -> MutexGuard<'_, HashMap<(TenantId, VmRequestId), dvmm_core::read_model::RequestSummary>>
+    {
+        self.rows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl dvmm_core::read_model::RequestReadModel for MemoryRequests {
+    fn upsert<'a>(
+        &'a self,
+        row: dvmm_core::read_model::RequestSummary,
+    ) -> dvmm_core::ports::BoxFuture<'a, Result<(), StoreError>> {
+        let mut rows = self.lock();
+        let key = (row.tenant_id, row.request_id);
+        if rows.get(&key).is_none_or(|old| old.version < row.version) {
+            rows.insert(key, row);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn list<'a>(
+        &'a self,
+        tenant: TenantId,
+        filter: &'a dvmm_core::read_model::RequestFilter,
+        after: Option<dvmm_core::read_model::Cursor>,
+        limit: usize,
+    ) -> dvmm_core::ports::BoxFuture<
+        'a,
+        Result<dvmm_core::read_model::Page<dvmm_core::read_model::RequestSummary>, StoreError>,
+    > {
+        let rows: Vec<_> = self
+            .lock()
+            .values()
+            .filter(|row| row.tenant_id == tenant)
+            .cloned()
+            .collect();
+        Box::pin(std::future::ready(Ok(dvmm_core::read_model::page_of(
+            rows, filter, after, limit,
+        ))))
+    }
+}

@@ -40,3 +40,8 @@ async fn memory_checkpoints_pass_the_checkpoint_contract() {
 async fn memory_timeline_passes_the_timeline_contract() {
     dvmm_core::testing::timeline_conformance(&dvmm_store_memory::MemoryTimeline::new()).await;
 }
+
+#[tokio::test]
+async fn memory_requests_pass_the_read_model_contract() {
+    dvmm_core::testing::read_model_conformance(&dvmm_store_memory::MemoryRequests::new()).await;
+}

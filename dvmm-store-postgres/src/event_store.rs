@@ -111,6 +111,12 @@ impl PgEventStore {
         PgWorkQueue::new_allowing_unsafe_role(self.pool.clone())
     }
 
+    /// The request read model ([`crate::PgRequests`]) sharing this store's
+    /// pool (and the check its role passed, or the opt-in that skipped it).
+    pub fn requests(&self) -> crate::PgRequests {
+        crate::PgRequests::new_allowing_unsafe_role(self.pool.clone())
+    }
+
     /// [`PgCheckpoints`] sharing this store's pool (and the check its role
     /// passed, or the opt-in that skipped it).
     pub fn checkpoints(&self) -> PgCheckpoints {

@@ -3,6 +3,7 @@
 mod error;
 mod event_store;
 mod queue;
+mod requests;
 mod schema;
 mod scram;
 mod setup;
@@ -12,6 +13,7 @@ mod timeline;
 pub use error::{Error, Result};
 pub use event_store::PgEventStore;
 pub use queue::{PgCheckpoints, PgWorkQueue, QueueCounts};
+pub use requests::PgRequests;
 pub use schema::{APP_ROLE, MIGRATOR, app_role, create_app_login, migrate, verify_app_role};
 pub use scram::{
     SCRAM_ITERATIONS, SCRAM_SALT_LEN, scram_sha256_verifier, scram_sha256_verifier_with,

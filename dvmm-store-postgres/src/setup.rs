@@ -57,6 +57,8 @@ pub struct PgParts {
     pub work_queue: PgWorkQueue,
     /// The runner's feed checkpoints.
     pub checkpoints: PgCheckpoints,
+    /// The request read model.
+    pub requests: crate::PgRequests,
 }
 
 /// How [`setup_with`] connects; [`SetupOptions::default`] is what [`setup`]
@@ -151,6 +153,7 @@ pub async fn setup_with(
         timeline: store.timeline(),
         work_queue: store.work_queue(),
         checkpoints: store.checkpoints(),
+        requests: store.requests(),
         store,
     })
 }

@@ -33,3 +33,12 @@ async fn pg_timeline_passes_the_timeline_contract() {
     timeline_conformance(&db.store(2).await.timeline()).await;
     db.drop().await;
 }
+
+#[tokio::test]
+async fn pg_requests_pass_the_read_model_contract() {
+    let Some(db) = TestDb::create("pg_requests_pass_the_read_model_contract").await else {
+        return;
+    };
+    dvmm_core::testing::read_model_conformance(&db.store(2).await.requests()).await;
+    db.drop().await;
+}

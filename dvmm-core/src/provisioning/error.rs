@@ -58,6 +58,9 @@ pub enum ServiceError {
         /// The VM.
         vm_id: VmId,
     },
+    /// A read-model call on a service without a read model.
+    #[error("this service has no request read model (ProvisioningService::with_read_model)")]
+    NoReadModel,
     /// Other writers kept changing the stream.
     #[error("gave up on {stream} after {MAX_CONFLICT_RETRIES} concurrent-modification retries")]
     TooManyConflicts {

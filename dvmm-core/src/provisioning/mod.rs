@@ -65,6 +65,7 @@ pub struct ProvisioningService<S, V, T, C = crate::clock::SystemClock, I = crate
     tenants: Tenants,
     claims: ClaimSource,
     holder: String,
+    read_model: Option<Arc<dyn crate::read_model::RequestReadModel>>,
 }
 
 impl<S, V, T, C, I> fmt::Debug for ProvisioningService<S, V, T, C, I> {
@@ -128,7 +129,21 @@ where
             tenants,
             claims: ClaimSource::Process(Arc::default()),
             holder: format!("dvmm process {}", std::process::id()),
+            read_model: None,
         }
+    }
+
+    /// Keeps `read_model` up to date with every request change, like the
+    /// timeline, and serves [`ProvisioningService::list_requests`] and
+    /// [`ProvisioningService::list_requests_page`] from it instead of
+    /// replaying the tenant's events. Fill it for existing data with
+    /// [`ProvisioningService::rebuild_read_model`].
+    pub fn with_read_model(
+        mut self,
+        read_model: impl crate::read_model::RequestReadModel + 'static,
+    ) -> Self {
+        self.read_model = Some(Arc::new(read_model));
+        self
     }
 
     /// The name this service's direct calls hold claims under (shown to

@@ -4,8 +4,9 @@ use crate::clock::{Clock, IdGenerator};
 use crate::event::EventMetadata;
 use crate::ids::{TenantId, VmRequestId};
 use crate::ports::{EventStore, TimelineSink, VspherePort};
+use crate::read_model::RequestSummary;
 use crate::timeline::{TimelineEntry, TimelineEntryType};
-use crate::vm_request::VmRequestEvent;
+use crate::vm_request::{VmRequest, VmRequestEvent};
 
 use super::user_messages::utc_minute;
 use super::{ProvisioningService, ServiceError};
@@ -35,6 +36,30 @@ where
                     occurred_at: metadata.occurred_at,
                 })
                 .await?;
+        }
+        if !events.is_empty() {
+            self.project_request(tenant, request_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the request's read-model row up to its stream (when the
+    /// service has a read model).
+    pub(super) async fn project_request(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> Result<(), ServiceError> {
+        let Some(read_model) = &self.read_model else {
+            return Ok(());
+        };
+        let loaded = self
+            .load::<VmRequest>(tenant, &super::aggregates::request_stream(request_id))
+            .await?;
+        if let Some(request) = &loaded.state
+            && let Some(row) = RequestSummary::from_stream(request, &loaded.events)
+        {
+            read_model.upsert(row).await?;
         }
         Ok(())
     }
