@@ -15,6 +15,9 @@ use crate::vm_request::{VmRequest, VmRequestEvent};
 
 use super::aggregates::{request_stream, vm_stream};
 use super::{ProvisioningService, ServiceError};
+
+/// A request's state and its events with their metadata, as replayed.
+type RequestHistory = (Option<VmRequest>, Vec<(EventMetadata, VmRequestEvent)>);
 impl<S, V, T, C, I> ProvisioningService<S, V, T, C, I>
 where
     S: EventStore,
@@ -134,10 +137,7 @@ where
         &self,
         tenant: TenantId,
     ) -> Result<Vec<RequestSummary>, ServiceError> {
-        let mut streams: BTreeMap<
-            String,
-            (Option<VmRequest>, Vec<(EventMetadata, VmRequestEvent)>),
-        > = BTreeMap::new();
+        let mut streams: BTreeMap<String, RequestHistory> = BTreeMap::new();
         let mut after = 0;
         loop {
             let page = self.store.read_all(tenant, after, 1000).await?;
