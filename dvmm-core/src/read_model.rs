@@ -114,7 +114,7 @@ impl RequestFilter {
 
 /// Where a list continues: after the row it was taken from, in the list's
 /// order (newest first, ties by request id). Opaque to hosts: pass it
-/// back, or as text ([`Cursor::to_string`] / `parse`).
+/// back, or as text (`to_string()` / `parse()`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cursor {
     created_at: DateTime<Utc>,
