@@ -762,3 +762,72 @@ pub async fn read_model_conformance<R: crate::read_model::RequestReadModel>(mode
         "a tenant without requests lists none"
     );
 }
+
+/// The contract every [`VspherePort`](crate::ports::VspherePort) must pass,
+/// given a `spec` its vCenter can provision (an inventory that exists, a
+/// folder path of the caller's own, a name no VM there has yet). The guest
+/// need not report an IP: the spec's IP wait may be short.
+///
+/// - `create_vm` makes the VM and, called again with the same spec,
+///   adopts it instead of making a second one (the VM carries the spec's
+///   VM id);
+/// - the same name with another VM id is [`VsphereError::DuplicateName`]
+///   (`crate::ports::VsphereError`), never a second VM;
+/// - `find_vm` finds it by the spec, with our id; `get_vm` reads it by its
+///   vSphere id, powered on;
+/// - `find_vm` of a name that does not exist is `None`.
+///
+/// # Panics
+/// On the first broken rule, saying which.
+pub async fn vsphere_conformance<V: crate::ports::VspherePort>(
+    vsphere: &V,
+    spec: crate::spec::VmSpec,
+) {
+    use crate::ports::VsphereError;
+    use crate::spec::PowerState;
+    let first = vsphere.create_vm(&spec).await.expect("create_vm");
+    let again = vsphere
+        .create_vm(&spec)
+        .await
+        .expect("create_vm again with the same spec");
+    assert_eq!(
+        again.vmware_vm_id, first.vmware_vm_id,
+        "the same spec adopts the VM it made"
+    );
+    assert_eq!(first.hostname, spec.hostname.as_str());
+
+    let mut foreign = spec.clone();
+    foreign.vm_id = crate::ids::VmId::from_uuid(Uuid::new_v4());
+    match vsphere.create_vm(&foreign).await {
+        Err(VsphereError::DuplicateName { name, .. }) => assert_eq!(name, spec.name.as_str()),
+        other => panic!("the same name with another VM id must be DuplicateName: {other:?}"),
+    }
+
+    let found = vsphere
+        .find_vm(&spec)
+        .await
+        .expect("find_vm")
+        .expect("the VM is found by its spec");
+    assert_eq!(found.vmware_vm_id, first.vmware_vm_id);
+    assert_eq!(found.dvmm_vm_id, Some(spec.vm_id), "it carries our VM id");
+    assert_eq!(found.name, spec.name.as_str());
+    let read = vsphere
+        .get_vm(&spec.endpoint, &first.vmware_vm_id)
+        .await
+        .expect("get_vm");
+    assert_eq!(read.vmware_vm_id, first.vmware_vm_id);
+    assert_eq!(
+        read.power_state,
+        PowerState::PoweredOn,
+        "provisioned VMs run"
+    );
+
+    let mut missing = spec.clone();
+    missing.name =
+        crate::spec::VmName::parse(&format!("nx-{}", &Uuid::new_v4().simple().to_string()[..8]))
+            .expect("a valid name");
+    assert!(
+        vsphere.find_vm(&missing).await.expect("find_vm").is_none(),
+        "no VM of that name"
+    );
+}
