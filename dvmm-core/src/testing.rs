@@ -1,9 +1,11 @@
 //! Test support for hosts and adapters (feature `testing`):
 //! - [`store_conformance`]: the contract every [`EventStore`] must pass;
-//! - [`work_queue_conformance`], [`checkpoint_conformance`] and
-//!   [`timeline_conformance`]: the same for the runner's queue and
-//!   checkpoints and for the timeline, so a host writing its own adapter has
-//!   something to check it against;
+//! - [`work_queue_conformance`], [`checkpoint_conformance`],
+//!   [`timeline_conformance`], [`read_model_conformance`] and
+//!   [`vsphere_conformance`]: the same for the runner's queue and
+//!   checkpoints, the timeline, the request read model and the vSphere
+//!   port, so a host writing its own adapter has something to check it
+//!   against;
 //! - [`AggregateTest`]: a given/when/then harness for aggregates.
 
 use std::fmt::Debug;
