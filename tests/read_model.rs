@@ -61,6 +61,7 @@ async fn the_read_model_follows_every_change_and_rebuilds_to_the_same_rows() {
         Tenants::new().with(tenant.clone()).unwrap(),
     );
 
+    let approver = user();
     let other_project = ProjectId::new_v4();
     let mut ids = Vec::new();
     for i in 0..8 {
@@ -72,7 +73,7 @@ async fn the_read_model_follows_every_change_and_rebuilds_to_the_same_rows() {
     }
     for id in &ids[..5] {
         service
-            .approve(tenant.tenant_id, *id, user())
+            .approve(tenant.tenant_id, *id, approver)
             .await
             .unwrap();
     }
@@ -127,6 +128,26 @@ async fn the_read_model_follows_every_change_and_rebuilds_to_the_same_rows() {
     )
     .await;
     assert_eq!(in_other.len(), 4);
+
+    // Timeline entries carry their facts beside the English text.
+    let entries = service.timeline(tenant.tenant_id, ids[0]).await.unwrap();
+    let approved = entries
+        .iter()
+        .find(|e| e.entry_type == dvmm::TimelineEntryType::Approved)
+        .expect("an approval entry");
+    assert_eq!(approved.fields.actor, Some(approver));
+    let ready_entry = entries
+        .iter()
+        .find(|e| e.entry_type == dvmm::TimelineEntryType::VmReady)
+        .expect("a ready entry");
+    let row = everything.iter().find(|r| r.request_id == ids[0]).unwrap();
+    assert_eq!(ready_entry.fields.ip_address, row.ip_address);
+    assert_eq!(ready_entry.fields.vm_id, row.vm_id);
+    let rejected_entries = service.timeline(tenant.tenant_id, ids[5]).await.unwrap();
+    assert_eq!(
+        rejected_entries.last().unwrap().fields.reason.as_deref(),
+        Some("not now")
+    );
 
     // list_requests reads through the model, oldest first as before.
     let listed = service.list_requests(tenant.tenant_id).await.unwrap();

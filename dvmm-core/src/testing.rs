@@ -593,10 +593,15 @@ pub async fn timeline_conformance<T: crate::ports::TimelineSink>(timeline: &T) {
         entry_type,
         details: details.to_owned(),
         occurred_at: at(s),
+        fields: crate::timeline::TimelineFields::default(),
     };
     let created = entry(TimelineEntryType::Created, "Request created", 0);
-    let approved = entry(TimelineEntryType::Approved, "Approved – «ok» ✓", 5);
-    let ready = entry(TimelineEntryType::VmReady, "VM ready - IP: 10.0.0.7", 9);
+    let mut approved = entry(TimelineEntryType::Approved, "Approved – «ok» ✓", 5);
+    approved.fields.actor = Some(crate::ids::UserId::from_uuid(Uuid::new_v4()));
+    let mut ready = entry(TimelineEntryType::VmReady, "VM ready - IP: 10.0.0.7", 9);
+    ready.fields.ip_address = Some("10.0.0.7".parse().expect("an IP"));
+    ready.fields.vm_id = Some(crate::ids::VmId::from_uuid(Uuid::new_v4()));
+    ready.fields.retryable = Some(false);
     // Recorded out of order, and one of them twice.
     for e in [&ready, &created, &approved, &ready] {
         timeline.record(e.clone()).await.expect("record");
@@ -605,7 +610,7 @@ pub async fn timeline_conformance<T: crate::ports::TimelineSink>(timeline: &T) {
     assert_eq!(
         listed,
         vec![created, approved, ready],
-        "oldest first, each event once, every field (nanoseconds, text) as recorded"
+        "oldest first, each event once, every field (nanoseconds, text, structured fields) as recorded"
     );
     assert!(
         timeline
@@ -773,8 +778,8 @@ pub async fn read_model_conformance<R: crate::read_model::RequestReadModel>(mode
 /// - `create_vm` makes the VM and, called again with the same spec,
 ///   adopts it instead of making a second one (the VM carries the spec's
 ///   VM id);
-/// - the same name with another VM id is [`VsphereError::DuplicateName`]
-///   (`crate::ports::VsphereError`), never a second VM;
+/// - the same name with another VM id is `VsphereError::DuplicateName`,
+///   never a second VM;
 /// - `find_vm` finds it by the spec, with our id; `get_vm` reads it by its
 ///   vSphere id, powered on;
 /// - `find_vm` of a name that does not exist is `None`.

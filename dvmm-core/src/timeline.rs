@@ -86,8 +86,43 @@ pub struct TimelineEntry {
     pub request_id: VmRequestId,
     /// Kind.
     pub entry_type: TimelineEntryType,
-    /// Human-readable details, e.g. `VM ready - IP: 10.1.2.3`.
+    /// Human-readable details in English, e.g. `VM ready - IP: 10.1.2.3`.
     pub details: String,
     /// When it happened.
     pub occurred_at: DateTime<Utc>,
+    /// The facts behind `details`, for a host that renders entries in its
+    /// own language or with user names instead of ids.
+    #[serde(default)]
+    pub fields: TimelineFields,
+}
+
+/// The structured facts of a [`TimelineEntry`]; each entry type fills what
+/// it has.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineFields {
+    /// Who acted (requested, approved, rejected, cancelled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<crate::ids::UserId>,
+    /// The VM's name (created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_name: Option<String>,
+    /// The VM of the attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<crate::ids::VmId>,
+    /// The guest IP (ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<std::net::IpAddr>,
+    /// The machine-readable error code (failed, waiting for vCenter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    /// The reason given or the failure's message (rejected, cancelled,
+    /// failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Whether retrying may help (failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retryable: Option<bool>,
+    /// Since when (waiting for vCenter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
 }

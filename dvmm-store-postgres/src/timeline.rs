@@ -6,7 +6,7 @@ use chrono::{DateTime, Duration, Timelike, Utc};
 use dvmm_core::event::StreamId;
 use dvmm_core::ids::{EventId, TenantId, VmRequestId};
 use dvmm_core::ports::{StoreError, TimelineSink};
-use dvmm_core::timeline::{TimelineEntry, TimelineEntryType};
+use dvmm_core::timeline::{TimelineEntry, TimelineEntryType, TimelineFields};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
@@ -70,8 +70,8 @@ impl TimelineSink for PgTimeline {
         let mut tx = begin_for_tenant(&self.pool, entry.tenant_id, operation).await?;
         let inserted = sqlx::query(
             "INSERT INTO dvmm_timeline \
-               (event_id, tenant_id, request_id, entry_type, details, occurred_at, occurred_at_nanos) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+               (event_id, tenant_id, request_id, entry_type, details, occurred_at, occurred_at_nanos, fields) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(entry.event_id.as_uuid())
@@ -81,6 +81,7 @@ impl TimelineSink for PgTimeline {
         .bind(&entry.details)
         .bind(occurred_at)
         .bind(nanos)
+        .bind(sqlx::types::Json(&entry.fields))
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -103,7 +104,7 @@ impl TimelineSink for PgTimeline {
         let operation = "list a request's timeline";
         let mut tx = begin_for_tenant(&self.pool, tenant, operation).await?;
         let rows = sqlx::query(
-            "SELECT event_id, entry_type, details, occurred_at, occurred_at_nanos \
+            "SELECT event_id, entry_type, details, occurred_at, occurred_at_nanos, fields \
                FROM dvmm_timeline \
               WHERE tenant_id = $1 AND request_id = $2 \
               ORDER BY occurred_at, occurred_at_nanos, seq",
@@ -133,6 +134,10 @@ impl TimelineSink for PgTimeline {
                     entry_type,
                     details: row.try_get("details").map_err(get)?,
                     occurred_at: occurred_at + Duration::nanoseconds(i64::from(nanos)),
+                    fields: row
+                        .try_get::<sqlx::types::Json<TimelineFields>, _>("fields")
+                        .map_err(get)?
+                        .0,
                 })
             })
             .collect()

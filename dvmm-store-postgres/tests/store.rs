@@ -405,6 +405,7 @@ async fn the_database_keeps_tenants_apart_even_for_raw_sql() {
             entry_type: TimelineEntryType::Created,
             details: "a's request".into(),
             occurred_at: Utc::now(),
+            fields: Default::default(),
         })
         .await
         .expect("record");
@@ -697,6 +698,7 @@ fn entry(
         entry_type: kind,
         details: details.into(),
         occurred_at: at,
+        fields: Default::default(),
     }
 }
 

@@ -214,6 +214,11 @@ where
                             entry_type: TimelineEntryType::GuestInfoRefreshed,
                             details,
                             occurred_at: metadata.occurred_at,
+                            fields: crate::timeline::TimelineFields {
+                                vm_id: Some(vm.id),
+                                ip_address: e.ip_address,
+                                ..Default::default()
+                            },
                         })
                         .await?;
                 }

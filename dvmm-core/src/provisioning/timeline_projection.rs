@@ -5,7 +5,7 @@ use crate::event::EventMetadata;
 use crate::ids::{TenantId, VmRequestId};
 use crate::ports::{EventStore, TimelineSink, VspherePort};
 use crate::read_model::RequestSummary;
-use crate::timeline::{TimelineEntry, TimelineEntryType};
+use crate::timeline::{TimelineEntry, TimelineEntryType, TimelineFields};
 use crate::vm_request::{VmRequest, VmRequestEvent};
 
 use super::user_messages::utc_minute;
@@ -34,6 +34,7 @@ where
                     entry_type,
                     details,
                     occurred_at: metadata.occurred_at,
+                    fields: timeline_fields_for(event),
                 })
                 .await?;
         }
@@ -125,4 +126,41 @@ pub fn timeline_entry_for(event: &VmRequestEvent) -> (TimelineEntryType, String)
             "vCenter is reachable again; provisioning continues".to_owned(),
         ),
     }
+}
+
+/// The structured facts behind [`timeline_entry_for`]'s text.
+pub fn timeline_fields_for(event: &VmRequestEvent) -> TimelineFields {
+    let mut fields = TimelineFields::default();
+    match event {
+        VmRequestEvent::VmRequestCreated(e) => {
+            fields.actor = Some(e.requested_by);
+            fields.vm_name = Some(e.vm_name.as_str().to_owned());
+        }
+        VmRequestEvent::VmRequestApproved(e) => fields.actor = Some(e.approved_by),
+        VmRequestEvent::VmRequestRejected(e) => {
+            fields.actor = Some(e.rejected_by);
+            fields.reason = Some(e.reason.clone());
+        }
+        VmRequestEvent::VmRequestCancelled(e) => {
+            fields.actor = Some(e.cancelled_by);
+            fields.reason = e.reason.clone();
+        }
+        VmRequestEvent::VmRequestProvisioningStarted(e) => fields.vm_id = Some(e.vm_id),
+        VmRequestEvent::VmRequestReady(e) => {
+            fields.vm_id = Some(e.vm_id);
+            fields.ip_address = e.ip_address;
+        }
+        VmRequestEvent::VmRequestProvisioningFailed(e) => {
+            fields.vm_id = Some(e.vm_id);
+            fields.error_code = Some(e.error_code.clone());
+            fields.reason = Some(e.message.clone());
+            fields.retryable = Some(e.retryable);
+        }
+        VmRequestEvent::VmRequestWaitingForVcenter(e) => {
+            fields.since = Some(e.since);
+            fields.error_code = Some(e.error_code.clone());
+        }
+        VmRequestEvent::VmRequestVcenterReachable(e) => fields.since = Some(e.waiting_since),
+    }
+    fields
 }
