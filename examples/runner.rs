@@ -40,7 +40,9 @@ mod common;
 
 use clap::Parser;
 use common::{VcenterArgs, tenant_id_for};
+use dvmm::VmId;
 use dvmm::config::VcenterEndpoint;
+use dvmm::ports::{PowerOffMode, PowerOffOutcome};
 use dvmm::runner::{CheckpointStore, WorkQueue};
 use dvmm::spec::VmGuestInfo;
 use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
@@ -776,6 +778,25 @@ impl<V: VspherePort> VspherePort for Flaky<V> {
 
     async fn find_vm(&self, spec: &VmSpec) -> Result<Option<VmGuestInfo>, VsphereError> {
         self.inner.find_vm(spec).await
+    }
+
+    async fn power_off_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+        mode: PowerOffMode,
+    ) -> Result<PowerOffOutcome, VsphereError> {
+        self.inner.power_off_vm(endpoint, id, owner, mode).await
+    }
+
+    async fn destroy_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+    ) -> Result<(), VsphereError> {
+        self.inner.destroy_vm(endpoint, id, owner).await
     }
 }
 

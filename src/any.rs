@@ -284,6 +284,25 @@ impl dvmm_core::ports::VspherePort for AnyVsphere {
     ) -> Result<Option<dvmm_core::VmGuestInfo>, dvmm_core::ports::VsphereError> {
         delegate_vsphere!(self, v => v.find_vm(spec).await)
     }
+
+    async fn power_off_vm(
+        &self,
+        endpoint: &dvmm_core::config::VcenterEndpoint,
+        id: &dvmm_core::ids::VmwareVmId,
+        owner: dvmm_core::ids::VmId,
+        mode: dvmm_core::ports::PowerOffMode,
+    ) -> Result<dvmm_core::ports::PowerOffOutcome, dvmm_core::ports::VsphereError> {
+        delegate_vsphere!(self, v => v.power_off_vm(endpoint, id, owner, mode).await)
+    }
+
+    async fn destroy_vm(
+        &self,
+        endpoint: &dvmm_core::config::VcenterEndpoint,
+        id: &dvmm_core::ids::VmwareVmId,
+        owner: dvmm_core::ids::VmId,
+    ) -> Result<(), dvmm_core::ports::VsphereError> {
+        delegate_vsphere!(self, v => v.destroy_vm(endpoint, id, owner).await)
+    }
 }
 
 /// The service a host holds whatever it chose at run time.

@@ -13,7 +13,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use common::{new_request, tenant_config, user};
+use dvmm::core::VmId;
 use dvmm::core::config::VcenterEndpoint;
+use dvmm::core::ports::{PowerOffMode, PowerOffOutcome};
 use dvmm::core::spec::VmGuestInfo;
 use dvmm::store::memory::{MemoryEventStore, MemoryTimeline};
 use dvmm::vsphere::sim::{Fault, FaultRule, Operation, Simulator, Trigger};
@@ -130,6 +132,25 @@ impl<T: VspherePort> VspherePort for Stepping<T> {
         let result = self.0.find_vm(spec).await;
         pause().await;
         result
+    }
+
+    async fn power_off_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+        mode: PowerOffMode,
+    ) -> Result<PowerOffOutcome, VsphereError> {
+        self.0.power_off_vm(endpoint, id, owner, mode).await
+    }
+
+    async fn destroy_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+    ) -> Result<(), VsphereError> {
+        self.0.destroy_vm(endpoint, id, owner).await
     }
 }
 
@@ -346,6 +367,25 @@ impl VspherePort for CrashAfterFailedCreate {
     }
     async fn find_vm(&self, spec: &VmSpec) -> Result<Option<VmGuestInfo>, VsphereError> {
         self.inner.find_vm(spec).await
+    }
+
+    async fn power_off_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+        mode: PowerOffMode,
+    ) -> Result<PowerOffOutcome, VsphereError> {
+        self.inner.power_off_vm(endpoint, id, owner, mode).await
+    }
+
+    async fn destroy_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+    ) -> Result<(), VsphereError> {
+        self.inner.destroy_vm(endpoint, id, owner).await
     }
 }
 

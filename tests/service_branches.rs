@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{new_request, tenant_config, user};
+use dvmm::core::VmId;
 use dvmm::core::config::VcenterEndpoint;
+use dvmm::core::ports::{PowerOffMode, PowerOffOutcome};
 use dvmm::core::provisioning::request_stream;
 use dvmm::core::spec::{IP_TIMEOUT_WARNING, PowerState, VmGuestInfo};
 use dvmm::store::memory::{MemoryEventStore, MemoryTimeline};
@@ -26,6 +28,8 @@ mock! {
         fn create_vm(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError>;
         fn get_vm(&self, endpoint: &VcenterEndpoint, id: &VmwareVmId) -> Result<VmGuestInfo, VsphereError>;
         fn find_vm(&self, spec: &VmSpec) -> Result<Option<VmGuestInfo>, VsphereError>;
+        fn power_off_vm(&self, endpoint: &VcenterEndpoint, id: &VmwareVmId, owner: VmId, mode: PowerOffMode) -> Result<PowerOffOutcome, VsphereError>;
+        fn destroy_vm(&self, endpoint: &VcenterEndpoint, id: &VmwareVmId, owner: VmId) -> Result<(), VsphereError>;
     }
 }
 
@@ -55,6 +59,27 @@ impl VspherePort for MockPort {
         spec: &VmSpec,
     ) -> impl Future<Output = Result<Option<VmGuestInfo>, VsphereError>> + Send {
         let result = self.0.find_vm(spec);
+        async move { result }
+    }
+
+    fn power_off_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+        mode: PowerOffMode,
+    ) -> impl Future<Output = Result<PowerOffOutcome, VsphereError>> + Send {
+        let result = self.0.power_off_vm(endpoint, id, owner, mode);
+        async move { result }
+    }
+
+    fn destroy_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+    ) -> impl Future<Output = Result<(), VsphereError>> + Send {
+        let result = self.0.destroy_vm(endpoint, id, owner);
         async move { result }
     }
 }

@@ -18,9 +18,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::{new_request, tenant_config, user};
+use dvmm::core::VmId;
 use dvmm::core::config::VcenterEndpoint;
 use dvmm::core::event::{NewEvent, StoredEvent, StreamId};
 use dvmm::core::ports::{AppendOutcome, StoreError};
+use dvmm::core::ports::{PowerOffMode, PowerOffOutcome};
 use dvmm::core::runner::WorkQueue;
 use dvmm::core::spec::VmGuestInfo;
 use dvmm::store::memory::{MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
@@ -137,6 +139,25 @@ impl VspherePort for Port {
 
     async fn find_vm(&self, spec: &VmSpec) -> Result<Option<VmGuestInfo>, VsphereError> {
         self.sim.find_vm(spec).await
+    }
+
+    async fn power_off_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+        mode: PowerOffMode,
+    ) -> Result<PowerOffOutcome, VsphereError> {
+        self.sim.power_off_vm(endpoint, id, owner, mode).await
+    }
+
+    async fn destroy_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+    ) -> Result<(), VsphereError> {
+        self.sim.destroy_vm(endpoint, id, owner).await
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use dvmm_core::config::VcenterEndpoint;
 use dvmm_core::ids::{VmId, VmwareVmId};
-use dvmm_core::ports::{VsphereError, VspherePort};
+use dvmm_core::ports::{PowerOffMode, PowerOffOutcome, VsphereError, VspherePort};
 use dvmm_core::spec::{IP_TIMEOUT_WARNING, VmGuestInfo, VmProvisioningResult, VmSpec};
 use tracing::Instrument;
 
@@ -89,6 +89,47 @@ const VM_CONFIG_PATHS: &[&str] = &[
 
 /// Properties of the guest wait and of `get_vm`.
 const GUEST_PATHS: &[&str] = &["guest.toolsRunningStatus", "guest.ipAddress", "guest.net"];
+
+/// Properties that say whose a VM is and how far it is from off.
+const OWNER_PATHS: &[&str] = &[
+    "config.extraConfig",
+    "runtime.powerState",
+    "guest.toolsRunningStatus",
+];
+
+const POWER_PATHS: &[&str] = &["runtime.powerState"];
+
+/// `VmGone` for a VM that a read says does not exist (vCenter answers
+/// `ManagedObjectNotFound`, or a `missingSet` of it).
+fn gone(id: &VmwareVmId, error: VsphereError) -> VsphereError {
+    match error {
+        VsphereError::NotFound { .. } => VsphereError::VmGone {
+            vmware_vm_id: id.as_str().to_owned(),
+        },
+        other => other,
+    }
+}
+
+/// The VM `id` and what [`OWNER_PATHS`] read of it, only when it carries
+/// `owner` as its dvmm id: nothing may touch a VM dvmm did not create for
+/// this VM.
+async fn owned_vm(
+    session: &Session,
+    id: &VmwareVmId,
+    owner: VmId,
+) -> Result<(MoRef, VmProperties), VsphereError> {
+    let vm = MoRef::new("VirtualMachine", id.as_str());
+    let props = read_vm(session, &vm, OWNER_PATHS)
+        .await
+        .map_err(|e| gone(id, e))?;
+    if !carries(&props, owner) {
+        tracing::warn!(vm = %vm, "refusing to touch a VM that does not carry this dvmm id");
+        return Err(VsphereError::NotOurs {
+            vmware_vm_id: id.as_str().to_owned(),
+        });
+    }
+    Ok((vm, props))
+}
 
 const INFO_PATHS: &[&str] = &[
     "name",
@@ -791,6 +832,93 @@ impl SoapVsphere {
         Ok(result_of(&vm, spec, ip))
     }
 
+    async fn power_off(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+        mode: PowerOffMode,
+    ) -> Result<PowerOffOutcome, VsphereError> {
+        let session = self.conn(endpoint)?;
+        let (vm, props) = owned_vm(&session, id, owner).await?;
+        let state = props.runtime.power_state;
+        if state == Some(PowerState::PoweredOff) {
+            return Ok(PowerOffOutcome::AlreadyOff);
+        }
+        // No spec here: the client's own task limit applies.
+        let timeout = self.inner.options.task_timeout;
+        if let PowerOffMode::Guest { timeout: grace } = mode
+            && state == Some(PowerState::PoweredOn)
+            && props.guest.tools_running()
+        {
+            match methods::shutdown_guest(&session, &vm).await {
+                Ok(()) => {
+                    let mut power = props.runtime.power_state;
+                    let off = wait::wait_until(
+                        session.session.clone(),
+                        vm.clone(),
+                        POWER_PATHS,
+                        grace,
+                        &mut power,
+                        |p, path, val| {
+                            if path == "runtime.powerState" {
+                                *p = val.and_then(|v| PowerState::parse(&v.text));
+                            }
+                        },
+                        |p| *p == Some(PowerState::PoweredOff),
+                    )
+                    .await
+                    .map_err(|e| gone(id, e))?;
+                    if off {
+                        return Ok(PowerOffOutcome::GuestShutdown);
+                    }
+                    tracing::warn!(vm = %vm, ?grace, "the guest did not shut down in time; powering off");
+                }
+                // Nothing was asked of the guest when vCenter is away; the
+                // caller retries the whole power-off later.
+                Err(e) if e.is_unavailable() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(vm = %vm, error = %e, "the guest could not be asked to shut down; powering off");
+                }
+            }
+        }
+        let task = methods::power_off_vm(&session, &vm).await;
+        match self
+            .run_task(&session, task, "PowerOffVM_Task", timeout)
+            .await
+        {
+            Ok(()) => Ok(PowerOffOutcome::Hard),
+            // Off meanwhile (the guest finished shutting down, or another
+            // caller): that is the goal.
+            Err(VsphereError::InvalidPowerState { message }) => {
+                let now = read_vm(&session, &vm, POWER_PATHS)
+                    .await
+                    .map_err(|e| gone(id, e))?;
+                if now.runtime.power_state == Some(PowerState::PoweredOff) {
+                    Ok(PowerOffOutcome::AlreadyOff)
+                } else {
+                    Err(VsphereError::InvalidPowerState { message })
+                }
+            }
+            Err(e) => Err(gone(id, e)),
+        }
+    }
+
+    async fn destroy(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+    ) -> Result<(), VsphereError> {
+        let session = self.conn(endpoint)?;
+        let (vm, _) = owned_vm(&session, id, owner).await?;
+        let task = methods::destroy(&session, &vm).await;
+        let timeout = self.inner.options.task_timeout;
+        self.run_task(&session, task, "Destroy_Task", timeout)
+            .await
+            .map_err(|e| gone(id, e))
+    }
+
     async fn info(&self, session: &Session, vm: &MoRef) -> Result<VmGuestInfo, VsphereError> {
         let props = read_vm(session, vm, INFO_PATHS).await?;
         Ok(VmGuestInfo {
@@ -844,6 +972,29 @@ impl VspherePort for SoapVsphere {
         let session = self.session(endpoint)?;
         let vm = MoRef::new("VirtualMachine", id.as_str());
         self.info(&session, &vm).await
+    }
+
+    async fn power_off_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+        mode: PowerOffMode,
+    ) -> Result<PowerOffOutcome, VsphereError> {
+        let span = tracing::info_span!("power_off_vm", vmware_vm_id = %id, vm_id = %owner, ?mode);
+        self.power_off(endpoint, id, owner, mode)
+            .instrument(span)
+            .await
+    }
+
+    async fn destroy_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+    ) -> Result<(), VsphereError> {
+        let span = tracing::info_span!("destroy_vm", vmware_vm_id = %id, vm_id = %owner);
+        self.destroy(endpoint, id, owner).instrument(span).await
     }
 
     async fn find_vm(&self, spec: &VmSpec) -> Result<Option<VmGuestInfo>, VsphereError> {

@@ -369,6 +369,50 @@ pub async fn power_on_vm(session: &Session, vm: &MoRef) -> Result<MoRef, Vsphere
     returned_moref("PowerOnVM_Task", &node)
 }
 
+/// `VirtualMachine.PowerOffVM_Task` (a hard power-off). Not repeated by
+/// the client: a lost answer may hide a power-off that happened.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn power_off_vm(session: &Session, vm: &MoRef) -> Result<MoRef, VsphereError> {
+    let node = session
+        .call("PowerOffVM_Task", false, Duration::ZERO, |_, env| {
+            this(env, vm);
+        })
+        .await?;
+    returned_moref("PowerOffVM_Task", &node)
+}
+
+/// `VirtualMachine.ShutdownGuest`: asks the guest OS to shut down and
+/// returns at once (no task); the VM is off when its `runtime.powerState`
+/// says so.
+///
+/// # Errors
+/// Faults (`ToolsUnavailable` when VMware Tools is not running,
+/// `InvalidPowerState` when the VM is not on) and transport errors.
+pub async fn shutdown_guest(session: &Session, vm: &MoRef) -> Result<(), VsphereError> {
+    session
+        .call("ShutdownGuest", false, Duration::ZERO, |_, env| {
+            this(env, vm);
+        })
+        .await?;
+    Ok(())
+}
+
+/// `ManagedEntity.Destroy_Task` on a VM: removes it from the inventory and
+/// deletes its files.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn destroy(session: &Session, entity: &MoRef) -> Result<MoRef, VsphereError> {
+    let node = session
+        .call("Destroy_Task", false, Duration::ZERO, |_, env| {
+            this(env, entity);
+        })
+        .await?;
+    returned_moref("Destroy_Task", &node)
+}
+
 /// `PropertyCollector.CreatePropertyCollector`: a private collector.
 ///
 /// # Errors

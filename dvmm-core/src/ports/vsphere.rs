@@ -2,9 +2,10 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::VcenterEndpoint;
-use crate::ids::VmwareVmId;
+use crate::ids::{VmId, VmwareVmId};
 use crate::spec::{VmGuestInfo, VmProvisioningResult, VmSpec};
 
 /// A vSphere operation failed. Adapters map SOAP faults and transport
@@ -96,6 +97,22 @@ pub enum VsphereError {
         /// client).
         limit_bytes: u64,
     },
+    /// The VM does not exist (any more). For power-off and destroy this
+    /// means the work is already done: whoever acted before removed it.
+    #[error("VM {vmware_vm_id} no longer exists in vCenter")]
+    VmGone {
+        /// The managed-object id that was looked up.
+        vmware_vm_id: String,
+    },
+    /// The VM does not carry the dvmm VM id the caller acts for (another
+    /// id, or none: dvmm did not create it). It was left untouched.
+    #[error(
+        "VM {vmware_vm_id} was not created by dvmm for this VM (its dvmm.vmId does not match); it was left untouched"
+    )]
+    NotOurs {
+        /// The managed-object id.
+        vmware_vm_id: String,
+    },
 }
 
 impl VsphereError {
@@ -145,8 +162,36 @@ impl VsphereError {
             VsphereError::CircuitOpen { .. } => "CircuitOpen",
             VsphereError::Protocol { .. } => "Protocol",
             VsphereError::AnswerTooLarge { .. } => "AnswerTooLarge",
+            VsphereError::VmGone { .. } => "VmGone",
+            VsphereError::NotOurs { .. } => "NotOurs",
         }
     }
+}
+
+/// How [`VspherePort::power_off_vm`] stops a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerOffMode {
+    /// Cut the power at once (`PowerOffVM_Task`).
+    Hard,
+    /// Ask the guest OS to shut down (`ShutdownGuest`) and wait up to
+    /// `timeout` for the VM to be off; a guest that cannot be asked (no
+    /// VMware Tools) or is not off in time is powered off hard.
+    Guest {
+        /// How long the guest gets.
+        timeout: Duration,
+    },
+}
+
+/// What [`VspherePort::power_off_vm`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerOffOutcome {
+    /// The VM was already powered off; nothing was sent.
+    AlreadyOff,
+    /// The guest shut itself down in time.
+    GuestShutdown,
+    /// The VM was powered off hard (asked to, or after the guest did not
+    /// shut down).
+    Hard,
 }
 
 /// Creates and inspects VMs in vSphere.
@@ -155,6 +200,12 @@ impl VsphereError {
 /// already exists in `spec.folder_path` and carries `spec.vm_id`, it is
 /// adopted (finished and returned) instead of cloned again; when it carries
 /// another id or none, the result is [`VsphereError::DuplicateName`].
+///
+/// `power_off_vm` and `destroy_vm` act only on a VM whose extraConfig
+/// `dvmm.vmId` equals `owner`: any other VM is [`VsphereError::NotOurs`]
+/// and is not touched. A VM that does not exist is
+/// [`VsphereError::VmGone`], which a caller removing the VM can count as
+/// done.
 pub trait VspherePort: Send + Sync {
     /// Clones, configures, customizes and powers on the VM, then waits up to
     /// `spec.ip_wait_timeout` for its IP. A missing IP is not an error: the
@@ -164,12 +215,31 @@ pub trait VspherePort: Send + Sync {
         spec: &VmSpec,
     ) -> impl Future<Output = Result<VmProvisioningResult, VsphereError>> + Send;
 
-    /// Live guest facts of a VM.
+    /// Live guest facts of a VM, with its power state.
     fn get_vm(
         &self,
         endpoint: &VcenterEndpoint,
         id: &VmwareVmId,
     ) -> impl Future<Output = Result<VmGuestInfo, VsphereError>> + Send;
+
+    /// Powers the VM off; a VM already off is fine. A suspended VM is
+    /// powered off hard in either mode (there is no running guest to ask).
+    fn power_off_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+        mode: PowerOffMode,
+    ) -> impl Future<Output = Result<PowerOffOutcome, VsphereError>> + Send;
+
+    /// Destroys a powered-off VM and its disks (a VM still on is
+    /// [`VsphereError::InvalidPowerState`]).
+    fn destroy_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+    ) -> impl Future<Output = Result<(), VsphereError>> + Send;
 
     /// The VM named `spec.name` in `spec.folder_path`, if any.
     fn find_vm(
@@ -192,6 +262,25 @@ impl<T: VspherePort + ?Sized> VspherePort for Arc<T> {
         id: &VmwareVmId,
     ) -> impl Future<Output = Result<VmGuestInfo, VsphereError>> + Send {
         (**self).get_vm(endpoint, id)
+    }
+
+    fn power_off_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+        mode: PowerOffMode,
+    ) -> impl Future<Output = Result<PowerOffOutcome, VsphereError>> + Send {
+        (**self).power_off_vm(endpoint, id, owner, mode)
+    }
+
+    fn destroy_vm(
+        &self,
+        endpoint: &VcenterEndpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+    ) -> impl Future<Output = Result<(), VsphereError>> + Send {
+        (**self).destroy_vm(endpoint, id, owner)
     }
 
     fn find_vm(

@@ -53,5 +53,9 @@ pub fn user_message(error: &VsphereError, spec: &VmSpec) -> String {
         VsphereError::AnswerTooLarge { limit_bytes } => format!(
             "vCenter's answer was larger than the {limit_bytes}-byte limit; ask the platform team to check the vCenter endpoint"
         ),
+        VsphereError::VmGone { .. } => "the VM no longer exists in vCenter".into(),
+        VsphereError::NotOurs { .. } => {
+            "a VM that dvmm did not create for this request is in the way; it was left untouched: ask the platform team".into()
+        }
     }
 }

@@ -16,17 +16,29 @@ pub enum Operation {
     GetVm,
     /// `VspherePort::find_vm`.
     FindVm,
+    /// `VspherePort::power_off_vm`.
+    PowerOffVm,
+    /// `VspherePort::destroy_vm`.
+    DestroyVm,
 }
 
 impl Operation {
     /// Every operation.
-    pub const ALL: [Operation; 3] = [Operation::CreateVm, Operation::GetVm, Operation::FindVm];
+    pub const ALL: [Operation; 5] = [
+        Operation::CreateVm,
+        Operation::GetVm,
+        Operation::FindVm,
+        Operation::PowerOffVm,
+        Operation::DestroyVm,
+    ];
 
     pub(crate) const fn index(self) -> usize {
         match self {
             Operation::CreateVm => 0,
             Operation::GetVm => 1,
             Operation::FindVm => 2,
+            Operation::PowerOffVm => 3,
+            Operation::DestroyVm => 4,
         }
     }
 
@@ -36,6 +48,8 @@ impl Operation {
             Operation::CreateVm => "create_vm",
             Operation::GetVm => "get_vm",
             Operation::FindVm => "find_vm",
+            Operation::PowerOffVm => "power_off_vm",
+            Operation::DestroyVm => "destroy_vm",
         }
     }
 }
@@ -75,8 +89,10 @@ pub enum Fault {
     DuplicateName,
     /// `create_vm`: the VM is created and powered on, then the answer is lost
     /// and the call fails with [`VsphereError::Transport`] (the connection
-    /// broke while waiting for the guest's IP). On `get_vm` and `find_vm`,
-    /// which change nothing, this is the same as [`Fault::Transient`].
+    /// broke while waiting for the guest's IP). `power_off_vm` and
+    /// `destroy_vm`: the VM is powered off or destroyed, then the answer is
+    /// lost the same way. On `get_vm` and `find_vm`, which change nothing,
+    /// this is the same as [`Fault::Transient`].
     CreatedButCallFailed,
     /// The call waits this long (on tokio time), then proceeds normally.
     Delay(Duration),

@@ -26,6 +26,10 @@
 //!   [`IP_TIMEOUT_WARNING`];
 //! - fault injection by [`FaultRule`] (operation, trigger, fault) and
 //!   introspection ([`Simulator::vms`], [`Simulator::call_count`]);
+//! - power-off (hard, or a guest shutdown that takes
+//!   [`Simulator::set_guest_shutdown`] and falls back to hard after the
+//!   caller's timeout) and destroy, both only for a VM carrying the
+//!   caller's dvmm id (`NotOurs` otherwise, `VmGone` for an unknown id);
 //! - endpoint outages ([`Simulator::set_endpoint_down`],
 //!   [`Simulator::set_endpoint_down_for_calls`]): calls to that vCenter URL
 //!   fail with `VsphereError::Transport` (connection refused) without
@@ -89,10 +93,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use dvmm_core::config::{
     ConfigError, Secret, TenantConfig, Timeouts, VcenterEndpoint, endpoint_key,
 };
+use dvmm_core::ports::{PowerOffMode, PowerOffOutcome};
 use dvmm_core::spec::{IP_TIMEOUT_WARNING, PowerState, SizeTable, VmGuestInfo};
 use dvmm_core::{
-    TenantId, VcenterEndpoint as Endpoint, VmProvisioningResult, VmSpec, VmwareVmId, VsphereError,
-    VspherePort,
+    TenantId, VcenterEndpoint as Endpoint, VmId, VmProvisioningResult, VmSpec, VmwareVmId,
+    VsphereError, VspherePort,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -107,7 +112,7 @@ pub use inventory::{
 };
 pub use model::SimVm;
 
-use model::{IpStatus, Outage, Placement, Progress, State, later, normalize_folder};
+use model::{IpStatus, Outage, Placement, PowerView, Progress, State, later, normalize_folder};
 
 /// The in-process vCenter. Cheap to clone: clones share one inventory.
 #[derive(Clone)]
@@ -149,6 +154,7 @@ fn transient(message: &str) -> VsphereError {
 const TRANSIENT_MESSAGE: &str = "simulated transient failure: connection reset by peer";
 const REFUSED_MESSAGE: &str = "simulated outage: connection refused";
 const DROPPED_MESSAGE: &str = "simulated outage: the connection dropped while waiting for the VM";
+const LOST_CHANGE_MESSAGE: &str = "simulated failure: connection lost after the change was made";
 const LOST_ANSWER_MESSAGE: &str = "simulated failure: connection lost after the clone was started";
 
 impl Simulator {
@@ -282,6 +288,13 @@ impl Simulator {
         tracing::debug!(%id, known, "simulator: VM removed");
         self.inner.vm_changed.notify_waiters();
         known
+    }
+
+    /// How long a guest with VMware Tools running takes to shut down when
+    /// `power_off_vm` asks it to (`None`: it never does, so the caller's
+    /// timeout runs out and the VM is powered off hard). Default 2 s.
+    pub fn set_guest_shutdown(&self, after: Option<std::time::Duration>) {
+        self.state().set_guest_shutdown(after);
     }
 
     /// Adds a powered-on VM that dvmm did not create (it carries no dvmm
@@ -494,6 +507,120 @@ impl Simulator {
         self.state().guest_info(id, Instant::now())
     }
 
+    /// Applies an injected fault of a call that changes a VM: `Ok(true)`
+    /// when the change must happen and its answer then be lost.
+    async fn begin_change(
+        &self,
+        operation: Operation,
+        endpoint: &Endpoint,
+        id: &VmwareVmId,
+    ) -> Result<bool, VsphereError> {
+        match self.begin_read(operation, &endpoint.url)? {
+            Some(Fault::CreatedButCallFailed) => Ok(true),
+            fault => {
+                Self::apply_read_fault(fault, id.as_str(), "").await?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn lost_answer<T>(result: Result<T, VsphereError>) -> Result<T, VsphereError> {
+        result?;
+        Err(transient(LOST_CHANGE_MESSAGE))
+    }
+
+    async fn power_off(
+        &self,
+        endpoint: &Endpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+        mode: PowerOffMode,
+    ) -> Result<PowerOffOutcome, VsphereError> {
+        let lose_answer = self
+            .begin_change(Operation::PowerOffVm, endpoint, id)
+            .await?;
+        let outcome = self.power_off_owned(id, owner, mode).await;
+        if lose_answer {
+            return Self::lost_answer(outcome);
+        }
+        outcome
+    }
+
+    async fn power_off_owned(
+        &self,
+        id: &VmwareVmId,
+        owner: VmId,
+        mode: PowerOffMode,
+    ) -> Result<PowerOffOutcome, VsphereError> {
+        let (number, view, shutdown) = {
+            let state = self.state();
+            let number = state.owned(id, owner)?;
+            let view = state.power_view(number, Instant::now());
+            (number, view, state.guest_shutdown())
+        };
+        let outcome = match (view, mode) {
+            (None, _) => {
+                return Err(VsphereError::VmGone {
+                    vmware_vm_id: id.as_str().to_owned(),
+                });
+            }
+            (Some(PowerView::Off), _) => return Ok(PowerOffOutcome::AlreadyOff),
+            (Some(PowerView::OnWithTools), PowerOffMode::Guest { timeout }) => {
+                // The guest shuts down on its own time; past the caller's
+                // timeout the power is cut, as the SOAP client does.
+                match shutdown {
+                    Some(after) if after <= timeout => {
+                        tokio::time::sleep(after).await;
+                        PowerOffOutcome::GuestShutdown
+                    }
+                    _ => {
+                        tokio::time::sleep(timeout).await;
+                        PowerOffOutcome::Hard
+                    }
+                }
+            }
+            _ => PowerOffOutcome::Hard,
+        };
+        let mut state = self.state();
+        // The VM may have been removed or changed hands while the guest
+        // was shutting down: check again before touching it.
+        let number = match state.owned(id, owner) {
+            Ok(again) if again == number => again,
+            Ok(_) | Err(VsphereError::NotOurs { .. }) => {
+                return Err(VsphereError::NotOurs {
+                    vmware_vm_id: id.as_str().to_owned(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        state.power_off(number);
+        drop(state);
+        self.inner.vm_changed.notify_waiters();
+        Ok(outcome)
+    }
+
+    async fn destroy(
+        &self,
+        endpoint: &Endpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+    ) -> Result<(), VsphereError> {
+        let lose_answer = self
+            .begin_change(Operation::DestroyVm, endpoint, id)
+            .await?;
+        let result = {
+            let mut state = self.state();
+            state
+                .owned(id, owner)
+                .and_then(|number| state.destroy(number, Instant::now()))
+        };
+        self.inner.vm_changed.notify_waiters();
+        if lose_answer {
+            return Self::lost_answer(result);
+        }
+        result
+    }
+
     async fn find(&self, spec: &VmSpec) -> Result<Option<VmGuestInfo>, VsphereError> {
         let fault = self.begin_read(Operation::FindVm, &spec.endpoint.url)?;
         if fault.is_some() {
@@ -544,6 +671,27 @@ impl VspherePort for Simulator {
     ) -> impl Future<Output = Result<Option<VmGuestInfo>, VsphereError>> + Send {
         let span = tracing::debug_span!("sim.find_vm", vm = %spec.name, folder = %spec.folder_path);
         self.find(spec).instrument(span)
+    }
+
+    fn power_off_vm(
+        &self,
+        endpoint: &Endpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+        mode: PowerOffMode,
+    ) -> impl Future<Output = Result<PowerOffOutcome, VsphereError>> + Send {
+        let span = tracing::debug_span!("sim.power_off_vm", vmware_vm_id = %id, ?mode);
+        self.power_off(endpoint, id, owner, mode).instrument(span)
+    }
+
+    fn destroy_vm(
+        &self,
+        endpoint: &Endpoint,
+        id: &VmwareVmId,
+        owner: VmId,
+    ) -> impl Future<Output = Result<(), VsphereError>> + Send {
+        let span = tracing::debug_span!("sim.destroy_vm", vmware_vm_id = %id);
+        self.destroy(endpoint, id, owner).instrument(span)
     }
 }
 

@@ -24,6 +24,10 @@ use super::config::{Delays, IpMode, IpPool, SimulatorConfig};
 use super::fault::{Fault, FaultRules, Operation};
 use super::inventory::{DEFAULT_DATACENTER, SimCluster, SimDatacenter};
 
+/// How long a guest takes to shut down when asked, unless a test says
+/// otherwise.
+pub(crate) const DEFAULT_GUEST_SHUTDOWN: Duration = Duration::from_secs(2);
+
 /// The number in the first VM's managed-object id (`vm-1000`).
 pub(crate) const FIRST_VM_NUMBER: u64 = 1000;
 
@@ -296,6 +300,22 @@ pub(crate) struct State {
     /// Unreachable endpoints by [`dvmm_core::config::endpoint_key`].
     outages: std::collections::HashMap<String, Outage>,
     unreachable_calls: u64,
+    /// How long a guest with Tools running takes to shut down when asked;
+    /// `None`: it ignores the request.
+    guest_shutdown: Option<Duration>,
+}
+
+/// How a VM that `power_off_vm` may touch stands now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PowerView {
+    /// Powered off (or still cloning, which reads as off).
+    Off,
+    /// Suspended: no guest to ask.
+    Suspended,
+    /// On, with Tools running (the guest can be asked to shut down).
+    OnWithTools,
+    /// On, without Tools.
+    OnWithoutTools,
 }
 
 /// How long an endpoint stays unreachable.
@@ -377,7 +397,71 @@ impl State {
             rng: StdRng::seed_from_u64(config.seed),
             outages: std::collections::HashMap::new(),
             unreachable_calls: 0,
+            guest_shutdown: Some(DEFAULT_GUEST_SHUTDOWN),
         }
+    }
+
+    pub(crate) fn set_guest_shutdown(&mut self, after: Option<Duration>) {
+        self.guest_shutdown = after;
+    }
+
+    pub(crate) fn guest_shutdown(&self) -> Option<Duration> {
+        self.guest_shutdown
+    }
+
+    /// The VM's number when it exists and carries `owner` as its dvmm id:
+    /// `VmGone` when it does not exist, `NotOurs` when it carries another
+    /// id or none.
+    pub(crate) fn owned(&self, id: &VmwareVmId, owner: VmId) -> Result<u64, VsphereError> {
+        let number = self.number_of(id).ok_or_else(|| VsphereError::VmGone {
+            vmware_vm_id: id.as_str().to_owned(),
+        })?;
+        match self.record(number) {
+            Some(vm) if vm.dvmm_vm_id == Some(owner) => Ok(number),
+            Some(_) => Err(VsphereError::NotOurs {
+                vmware_vm_id: id.as_str().to_owned(),
+            }),
+            None => Err(VsphereError::VmGone {
+                vmware_vm_id: id.as_str().to_owned(),
+            }),
+        }
+    }
+
+    pub(crate) fn power_view(&self, number: u64, now: Instant) -> Option<PowerView> {
+        let vm = self.record(number)?;
+        Some(match vm.power_state(now) {
+            PowerState::PoweredOff => PowerView::Off,
+            PowerState::Suspended => PowerView::Suspended,
+            PowerState::PoweredOn if vm.tools_running(now) => PowerView::OnWithTools,
+            PowerState::PoweredOn => PowerView::OnWithoutTools,
+        })
+    }
+
+    /// Cuts the power; the guest's IP stays its own (a power-on reports it
+    /// again). Returns false when there is no such VM.
+    pub(crate) fn power_off(&mut self, number: u64) -> bool {
+        let Some(vm) = self.record_mut(number) else {
+            return false;
+        };
+        vm.power = Power::Off;
+        true
+    }
+
+    /// Destroys a VM that is not powered on.
+    pub(crate) fn destroy(&mut self, number: u64, now: Instant) -> Result<(), VsphereError> {
+        let Some(vm) = self.record(number) else {
+            return Err(VsphereError::VmGone {
+                vmware_vm_id: format!("vm-{number}"),
+            });
+        };
+        if vm.power_state(now) == PowerState::PoweredOn {
+            return Err(VsphereError::InvalidPowerState {
+                message: format!("VM {} is powered on; power it off first", vm.id),
+            });
+        }
+        let id = vm.id.clone();
+        self.remove_vm(&id);
+        Ok(())
     }
 
     pub(crate) fn set_outage(&mut self, endpoint: String, outage: Option<Outage>) {
