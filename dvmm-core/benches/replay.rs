@@ -69,6 +69,7 @@ fn request_history(n: usize) -> Vec<VmRequestEvent> {
             vmware_vm_id: VmwareVmId::new(format!("vm-{}", 1000 + n)),
             ip_address: Some(ip(n)),
             hostname: format!("web-app{n}"),
+            provisioned_at: None,
             warning_message: None,
         }),
     ]

@@ -227,12 +227,15 @@ impl Upcasters {
     /// Every step this release needs to read the events of earlier ones:
     ///
     /// - `VmProvisioningStarted` v1 → v2: no recorded placement.
+    /// - `VmRequestReady` v1 → v2: no recorded `provisioned_at`.
     pub fn builtin() -> Self {
-        Self::default().with_step(
-            "VmProvisioningStarted",
-            1,
-            crate::vm::upcast_provisioning_started_v1,
-        )
+        Self::default()
+            .with_step(
+                "VmProvisioningStarted",
+                1,
+                crate::vm::upcast_provisioning_started_v1,
+            )
+            .with_step("VmRequestReady", 1, crate::vm_request::upcast_ready_v1)
     }
 
     /// Registers the step that lifts `event_type` from `from` to `from + 1`.

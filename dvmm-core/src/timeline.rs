@@ -31,6 +31,15 @@ pub enum TimelineEntryType {
     WaitingForVcenter,
     /// vCenter answered again after a wait; provisioning continues.
     VcenterReachable,
+    /// What a failed provisioning left on vCenter was removed.
+    PartialVmRemoved,
+    /// A failed request was sent back through provisioning.
+    RetryRequested,
+    /// vCenter reported the VM running or stopped (a change of its live
+    /// status).
+    StatusChanged,
+    /// The VM was decommissioned.
+    VmDeleted,
 }
 
 impl TimelineEntryType {
@@ -47,6 +56,10 @@ impl TimelineEntryType {
             TimelineEntryType::GuestInfoRefreshed => "GuestInfoRefreshed",
             TimelineEntryType::WaitingForVcenter => "WaitingForVcenter",
             TimelineEntryType::VcenterReachable => "VcenterReachable",
+            TimelineEntryType::PartialVmRemoved => "PartialVmRemoved",
+            TimelineEntryType::RetryRequested => "RetryRequested",
+            TimelineEntryType::StatusChanged => "StatusChanged",
+            TimelineEntryType::VmDeleted => "VmDeleted",
         }
     }
 
@@ -63,6 +76,10 @@ impl TimelineEntryType {
             "GuestInfoRefreshed" => TimelineEntryType::GuestInfoRefreshed,
             "WaitingForVcenter" => TimelineEntryType::WaitingForVcenter,
             "VcenterReachable" => TimelineEntryType::VcenterReachable,
+            "PartialVmRemoved" => TimelineEntryType::PartialVmRemoved,
+            "RetryRequested" => TimelineEntryType::RetryRequested,
+            "StatusChanged" => TimelineEntryType::StatusChanged,
+            "VmDeleted" => TimelineEntryType::VmDeleted,
             _ => return None,
         })
     }

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Aggregate;
-use crate::error::DomainError;
+use crate::error::{DomainError, bounded_text};
 use crate::event::domain_events;
 use crate::ids::{TenantId, VmId, VmRequestId, VmwareVmId};
 use crate::size::VmResources;
@@ -125,6 +125,24 @@ pub struct VmDeleted {
     pub reason: Option<String>,
 }
 
+/// What a failed provisioning left on vCenter was dealt with: the partial
+/// VM was powered off and destroyed, or there was none. The VM stays
+/// `Failed` (its failure is the record); this only says nothing is left.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPartialRemoved {
+    /// The VM that was destroyed; `None` when the failed provisioning had
+    /// not created one (or it was already gone).
+    pub vmware_vm_id: Option<VmwareVmId>,
+}
+
+/// vCenter reported a power state that changes the VM's live status
+/// (`Ready` → `Running` on the first observation, `Running` ↔ `Stopped`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPowerStateObserved {
+    /// What vCenter said.
+    pub power_state: PowerState,
+}
+
 /// Everything recorded on a VM stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(clippy::enum_variant_names)]
@@ -139,6 +157,10 @@ pub enum VmEvent {
     VmGuestInfoRefreshed(VmGuestInfoRefreshed),
     /// See [`VmDeleted`].
     VmDeleted(VmDeleted),
+    /// See [`VmPartialRemoved`].
+    VmPartialRemoved(VmPartialRemoved),
+    /// See [`VmPowerStateObserved`].
+    VmPowerStateObserved(VmPowerStateObserved),
 }
 
 domain_events!(VmEvent {
@@ -147,6 +169,8 @@ domain_events!(VmEvent {
     VmProvisioningFailed(VmProvisioningFailed) = 1,
     VmGuestInfoRefreshed(VmGuestInfoRefreshed) = 1,
     VmDeleted(VmDeleted) = 1,
+    VmPartialRemoved(VmPartialRemoved) = 1,
+    VmPowerStateObserved(VmPowerStateObserved) = 1,
 });
 
 /// What a VM can be asked to do.
@@ -179,10 +203,23 @@ pub enum VmCommand {
         /// Power state.
         power_state: PowerState,
     },
-    /// Record that the VM is gone.
+    /// Record that the VM is gone (decommissioned). Refused while it is
+    /// provisioning and once it is deleted.
     MarkDeleted {
         /// Why.
         reason: Option<String>,
+    },
+    /// Record that what a failed provisioning left was removed (or that
+    /// nothing was left). Only for a `Failed` VM, once.
+    RecordPartialRemoved {
+        /// The destroyed VM, if there was one.
+        vmware_vm_id: Option<VmwareVmId>,
+    },
+    /// Record the power state vCenter reports; emits nothing when the live
+    /// status it means is the current one.
+    ObservePowerState {
+        /// What vCenter said.
+        power_state: PowerState,
     },
 }
 
@@ -194,6 +231,8 @@ impl VmCommand {
             VmCommand::RecordFailed { .. } => "record failure of",
             VmCommand::RefreshGuestInfo { .. } => "refresh guest info of",
             VmCommand::MarkDeleted { .. } => "delete",
+            VmCommand::RecordPartialRemoved { .. } => "record the removal of the partial",
+            VmCommand::ObservePowerState { .. } => "record the power state of",
         }
     }
 }
@@ -229,6 +268,11 @@ pub struct Vm {
     pub warning_message: Option<String>,
     /// The failure, if it failed.
     pub failure: Option<VmProvisioningFailed>,
+    /// Once a failed provisioning's leftovers were dealt with: the VM that
+    /// was destroyed (`Some(None)`: there was none).
+    pub partial_removed: Option<Option<VmwareVmId>>,
+    /// Why it was deleted, once it was.
+    pub deleted_reason: Option<String>,
 }
 
 impl Vm {
@@ -308,8 +352,26 @@ impl Aggregate for Vm {
                 })
             }
             (S::Ready | S::Running | S::Stopped | S::Failed, C::MarkDeleted { reason }) => {
+                if let Some(reason) = reason {
+                    bounded_text("reason", reason)?;
+                }
                 VmEvent::VmDeleted(VmDeleted {
                     reason: reason.clone(),
+                })
+            }
+            (S::Failed, C::RecordPartialRemoved { vmware_vm_id })
+                if state.partial_removed.is_none() =>
+            {
+                VmEvent::VmPartialRemoved(VmPartialRemoved {
+                    vmware_vm_id: vmware_vm_id.clone(),
+                })
+            }
+            (S::Ready | S::Running | S::Stopped, C::ObservePowerState { power_state }) => {
+                if live_status(*power_state) == state.status {
+                    return Ok(Vec::new());
+                }
+                VmEvent::VmPowerStateObserved(VmPowerStateObserved {
+                    power_state: *power_state,
                 })
             }
             _ => return Err(state.invalid(command)),
@@ -335,6 +397,8 @@ impl Aggregate for Vm {
                     provisioned_at: None,
                     warning_message: None,
                     failure: None,
+                    partial_removed: None,
+                    deleted_reason: None,
                 });
             }
             (None, _) => return None,
@@ -364,7 +428,12 @@ impl Aggregate for Vm {
                     state.warning_message = None;
                 }
             }
-            VmEvent::VmDeleted(_) => state.status = VmStatus::Deleted,
+            VmEvent::VmDeleted(e) => {
+                state.status = VmStatus::Deleted;
+                state.deleted_reason = e.reason.clone();
+            }
+            VmEvent::VmPartialRemoved(e) => state.partial_removed = Some(e.vmware_vm_id.clone()),
+            VmEvent::VmPowerStateObserved(e) => state.status = live_status(e.power_state),
         }
         Some(state)
     }

@@ -99,6 +99,9 @@ pub struct VmRequestProvisioningStarted {
 }
 
 /// The request's VM is ready.
+///
+/// Schema version 2 added `provisioned_at`; version 1 events read with
+/// `provisioned_at: None` (see [`upcast_ready_v1`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRequestReady {
     /// dvmm's VM.
@@ -109,8 +112,40 @@ pub struct VmRequestReady {
     pub ip_address: Option<IpAddr>,
     /// Guest hostname.
     pub hostname: String,
+    /// When the VM became ready (the same instant as the VM stream's
+    /// `VmProvisioned`). `None` only for events written before schema
+    /// version 2, which did not record it; their metadata's `occurred_at`
+    /// is the closest known time.
+    pub provisioned_at: Option<DateTime<Utc>>,
     /// What is incomplete, if anything.
     pub warning_message: Option<String>,
+}
+
+/// Lifts a `VmRequestReady` payload from schema version 1 to 2: version 1
+/// did not record when the VM became ready, so it is `null`.
+///
+/// # Errors
+/// When the payload is not a JSON object.
+pub fn upcast_ready_v1(mut payload: serde_json::Value) -> Result<serde_json::Value, String> {
+    let object = payload
+        .as_object_mut()
+        .ok_or_else(|| "the payload is not a JSON object".to_owned())?;
+    object
+        .entry("provisioned_at")
+        .or_insert(serde_json::Value::Null);
+    Ok(payload)
+}
+
+/// A failed request was sent back through provisioning: a new attempt,
+/// with a new VM, starts from `Approved`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequestRetried {
+    /// Who asked for the retry.
+    pub retried_by: UserId,
+    /// The VM of the attempt that failed.
+    pub failed_vm_id: VmId,
+    /// The number of the attempt this starts (the first was 1).
+    pub attempt: u32,
 }
 
 /// Provisioning failed.
@@ -169,6 +204,8 @@ pub enum VmRequestEvent {
     VmRequestWaitingForVcenter(VmRequestWaitingForVcenter),
     /// See [`VmRequestVcenterReachable`].
     VmRequestVcenterReachable(VmRequestVcenterReachable),
+    /// See [`VmRequestRetried`].
+    VmRequestRetried(VmRequestRetried),
 }
 
 domain_events!(VmRequestEvent {
@@ -177,10 +214,11 @@ domain_events!(VmRequestEvent {
     VmRequestRejected(VmRequestRejected) = 1,
     VmRequestCancelled(VmRequestCancelled) = 1,
     VmRequestProvisioningStarted(VmRequestProvisioningStarted) = 1,
-    VmRequestReady(VmRequestReady) = 1,
+    VmRequestReady(VmRequestReady) = 2,
     VmRequestProvisioningFailed(VmRequestProvisioningFailed) = 1,
     VmRequestWaitingForVcenter(VmRequestWaitingForVcenter) = 1,
     VmRequestVcenterReachable(VmRequestVcenterReachable) = 1,
+    VmRequestRetried(VmRequestRetried) = 1,
 });
 
 /// The data of a new request.
@@ -236,7 +274,12 @@ pub enum VmRequestCommand {
         vm_id: VmId,
     },
     /// The VM is ready.
-    MarkReady(VmProvisioningResult),
+    MarkReady {
+        /// What vSphere returned.
+        result: VmProvisioningResult,
+        /// When it became ready.
+        at: DateTime<Utc>,
+    },
     /// Provisioning failed.
     MarkFailed {
         /// Machine-readable code.
@@ -256,6 +299,12 @@ pub enum VmRequestCommand {
     },
     /// vCenter answered again; refused unless the request waits.
     MarkVcenterReachable,
+    /// Send a failed request back through provisioning (a new attempt with
+    /// a new VM). Only from `Failed`.
+    Retry {
+        /// Who asks.
+        by: UserId,
+    },
 }
 
 impl VmRequestCommand {
@@ -266,10 +315,11 @@ impl VmRequestCommand {
             VmRequestCommand::Reject { .. } => "reject",
             VmRequestCommand::Cancel { .. } => "cancel",
             VmRequestCommand::StartProvisioning { .. } => "start provisioning",
-            VmRequestCommand::MarkReady(_) => "mark ready",
+            VmRequestCommand::MarkReady { .. } => "mark ready",
             VmRequestCommand::MarkFailed { .. } => "mark failed",
             VmRequestCommand::WaitForVcenter { .. } => "wait for vCenter",
             VmRequestCommand::MarkVcenterReachable => "mark vCenter reachable",
+            VmRequestCommand::Retry { .. } => "retry",
         }
     }
 }
@@ -312,6 +362,13 @@ pub struct VmRequest {
     /// Since when the request waits for an unreachable vCenter, while it
     /// does.
     pub waiting_since: Option<DateTime<Utc>>,
+    /// The provisioning attempt (1 until a retry).
+    pub attempt: u32,
+    /// When its VM became ready, once it did (`None` as well for a ready
+    /// recorded before that was kept).
+    pub provisioned_at: Option<DateTime<Utc>>,
+    /// The VMs of earlier attempts that failed, oldest first.
+    pub failed_vm_ids: Vec<VmId>,
 }
 
 impl VmRequest {
@@ -397,15 +454,21 @@ impl Aggregate for VmRequest {
                     vm_id: *vm_id,
                 })
             }
-            (S::Provisioning, C::MarkReady(result)) => {
+            (S::Provisioning, C::MarkReady { result, at }) => {
                 VmRequestEvent::VmRequestReady(VmRequestReady {
                     vm_id: state.vm_id.ok_or_else(|| state.invalid(command))?,
                     vmware_vm_id: result.vmware_vm_id.clone(),
                     ip_address: result.ip_address,
                     hostname: result.hostname.clone(),
+                    provisioned_at: Some(*at),
                     warning_message: result.warning_message.clone(),
                 })
             }
+            (S::Failed, C::Retry { by }) => VmRequestEvent::VmRequestRetried(VmRequestRetried {
+                retried_by: *by,
+                failed_vm_id: state.vm_id.ok_or_else(|| state.invalid(command))?,
+                attempt: state.attempt.saturating_add(1),
+            }),
             (
                 S::Provisioning,
                 C::MarkFailed {
@@ -460,6 +523,9 @@ impl Aggregate for VmRequest {
                     result: None,
                     failure: None,
                     waiting_since: None,
+                    attempt: 1,
+                    provisioned_at: None,
+                    failed_vm_ids: Vec::new(),
                 });
             }
             // An event without a creation before it is not ours to invent.
@@ -494,6 +560,7 @@ impl Aggregate for VmRequest {
                     hostname: e.hostname.clone(),
                     warning_message: e.warning_message.clone(),
                 });
+                state.provisioned_at = e.provisioned_at;
             }
             E::VmRequestProvisioningFailed(e) => {
                 state.status = VmRequestStatus::Failed;
@@ -502,6 +569,14 @@ impl Aggregate for VmRequest {
             }
             E::VmRequestWaitingForVcenter(e) => state.waiting_since = Some(e.since),
             E::VmRequestVcenterReachable(_) => state.waiting_since = None,
+            E::VmRequestRetried(e) => {
+                state.status = VmRequestStatus::Approved;
+                state.attempt = e.attempt;
+                state.failed_vm_ids.push(e.failed_vm_id);
+                state.vm_id = None;
+                state.failure = None;
+                state.waiting_since = None;
+            }
         }
         Some(state)
     }

@@ -114,6 +114,7 @@ fn request_ready() -> VmRequestEvent {
         vmware_vm_id: VmwareVmId::new("vm-1042"),
         ip_address: Some(ip()),
         hostname: "web-app01".into(),
+        provisioned_at: Some(at(60)),
         warning_message: None,
     })
 }
@@ -242,7 +243,10 @@ fn an_approved_request_starts_provisioning() {
 fn a_provisioning_request_becomes_ready_with_the_result() {
     let state =
         AggregateTest::<VmRequest>::given(&[created(), approved(), request_provisioning_started()])
-            .when(VmRequestCommand::MarkReady(result_with_ip()))
+            .when(VmRequestCommand::MarkReady {
+                result: result_with_ip(),
+                at: at(60),
+            })
             .then_expect_events(&[request_ready()])
             .expect("state");
     assert_eq!(state.status, VmRequestStatus::Ready);
@@ -258,12 +262,16 @@ fn a_provisioning_request_becomes_ready_without_an_ip() {
     };
     let state =
         AggregateTest::<VmRequest>::given(&[created(), approved(), request_provisioning_started()])
-            .when(VmRequestCommand::MarkReady(result.clone()))
+            .when(VmRequestCommand::MarkReady {
+                result: result.clone(),
+                at: at(60),
+            })
             .then_expect_events(&[VmRequestEvent::VmRequestReady(VmRequestReady {
                 vm_id: vm_id(),
                 vmware_vm_id: VmwareVmId::new("vm-1042"),
                 ip_address: None,
                 hostname: "web-app01".into(),
+                provisioned_at: Some(at(60)),
                 warning_message: Some(IP_TIMEOUT_WARNING.into()),
             })])
             .expect("state");
@@ -338,7 +346,10 @@ fn a_waiting_request_can_still_become_ready_or_fail_and_stops_waiting() {
         waiting(at(60)),
     ];
     let state = AggregateTest::<VmRequest>::given(&given)
-        .when(VmRequestCommand::MarkReady(result_with_ip()))
+        .when(VmRequestCommand::MarkReady {
+            result: result_with_ip(),
+            at: at(60),
+        })
         .then_expect_events(&[request_ready()])
         .expect("state");
     assert_eq!(
@@ -397,7 +408,10 @@ fn a_ready_request_cannot_be_marked_ready_twice() {
         request_provisioning_started(),
         request_ready(),
     ])
-    .when(VmRequestCommand::MarkReady(result_with_ip()))
+    .when(VmRequestCommand::MarkReady {
+        result: result_with_ip(),
+        at: at(60),
+    })
     .then_expect_error(invalid("mark ready", "Ready"));
 }
 
@@ -473,7 +487,10 @@ fn commands_on_a_missing_request_are_not_found() {
     for command in [
         VmRequestCommand::Approve { by: approver() },
         VmRequestCommand::StartProvisioning { vm_id: vm_id() },
-        VmRequestCommand::MarkReady(result_with_ip()),
+        VmRequestCommand::MarkReady {
+            result: result_with_ip(),
+            at: at(60),
+        },
         mark_failed(),
     ] {
         AggregateTest::<VmRequest>::given_no_events()
@@ -554,7 +571,13 @@ fn terminal_requests_refuse_everything() {
                 VmRequestCommand::StartProvisioning { vm_id: vm_id() },
                 "start provisioning",
             ),
-            (VmRequestCommand::MarkReady(result_with_ip()), "mark ready"),
+            (
+                VmRequestCommand::MarkReady {
+                    result: result_with_ip(),
+                    at: at(60),
+                },
+                "mark ready",
+            ),
             (mark_failed(), "mark failed"),
         ] {
             AggregateTest::<VmRequest>::given(given)
@@ -964,6 +987,7 @@ fn every_request_event_round_trips_through_json() {
             vmware_vm_id: VmwareVmId::new("vm-9"),
             ip_address: Some(IpAddr::V6(Ipv6Addr::LOCALHOST)),
             hostname: "web-app01".into(),
+            provisioned_at: None,
             warning_message: Some(IP_TIMEOUT_WARNING.into()),
         }),
         request_failed(),
@@ -971,9 +995,14 @@ fn every_request_event_round_trips_through_json() {
         VmRequestEvent::VmRequestVcenterReachable(VmRequestVcenterReachable {
             waiting_since: at(60),
         }),
+        VmRequestEvent::VmRequestRetried(dvmm_core::vm_request::VmRequestRetried {
+            retried_by: requester(),
+            failed_vm_id: vm_id(),
+            attempt: 2,
+        }),
     ];
     // Every variant is covered (the match has no wildcard).
-    let mut seen = [false; 9];
+    let mut seen = [false; 10];
     for e in &events {
         seen[match e {
             VmRequestEvent::VmRequestCreated(_) => 0,
@@ -985,6 +1014,7 @@ fn every_request_event_round_trips_through_json() {
             VmRequestEvent::VmRequestProvisioningFailed(_) => 6,
             VmRequestEvent::VmRequestWaitingForVcenter(_) => 7,
             VmRequestEvent::VmRequestVcenterReachable(_) => 8,
+            VmRequestEvent::VmRequestRetried(_) => 9,
         }] = true;
     }
     assert!(
@@ -1020,8 +1050,15 @@ fn every_vm_event_round_trips_through_json() {
         }),
         deleted(),
         VmEvent::VmDeleted(VmDeleted { reason: None }),
+        VmEvent::VmPartialRemoved(dvmm_core::vm::VmPartialRemoved {
+            vmware_vm_id: Some(VmwareVmId::new("vm-1")),
+        }),
+        VmEvent::VmPartialRemoved(dvmm_core::vm::VmPartialRemoved { vmware_vm_id: None }),
+        VmEvent::VmPowerStateObserved(dvmm_core::vm::VmPowerStateObserved {
+            power_state: PowerState::Suspended,
+        }),
     ];
-    let mut seen = [false; 5];
+    let mut seen = [false; 7];
     for e in &events {
         seen[match e {
             VmEvent::VmProvisioningStarted(_) => 0,
@@ -1029,6 +1066,8 @@ fn every_vm_event_round_trips_through_json() {
             VmEvent::VmProvisioningFailed(_) => 2,
             VmEvent::VmGuestInfoRefreshed(_) => 3,
             VmEvent::VmDeleted(_) => 4,
+            VmEvent::VmPartialRemoved(_) => 5,
+            VmEvent::VmPowerStateObserved(_) => 6,
         }] = true;
     }
     assert!(seen.iter().all(|s| *s), "every VM event variant: {seen:?}");

@@ -29,7 +29,7 @@ const APPROVER: &str = "f1a3c5e7-9b2d-4f60-8a4c-6e8f0b2d4f06";
 const FAILURE_MESSAGE: &str = "cluster compute-01 has not enough free memory for 4096 MiB; retry later or choose a smaller size";
 
 /// Every event type the request stream knows.
-const REQUEST_EVENT_TYPES: [&str; 9] = [
+const REQUEST_EVENT_TYPES: [&str; 10] = [
     "VmRequestCreated",
     "VmRequestApproved",
     "VmRequestRejected",
@@ -39,15 +39,18 @@ const REQUEST_EVENT_TYPES: [&str; 9] = [
     "VmRequestProvisioningFailed",
     "VmRequestWaitingForVcenter",
     "VmRequestVcenterReachable",
+    "VmRequestRetried",
 ];
 
 /// Every event type the VM stream knows.
-const VM_EVENT_TYPES: [&str; 5] = [
+const VM_EVENT_TYPES: [&str; 7] = [
     "VmProvisioningStarted",
     "VmProvisioned",
     "VmProvisioningFailed",
     "VmGuestInfoRefreshed",
     "VmDeleted",
+    "VmPartialRemoved",
+    "VmPowerStateObserved",
 ];
 
 /// The lists above must follow the enums. These matches have no wildcard, so a
@@ -64,6 +67,7 @@ fn request_type_name(event: &VmRequestEvent) -> &'static str {
         VmRequestEvent::VmRequestProvisioningFailed(_) => REQUEST_EVENT_TYPES[6],
         VmRequestEvent::VmRequestWaitingForVcenter(_) => REQUEST_EVENT_TYPES[7],
         VmRequestEvent::VmRequestVcenterReachable(_) => REQUEST_EVENT_TYPES[8],
+        VmRequestEvent::VmRequestRetried(_) => REQUEST_EVENT_TYPES[9],
     }
 }
 
@@ -74,6 +78,8 @@ fn vm_type_name(event: &VmEvent) -> &'static str {
         VmEvent::VmProvisioningFailed(_) => VM_EVENT_TYPES[2],
         VmEvent::VmGuestInfoRefreshed(_) => VM_EVENT_TYPES[3],
         VmEvent::VmDeleted(_) => VM_EVENT_TYPES[4],
+        VmEvent::VmPartialRemoved(_) => VM_EVENT_TYPES[5],
+        VmEvent::VmPowerStateObserved(_) => VM_EVENT_TYPES[6],
     }
 }
 
@@ -165,12 +171,13 @@ fn every_known_event_type_has_a_v1_fixture_and_nothing_else_is_there() {
         .chain(VM_EVENT_TYPES.iter())
         .copied()
         .collect();
-    assert_eq!(known.len(), 14, "type names are distinct");
+    assert_eq!(known.len(), 17, "type names are distinct");
     for name in REQUEST_EVENT_TYPES {
+        let expected = if name == "VmRequestReady" { 2 } else { 1 };
         assert_eq!(
             VmRequestEvent::current_version(name),
-            Some(1),
-            "{name} is a request event at schema version 1"
+            Some(expected),
+            "{name} is a request event at schema version {expected}"
         );
         assert_eq!(
             VmEvent::current_version(name),
@@ -256,7 +263,7 @@ fn v2_fixture_dir() -> PathBuf {
 
 /// Event types whose current schema is version 2: each has a v2 fixture,
 /// hand-written like the v1 ones, and nothing else is there.
-const V2_EVENT_TYPES: [&str; 1] = ["VmProvisioningStarted"];
+const V2_EVENT_TYPES: [&str; 2] = ["VmProvisioningStarted", "VmRequestReady"];
 
 #[test]
 fn every_v2_type_has_a_v2_fixture_that_round_trips() {
@@ -403,10 +410,17 @@ fn request_fixtures_carry_their_values() {
                 assert_eq!(e.ip_address, Some(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))));
                 assert_eq!(e.hostname, "web-app01");
                 assert_eq!(e.warning_message, None);
+                assert_eq!(e.provisioned_at, None, "v1 did not record it");
                 assert_eq!(
                     stored.metadata.occurred_at,
                     time("2026-01-15T09:48:41.123456Z")
                 );
+            }
+            VmRequestEvent::VmRequestRetried(e) => {
+                assert_eq!(stored.version, 6);
+                assert_eq!(e.retried_by, requester);
+                assert_eq!(e.failed_vm_id, vm_id);
+                assert_eq!(e.attempt, 2);
             }
             VmRequestEvent::VmRequestProvisioningFailed(e) => {
                 assert_eq!(e.vm_id, vm_id);
@@ -474,8 +488,40 @@ fn vm_fixtures_carry_their_values() {
                     Some("removed by the owner after the staging tests")
                 );
             }
+            VmEvent::VmPartialRemoved(e) => {
+                assert_eq!(e.vmware_vm_id, Some(VmwareVmId::new("vm-1042")));
+            }
+            VmEvent::VmPowerStateObserved(e) => {
+                assert_eq!(e.power_state, PowerState::PoweredOff);
+            }
         }
     }
+}
+
+#[test]
+fn request_ready_v2_carries_provisioned_at_and_v1_reads_without_it() {
+    let path = v2_fixture_dir().join("VmRequestReady.json");
+    let stored: StoredEvent =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("envelope");
+    let VmRequestEvent::VmRequestReady(e) = VmRequestEvent::decode(&stored).expect("decodes")
+    else {
+        panic!("a ready")
+    };
+    assert_eq!(e.provisioned_at, Some(time("2026-01-15T09:48:41.120Z")));
+
+    let (_, v1) = load_fixture("VmRequestReady");
+    let VmRequestEvent::VmRequestReady(e) = VmRequestEvent::decode(&v1).expect("decodes") else {
+        panic!("a ready")
+    };
+    assert_eq!(e.provisioned_at, None);
+    assert_eq!(e.vmware_vm_id, VmwareVmId::new("vm-1042"));
+
+    let mut broken = v1.clone();
+    broken.payload = json!("not an object");
+    assert!(matches!(
+        VmRequestEvent::decode(&broken),
+        Err(EventDecodeError::Upcast { from: 1, .. })
+    ));
 }
 
 #[test]

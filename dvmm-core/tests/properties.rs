@@ -150,10 +150,12 @@ fn request_command() -> impl Strategy<Value = VmRequestCommand> {
         1 => (user(), prop::option::of(free_text()))
             .prop_map(|(by, reason)| VmRequestCommand::Cancel { by, reason }),
         3 => vm_id().prop_map(|vm_id| VmRequestCommand::StartProvisioning { vm_id }),
-        3 => provisioning_result().prop_map(VmRequestCommand::MarkReady),
+        3 => (provisioning_result(), timestamp())
+            .prop_map(|(result, at)| VmRequestCommand::MarkReady { result, at }),
         2 => (text(), text(), any::<bool>()).prop_map(|(error_code, message, retryable)| {
             VmRequestCommand::MarkFailed { error_code, message, retryable }
         }),
+        2 => user().prop_map(|by| VmRequestCommand::Retry { by }),
     ]
 }
 
@@ -208,6 +210,9 @@ fn vm_command() -> impl Strategy<Value = VmCommand> {
             VmCommand::RefreshGuestInfo { ip_address, hostname, power_state }
         }),
         1 => prop::option::of(text()).prop_map(|reason| VmCommand::MarkDeleted { reason }),
+        1 => prop::option::of("vm-[0-9]{1,4}".prop_map(VmwareVmId::new))
+            .prop_map(|vmware_vm_id| VmCommand::RecordPartialRemoved { vmware_vm_id }),
+        3 => power_state().prop_map(|power_state| VmCommand::ObservePowerState { power_state }),
     ]
 }
 
@@ -262,8 +267,9 @@ fn request_transition(
             reason.as_deref().is_none_or(fits).then_some(S::Cancelled)
         }
         (Some(S::Approved), C::StartProvisioning { .. }) => Some(S::Provisioning),
-        (Some(S::Provisioning), C::MarkReady(_)) => Some(S::Ready),
+        (Some(S::Provisioning), C::MarkReady { .. }) => Some(S::Ready),
         (Some(S::Provisioning), C::MarkFailed { .. }) => Some(S::Failed),
+        (Some(S::Failed), C::Retry { .. }) => Some(S::Approved),
         _ => None,
     }
 }
@@ -297,6 +303,7 @@ fn request_event_legal(
                 E::VmRequestProvisioningFailed(_),
                 S::Failed
             )
+            | (Some(S::Failed), E::VmRequestRetried(_), S::Approved)
     )
 }
 
@@ -329,9 +336,18 @@ fn vm_transition(from: Option<&Vm>, command: &VmCommand) -> Option<Option<VmStat
                     .is_none_or(|h| vm.hostname.as_ref() == Some(h));
             Some((!same).then(|| live(*power_state)))
         }
-        (Some(S::Ready | S::Running | S::Stopped | S::Failed), C::MarkDeleted { .. }) => {
-            Some(Some(S::Deleted))
+        (Some(S::Ready | S::Running | S::Stopped | S::Failed), C::MarkDeleted { reason }) => reason
+            .as_deref()
+            .is_none_or(fits)
+            .then_some(Some(S::Deleted)),
+        (Some(S::Failed), C::RecordPartialRemoved { .. }) => {
+            let vm = from.expect("status came from a VM");
+            vm.partial_removed.is_none().then_some(Some(S::Failed))
         }
+        (
+            Some(status @ (S::Ready | S::Running | S::Stopped)),
+            C::ObservePowerState { power_state },
+        ) => Some((status != live(*power_state)).then(|| live(*power_state))),
         _ => None,
     }
 }
@@ -354,6 +370,12 @@ fn vm_event_legal(from: Option<VmStatus>, event: &VmEvent, to: VmStatus) -> bool
                 E::VmDeleted(_),
                 S::Deleted
             )
+            | (Some(S::Failed), E::VmPartialRemoved(_), S::Failed)
+            | (
+                Some(S::Ready | S::Running | S::Stopped),
+                E::VmPowerStateObserved(_),
+                S::Running | S::Stopped
+            )
     )
 }
 
@@ -371,8 +393,12 @@ struct RequestModel {
     reason: Option<String>,
     vm_id: Option<VmId>,
     result: Option<VmProvisioningResult>,
+    provisioned_at: Option<DateTime<Utc>>,
     /// Error code, message, retryable.
     failure: Option<(String, String, bool)>,
+    /// Retries so far.
+    retries: u32,
+    failed_vm_ids: Vec<VmId>,
 }
 
 impl RequestModel {
@@ -413,9 +439,18 @@ impl RequestModel {
                 self.vm_id = Some(*vm_id);
                 (S::Provisioning, "VmRequestProvisioningStarted")
             }
-            (Some(S::Provisioning), C::MarkReady(result)) => {
+            (Some(S::Provisioning), C::MarkReady { result, at }) => {
                 self.result = Some(result.clone());
+                self.provisioned_at = Some(*at);
                 (S::Ready, "VmRequestReady")
+            }
+            (Some(S::Failed), C::Retry { .. }) => {
+                // A new attempt: the failed VM is history, the next start
+                // brings a new one.
+                self.retries += 1;
+                self.failed_vm_ids.extend(self.vm_id.take());
+                self.failure = None;
+                (S::Approved, "VmRequestRetried")
             }
             (
                 Some(S::Provisioning),
@@ -466,6 +501,9 @@ impl RequestModel {
         prop_assert_eq!(&r.reason, &self.reason);
         prop_assert_eq!(r.vm_id, self.vm_id);
         prop_assert_eq!(&r.result, &self.result);
+        prop_assert_eq!(r.provisioned_at, self.provisioned_at);
+        prop_assert_eq!(r.attempt, 1 + self.retries);
+        prop_assert_eq!(&r.failed_vm_ids, &self.failed_vm_ids);
         let failure = r.failure.as_ref().map(|f| {
             prop_assert_eq!(Some(f.vm_id), self.vm_id);
             Ok((f.error_code.clone(), f.message.clone(), f.retryable))
@@ -488,6 +526,8 @@ struct VmModel {
     warning_message: Option<String>,
     /// Error code, message, retryable.
     failure: Option<(String, String, bool)>,
+    partial_removed: Option<Option<VmwareVmId>>,
+    deleted_reason: Option<String>,
 }
 
 impl VmModel {
@@ -550,8 +590,30 @@ impl VmModel {
                 }
                 (to, "VmGuestInfoRefreshed")
             }
-            (Some(S::Ready | S::Running | S::Stopped | S::Failed), C::MarkDeleted { .. }) => {
+            (Some(S::Ready | S::Running | S::Stopped | S::Failed), C::MarkDeleted { reason })
+                if reason.as_deref().is_none_or(fits) =>
+            {
+                self.deleted_reason = reason.clone();
                 (S::Deleted, "VmDeleted")
+            }
+            (Some(S::Failed), C::RecordPartialRemoved { vmware_vm_id })
+                if self.partial_removed.is_none() =>
+            {
+                self.partial_removed = Some(vmware_vm_id.clone());
+                (S::Failed, "VmPartialRemoved")
+            }
+            (
+                Some(from @ (S::Ready | S::Running | S::Stopped)),
+                C::ObservePowerState { power_state },
+            ) => {
+                let to = match power_state {
+                    PowerState::PoweredOn => S::Running,
+                    PowerState::PoweredOff | PowerState::Suspended => S::Stopped,
+                };
+                if to == from {
+                    return None;
+                }
+                (to, "VmPowerStateObserved")
             }
             _ => return None,
         };
@@ -587,6 +649,8 @@ impl VmModel {
             .as_ref()
             .map(|f| (f.error_code.clone(), f.message.clone(), f.retryable));
         prop_assert_eq!(&failure, &self.failure);
+        prop_assert_eq!(&vm.partial_removed, &self.partial_removed);
+        prop_assert_eq!(&vm.deleted_reason, &self.deleted_reason);
         Ok(())
     }
 }
@@ -663,7 +727,15 @@ fn check_request_data(state: &VmRequest, command: &VmRequestCommand) -> Result<(
         }
         C::Cancel { reason, .. } => prop_assert_eq!(&state.reason, reason),
         C::StartProvisioning { vm_id } => prop_assert_eq!(state.vm_id, Some(*vm_id)),
-        C::MarkReady(result) => prop_assert_eq!(state.result.as_ref(), Some(result)),
+        C::MarkReady { result, at } => {
+            prop_assert_eq!(state.result.as_ref(), Some(result));
+            prop_assert_eq!(state.provisioned_at, Some(*at));
+        }
+        C::Retry { .. } => {
+            prop_assert_eq!(state.vm_id, None);
+            prop_assert_eq!(&state.failure, &None);
+            prop_assert!(state.attempt >= 2);
+        }
         C::MarkFailed {
             error_code,
             message,
@@ -757,7 +829,17 @@ fn check_vm_data(vm: &Vm, command: &VmCommand) -> Result<(), TestCaseError> {
                 prop_assert_eq!(&vm.warning_message, &None);
             }
         }
-        VmCommand::MarkDeleted { .. } => {}
+        VmCommand::MarkDeleted { reason } => prop_assert_eq!(&vm.deleted_reason, reason),
+        VmCommand::RecordPartialRemoved { vmware_vm_id } => {
+            prop_assert_eq!(vm.partial_removed.as_ref(), Some(vmware_vm_id));
+        }
+        VmCommand::ObservePowerState { power_state } => {
+            let live = match power_state {
+                PowerState::PoweredOn => VmStatus::Running,
+                PowerState::PoweredOff | PowerState::Suspended => VmStatus::Stopped,
+            };
+            prop_assert_eq!(vm.status, live);
+        }
     }
     Ok(())
 }
@@ -881,6 +963,7 @@ fn generated_sequences_reach_every_status() {
     let mut request_statuses = std::collections::HashSet::new();
     let mut vm_statuses = std::collections::HashSet::new();
     let mut no_op_refreshes = 0;
+    let mut event_types = std::collections::HashSet::new();
     for _ in 0..256 {
         let commands = request_commands()
             .new_tree(&mut runner)
@@ -889,6 +972,7 @@ fn generated_sequences_reach_every_status() {
         let mut state = None;
         for c in &commands {
             if let Ok(events) = VmRequest::handle(state.as_ref(), c) {
+                event_types.extend(events.iter().map(DomainEvent::event_type));
                 state = events.iter().fold(state, VmRequest::apply);
                 request_statuses.insert(state.as_ref().map(|s: &VmRequest| s.status));
             }
@@ -900,6 +984,7 @@ fn generated_sequences_reach_every_status() {
         let mut state = None;
         for c in &commands {
             if let Ok(events) = Vm::handle(state.as_ref(), c) {
+                event_types.extend(events.iter().map(DomainEvent::event_type));
                 no_op_refreshes += usize::from(events.is_empty());
                 state = events.iter().fold(state, Vm::apply);
                 vm_statuses.insert(state.as_ref().map(|s: &Vm| s.status));
@@ -909,6 +994,16 @@ fn generated_sequences_reach_every_status() {
     assert_eq!(request_statuses.len(), 7, "{request_statuses:?}");
     assert_eq!(vm_statuses.len(), 6, "{vm_statuses:?}");
     assert!(no_op_refreshes > 0, "some refreshes change nothing");
+    // The lifecycle after the request is exercised too, not only reachable.
+    for kind in [
+        "VmRequestRetried",
+        "VmRequestReady",
+        "VmPartialRemoved",
+        "VmPowerStateObserved",
+        "VmDeleted",
+    ] {
+        assert!(event_types.contains(kind), "no sequence emitted {kind}");
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -701,7 +701,10 @@ where
             .execute_request_outcome(
                 actor,
                 request_id,
-                VmRequestCommand::MarkReady(result.clone()),
+                VmRequestCommand::MarkReady {
+                    result: result.clone(),
+                    at: self.clock.now(),
+                },
             )
             .await?;
         self.record_request_timeline(actor.tenant, request_id, &written)

@@ -125,6 +125,13 @@ pub fn timeline_entry_for(event: &VmRequestEvent) -> (TimelineEntryType, String)
             TimelineEntryType::VcenterReachable,
             "vCenter is reachable again; provisioning continues".to_owned(),
         ),
+        VmRequestEvent::VmRequestRetried(e) => (
+            TimelineEntryType::RetryRequested,
+            format!(
+                "Retry requested by {} (attempt {})",
+                e.retried_by, e.attempt
+            ),
+        ),
     }
 }
 
