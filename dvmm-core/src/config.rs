@@ -320,6 +320,19 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// What happens to the VM a provisioning made when it fails for good.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Power it off and destroy it (it blocks its name and uses storage).
+    #[default]
+    Destroy,
+    /// Leave it for someone to look at (debugging a template); a retry of
+    /// the request then meets it as a VM of another attempt
+    /// (`DuplicateName`) until it is removed by hand.
+    Keep,
+}
+
 /// Everything dvmm needs to know about one tenant.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "RawTenantConfig")]
@@ -349,6 +362,9 @@ pub struct TenantConfig {
     pub sizes: SizeTable,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// What happens to a failed provisioning's VM (`on_failure`, default
+    /// `destroy`).
+    pub on_failure: OnFailure,
 }
 
 #[derive(Deserialize)]
@@ -372,6 +388,8 @@ struct RawTenantConfig {
     sizes: Option<SizeTable>,
     #[serde(default)]
     timeouts: Timeouts,
+    #[serde(default)]
+    on_failure: OnFailure,
 }
 
 fn non_empty(field: &str, value: &str) -> Result<(), ConfigError> {
@@ -472,6 +490,7 @@ impl TryFrom<RawTenantConfig> for TenantConfig {
             folder_root: raw.folder_root,
             sizes: raw.sizes.unwrap_or_default(),
             timeouts: raw.timeouts,
+            on_failure: raw.on_failure,
         };
         config.validate()?;
         Ok(config)

@@ -80,6 +80,7 @@ impl VcenterArgs {
                 ip_wait_secs,
                 ..Timeouts::default()
             },
+            on_failure: Default::default(),
         };
         tenant.validate().map_err(|e| e.to_string())?;
         Ok(tenant)

@@ -30,6 +30,7 @@ pub fn tenant_config(slug: &str, ip_wait_secs: u64) -> TenantConfig {
             ip_wait_secs,
             ..Timeouts::default()
         },
+        on_failure: Default::default(),
     }
 }
 

@@ -349,6 +349,7 @@ impl Simulator {
             folder_root: None,
             sizes: SizeTable::default(),
             timeouts: Timeouts::default(),
+            on_failure: Default::default(),
         };
         config.validate()?;
         Ok(config)
