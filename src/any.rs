@@ -127,6 +127,10 @@ impl WorkQueue for AnyWorkQueue {
         delegate!(self, q => q.enqueue(tenant, request_id).await)
     }
 
+    async fn requeue(&self, tenant: TenantId, request_id: VmRequestId) -> Result<(), StoreError> {
+        delegate!(self, q => q.requeue(tenant, request_id).await)
+    }
+
     async fn claim(
         &self,
         worker: &str,

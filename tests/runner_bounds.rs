@@ -44,6 +44,9 @@ impl WorkQueue for Flaky {
     async fn enqueue(&self, tenant: TenantId, request_id: VmRequestId) -> Result<(), StoreError> {
         self.inner.enqueue(tenant, request_id).await
     }
+    async fn requeue(&self, tenant: TenantId, request_id: VmRequestId) -> Result<(), StoreError> {
+        self.inner.requeue(tenant, request_id).await
+    }
     async fn claim(
         &self,
         worker: &str,

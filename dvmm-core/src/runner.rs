@@ -288,7 +288,8 @@ pub struct PoisonEvent {
 
 /// What one pass of [`ProvisioningRunner::feed`] did.
 ///
-/// The feed acts on `VmRequestApproved` events of request streams. The rule
+/// The feed acts on `VmRequestApproved` events of request streams (and on
+/// `VmRequestRetried`, which puts a failed request's job back). The rule
 /// for events it cannot read:
 ///
 /// - An event of a request stream with a *newer schema version* than this
@@ -317,6 +318,8 @@ pub struct FeedReport {
 enum Feed {
     Ignore,
     Enqueue(VmRequestId),
+    /// A failed request was retried: its finished job runs again.
+    Requeue(VmRequestId),
     Poison(String),
     Stop(String),
 }
@@ -333,19 +336,21 @@ fn feed_event(stored: &StoredEvent) -> Feed {
             stored.event_type, stored.schema_version
         ));
     }
-    if stored.event_type != "VmRequestApproved" {
+    if stored.event_type != "VmRequestApproved" && stored.event_type != "VmRequestRetried" {
         return Feed::Ignore;
     }
-    match VmRequestEvent::decode(stored) {
-        Ok(VmRequestEvent::VmRequestApproved(_)) => {}
+    let retried = match VmRequestEvent::decode(stored) {
+        Ok(VmRequestEvent::VmRequestApproved(_)) => false,
+        Ok(VmRequestEvent::VmRequestRetried(_)) => true,
         Ok(_) => return Feed::Poison("decoded to another event type".into()),
         Err(EventDecodeError::FutureVersion { .. }) => {
             // Checked above; kept for an upcaster chain that says so itself.
             return Feed::Stop("written by a newer release".into());
         }
         Err(error) => return Feed::Poison(error.to_string()),
-    }
+    };
     match stored.stream_id.id.parse() {
+        Ok(request_id) if retried => Feed::Requeue(request_id),
         Ok(request_id) => Feed::Enqueue(request_id),
         Err(_) => Feed::Poison(format!(
             "stream id {:?} is not a request id",
@@ -689,6 +694,13 @@ where
                     Feed::Ignore => {}
                     Feed::Enqueue(request_id) => {
                         self.queue.enqueue(tenant, request_id).await?;
+                        report.offered += 1;
+                    }
+                    // Fed again after a crash, a retry requeues a job that
+                    // may have finished since: its rerun finds nothing to
+                    // do, so that costs a claim, not a second VM.
+                    Feed::Requeue(request_id) => {
+                        self.queue.requeue(tenant, request_id).await?;
                         report.offered += 1;
                     }
                     Feed::Poison(reason) => {
@@ -1141,7 +1153,15 @@ where
                 if let JobKind::Abandon(_) = kind {
                     report.abandoned += 1;
                 }
-                self.queue.complete(worker, id).await
+                self.finish_failed(worker, &job).await
+            }
+            Ok(Ok(ProvisionOutcome::Skipped {
+                status: VmRequestStatus::Failed,
+                ..
+            })) => {
+                // Back for a cleanup that failed before (or fed again).
+                report.skipped += 1;
+                self.finish_failed(worker, &job).await
             }
             Ok(Ok(ProvisionOutcome::Skipped {
                 status: VmRequestStatus::Approved | VmRequestStatus::Provisioning,
@@ -1192,6 +1212,34 @@ where
             // The lease will expire and the job will be claimed again; the
             // service's idempotency makes that harmless.
             warn!(request_id = %id, %error, "could not update the work queue");
+        }
+    }
+
+    /// The failure is recorded already; what the attempt left on vCenter is
+    /// removed now. A removal that fails keeps the job: it comes back after
+    /// a backoff (without counting an attempt while vCenter cannot be
+    /// reached), finds the request failed and lands here again.
+    async fn finish_failed(&self, worker: &str, job: &Job) -> Result<(), crate::ports::StoreError> {
+        let id = job.request_id;
+        match self
+            .service
+            .cleanup_failed_as(job.tenant_id, id, worker)
+            .await
+        {
+            Ok(outcome) => {
+                debug!(request_id = %id, ?outcome, "cleanup after the failure");
+                self.queue.complete(worker, id).await
+            }
+            Err(ServiceError::Vsphere(error)) if error.is_unavailable() => {
+                let delay = self.config.backoff.delay(job.attempts + 1);
+                info!(request_id = %id, %error, ?delay, "cannot remove the failed VM while vCenter is unreachable; later");
+                self.queue.postpone(worker, id, delay).await
+            }
+            Err(error) => {
+                let delay = self.config.backoff.delay(job.attempts + 1);
+                warn!(request_id = %id, %error, ?delay, "removing the failed VM failed; retrying later");
+                self.queue.retry_later(worker, id, delay).await
+            }
         }
     }
 

@@ -125,9 +125,11 @@ pub struct VmDeleted {
     pub reason: Option<String>,
 }
 
-/// What a failed provisioning left on vCenter was dealt with: the partial
-/// VM was powered off and destroyed, or there was none. The VM stays
-/// `Failed` (its failure is the record); this only says nothing is left.
+/// What a failed provisioning left on vCenter is dealt with: the partial
+/// VM is powered off and destroyed, or there was none. Recorded just before
+/// the removal, so that a rerun after a crash knows which VM to finish
+/// removing; the timeline entry follows the removal. The VM stays `Failed`
+/// (its failure is the record).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmPartialRemoved {
     /// The VM that was destroyed; `None` when the failed provisioning had

@@ -365,6 +365,36 @@ impl WorkQueue for MemoryWorkQueue {
         Ok(())
     }
 
+    async fn requeue(&self, tenant: TenantId, request_id: VmRequestId) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        match state.jobs.get_mut(&request_id) {
+            Some(job) if matches!(job.state, JobState::Done { .. }) => {
+                job.state = JobState::Queued { not_before: now };
+                job.attempts = 0;
+                job.claims = 0;
+                state.done -= 1;
+            }
+            Some(_) => return Ok(()),
+            None => {
+                state.jobs.insert(
+                    request_id,
+                    QueuedJob {
+                        tenant_id: tenant,
+                        attempts: 0,
+                        claims: 0,
+                        state: JobState::Queued { not_before: now },
+                    },
+                );
+            }
+        }
+        if !state.order.contains(&request_id) {
+            state.order.push(request_id);
+        }
+        Ok(())
+    }
+
     async fn claim(
         &self,
         worker: &str,

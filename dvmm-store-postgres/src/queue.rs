@@ -174,6 +174,23 @@ impl WorkQueue for PgWorkQueue {
         Ok(())
     }
 
+    async fn requeue(&self, tenant: TenantId, request_id: VmRequestId) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO dvmm_jobs (request_id, tenant_id, state, due_at) \
+             VALUES ($1, $2, 'queued', now()) \
+             ON CONFLICT (request_id) DO UPDATE \
+                SET state = 'queued', due_at = now(), worker = NULL, attempts = 0, claims = 0, \
+                    updated_at = now() \
+              WHERE dvmm_jobs.state = 'done'",
+        )
+        .bind(request_id.as_uuid())
+        .bind(tenant.as_uuid())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| backend("queue a retried provisioning job", e))?;
+        Ok(())
+    }
+
     async fn claim(
         &self,
         worker: &str,

@@ -35,6 +35,15 @@ pub trait WorkQueue: Send + Sync {
         request_id: VmRequestId,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Puts a finished job back in the queue with its counters reset (a
+    /// failed request was retried: a new attempt to run); adds it when
+    /// there is none. A queued or leased job is left as it is.
+    fn requeue(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Claims up to `max` runnable jobs (queued and due, or leased with an
     /// expired lease) for `worker`, leased for `lease`, counting the claim
     /// in [`Job::claims`].
@@ -101,6 +110,14 @@ impl<T: WorkQueue + ?Sized> WorkQueue for Arc<T> {
         request_id: VmRequestId,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         (**self).enqueue(tenant, request_id)
+    }
+
+    fn requeue(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).requeue(tenant, request_id)
     }
     fn claim(
         &self,

@@ -6,6 +6,7 @@ use crate::ids::{TenantId, VmId, VmRequestId};
 use crate::ports::{StoreError, VsphereError};
 use crate::spec::NameError;
 use crate::vm::VmStatus;
+use crate::vm_request::VmRequestStatus;
 
 use super::aggregates::MAX_CONFLICT_RETRIES;
 
@@ -78,6 +79,32 @@ pub enum ServiceError {
         request_id: VmRequestId,
         /// Who had the claim.
         holder: String,
+    },
+    /// Another caller holds the request's claim (it is being provisioned or
+    /// worked on right now); try again later.
+    #[error("{holder} is working on request {request_id} right now; try again later")]
+    Claimed {
+        /// The request.
+        request_id: VmRequestId,
+        /// Who holds its claim.
+        holder: String,
+        /// Until when, unless renewed (`None` for a claim of a call in this
+        /// process).
+        until: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Only a `Failed` request can be retried.
+    #[error("request {request_id} is {status}; only a failed request can be retried")]
+    NotRetryable {
+        /// The request.
+        request_id: VmRequestId,
+        /// Its status.
+        status: VmRequestStatus,
+    },
+    /// A VM that is still being provisioned cannot be decommissioned.
+    #[error("VM {vm_id} is still being provisioned; decommission it once provisioning has ended")]
+    VmStillProvisioning {
+        /// The VM.
+        vm_id: VmId,
     },
 }
 

@@ -846,7 +846,9 @@ pub(super) fn skip_reason(request: &VmRequest) -> String {
         VmRequestStatus::Ready => "the VM is already provisioned".into(),
         VmRequestStatus::Rejected => "the request was rejected".into(),
         VmRequestStatus::Cancelled => "the request was cancelled".into(),
-        VmRequestStatus::Failed => "provisioning already failed; file a new request".into(),
+        VmRequestStatus::Failed => {
+            "provisioning already failed; retry the request or file a new one".into()
+        }
         VmRequestStatus::Approved | VmRequestStatus::Provisioning => {
             "the request is being provisioned".into()
         }

@@ -15,7 +15,8 @@
 //! anything twice.
 //!
 //! The service is one type; its parts live in files of one concern each:
-//! `commands` (submit, approve, reject, cancel, refresh), `queries`, `flow`
+//! `commands` (submit, approve, reject, cancel, refresh), `lifecycle`
+//! (cleanup after a failure, retry, decommission, status sync), `queries`, `flow`
 //! (provisioning, resume, reconcile), `claims` (one provisioner per
 //! request), `aggregates` (load, decide, append with conflict retries),
 //! `timeline_projection`, `user_messages`, `tenants` and `error`.
@@ -33,6 +34,7 @@ mod claims;
 mod commands;
 mod error;
 mod flow;
+mod lifecycle;
 mod queries;
 mod tenants;
 mod timeline_projection;
@@ -44,6 +46,9 @@ pub use aggregates::{request_stream, vm_stream};
 pub use commands::NewVmRequest;
 pub use error::ServiceError;
 pub use flow::{ABANDONED, ProvisionOutcome};
+pub use lifecycle::{
+    CleanupOutcome, DecommissionOutcome, GUEST_SHUTDOWN_GRACE, PARTIAL_REMOVED_DETAILS,
+};
 pub use tenants::Tenants;
 pub use timeline_projection::timeline_entry_for;
 pub use user_messages::user_message;

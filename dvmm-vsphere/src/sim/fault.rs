@@ -96,6 +96,11 @@ pub enum Fault {
     CreatedButCallFailed,
     /// The call waits this long (on tokio time), then proceeds normally.
     Delay(Duration),
+    /// `create_vm`: the clone is made (or an existing VM of this request
+    /// adopted) and left powered off, then the call fails with this error,
+    /// as a clone whose customization failed for good. On the other
+    /// operations, the same as [`Fault::Error`].
+    ClonedThenFailed(VsphereError),
 }
 
 /// One fault-injection rule. Rules are evaluated in the order they were

@@ -371,6 +371,7 @@ impl Simulator {
             (fault, placed)
         };
         let mut lose_answer = false;
+        let mut fail_after_clone = None;
         let placed = match (fault, placed) {
             (_, Some(placed)) => placed,
             (Some(fault), None) => {
@@ -385,6 +386,7 @@ impl Simulator {
                         });
                     }
                     Fault::CreatedButCallFailed => lose_answer = true,
+                    Fault::ClonedThenFailed(error) => fail_after_clone = Some(error),
                     Fault::Delay(delay) => tokio::time::sleep(delay).await,
                 }
                 self.state().place(spec, Instant::now())
@@ -392,6 +394,12 @@ impl Simulator {
             (None, None) => self.state().place(spec, Instant::now()),
         };
         let placement = placed?;
+        if let Some(error) = fail_after_clone {
+            let mut state = self.state();
+            state.power_off(placement.number);
+            tracing::debug!(vmware_vm_id = %placement.id, %error, "simulator: clone left powered off, call failed");
+            return Err(error);
+        }
         tracing::debug!(
             vmware_vm_id = %placement.id,
             adopted = placement.adopted,
@@ -485,7 +493,7 @@ impl Simulator {
     ) -> Result<(), VsphereError> {
         match fault {
             None => Ok(()),
-            Some(Fault::Error(error)) => Err(error),
+            Some(Fault::Error(error) | Fault::ClonedThenFailed(error)) => Err(error),
             Some(Fault::Transient | Fault::CreatedButCallFailed) => {
                 Err(transient(TRANSIENT_MESSAGE))
             }
