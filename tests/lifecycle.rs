@@ -234,9 +234,14 @@ impl World {
             Fault::ClonedThenFailed(customization_failed()),
         ));
         let request = self.approved().await;
-        let outcome = within("provisioning", self.service.provision(self.t(), request))
-            .await
-            .unwrap();
+        // As a runner provisions: the runner removes the clone afterwards,
+        // which these tests do themselves.
+        let outcome = within(
+            "provisioning",
+            self.service.provision_as(self.t(), request, "runner-1"),
+        )
+        .await
+        .unwrap();
         let ProvisionOutcome::Failed { vm_id, error } = outcome else {
             panic!("expected a failure: {outcome:?}")
         };
@@ -395,6 +400,37 @@ async fn a_failure_after_the_clone_removes_the_partial_vm_after_recording_the_fa
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_direct_provision_removes_the_clone_after_recording_the_failure() {
+    let w = world(OnFailure::Destroy);
+    w.sim.add_fault(FaultRule::times(
+        Operation::CreateVm,
+        1,
+        Fault::ClonedThenFailed(customization_failed()),
+    ));
+    let request = w.approved().await;
+    let outcome = w.service.provision(w.t(), request).await.unwrap();
+    assert!(
+        matches!(outcome, ProvisionOutcome::Failed { .. }),
+        "{outcome:?}"
+    );
+    assert!(w.sim.vms().is_empty(), "{:?}", w.sim.vms());
+    let kinds: Vec<_> = w
+        .entries(request)
+        .await
+        .into_iter()
+        .map(|e| e.entry_type)
+        .collect();
+    let tail = &kinds[kinds.len() - 2..];
+    assert_eq!(
+        tail,
+        [
+            TimelineEntryType::ProvisioningFailed,
+            TimelineEntryType::PartialVmRemoved
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn keep_leaves_the_failed_vm_for_debugging() {
     let w = world(OnFailure::Keep);
     let (request, _) = w.failed_with_a_clone().await;
@@ -419,7 +455,11 @@ async fn a_failure_before_any_clone_records_that_nothing_was_left() {
         }),
     ));
     let request = w.approved().await;
-    let outcome = w.service.provision(w.t(), request).await.unwrap();
+    let outcome = w
+        .service
+        .provision_as(w.t(), request, "runner-1")
+        .await
+        .unwrap();
     assert!(
         matches!(outcome, ProvisionOutcome::Failed { .. }),
         "{outcome:?}"

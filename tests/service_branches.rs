@@ -92,7 +92,12 @@ struct Harness {
 }
 
 fn harness(mock: MockVsphere) -> Harness {
-    let tenant = tenant_config("acme", 120);
+    // These mocks script provisioning calls only: failed VMs are kept, so
+    // no cleanup calls vSphere after a failure.
+    let tenant = TenantConfig {
+        on_failure: dvmm::core::config::OnFailure::Keep,
+        ..tenant_config("acme", 120)
+    };
     let service = ProvisioningService::new(
         Arc::new(MemoryEventStore::new()),
         MockPort(mock),

@@ -115,9 +115,30 @@ where
         tenant: TenantId,
         request_id: VmRequestId,
     ) -> Result<ProvisionOutcome, ServiceError> {
-        self.provision_inner(tenant, request_id, Mode::Record, &self.holder)
+        let outcome = self
+            .provision_inner(tenant, request_id, Mode::Record, &self.holder)
             .instrument(provision_span(tenant, request_id))
-            .await
+            .await?;
+        self.clean_up_after(tenant, request_id, &outcome).await;
+        Ok(outcome)
+    }
+
+    /// A host's direct call removes what a failed attempt left, once the
+    /// failure is recorded; a removal that fails is logged and does not
+    /// change the outcome. With shared claims it puts the request's job back
+    /// for a runner to retry; otherwise `cleanup_failed` retries it.
+    async fn clean_up_after(
+        &self,
+        tenant: TenantId,
+        request_id: VmRequestId,
+        outcome: &ProvisionOutcome,
+    ) {
+        if !matches!(outcome, ProvisionOutcome::Failed { .. }) {
+            return;
+        }
+        if let Err(error) = self.cleanup_failed(tenant, request_id).await {
+            warn!(%request_id, %error, "could not remove what the failed provisioning left; it is retried later");
+        }
     }
 
     /// [`ProvisioningService::provision`] under `holder`'s claim: for a
@@ -184,9 +205,12 @@ where
         tenant: TenantId,
         request_id: VmRequestId,
     ) -> Result<ProvisionOutcome, ServiceError> {
-        self.provision_inner(tenant, request_id, Mode::Defer, &self.holder)
+        let outcome = self
+            .provision_inner(tenant, request_id, Mode::Defer, &self.holder)
             .instrument(provision_span(tenant, request_id))
-            .await
+            .await?;
+        self.clean_up_after(tenant, request_id, &outcome).await;
+        Ok(outcome)
     }
 
     /// Asks the request's vCenter a cheap question (whether the request's VM
