@@ -13,7 +13,7 @@
 //!   grows to the requested size but never shrinks below the template's),
 //!   land in `spec.folder_path` (created on demand) and power on;
 //! - VM names unique per folder: `create_vm` adopts a VM of the same name
-//!   that carries the spec's dvmm [`VmId`](dvmm_core::VmId) and refuses one
+//!   that carries the spec's dvmm [`VmId`] and refuses one
 //!   that does not with `DuplicateName`, so reruns after a crash never clone
 //!   twice;
 //! - per-step [`Delays`] slept on tokio time (tests can pause time); a clone
