@@ -515,6 +515,30 @@ pub async fn work_queue_conformance<Q: crate::ports::WorkQueue>(queue: &Q) {
         queue.claim("w5", 10, HOUR).await.expect("claim").is_empty(),
         "a finished job is not queued again"
     );
+    // Requeued (its request was retried): a finished job runs again from
+    // scratch; a job that is not finished is left as it is.
+    queue.requeue(tenant, mine).await.expect("requeue");
+    let rerun = queue.claim("w5", 10, HOUR).await.expect("claim");
+    assert_eq!(
+        rerun.iter().map(|j| j.request_id).collect::<Vec<_>>(),
+        vec![mine],
+        "a requeued job is runnable at once"
+    );
+    assert_eq!(
+        (rerun[0].attempts, rerun[0].claims),
+        (0, 1),
+        "requeueing starts the job's counters afresh"
+    );
+    queue.requeue(tenant, mine).await.expect("requeue");
+    assert!(
+        queue.claim("w6", 10, HOUR).await.expect("claim").is_empty(),
+        "requeueing a leased job leaves it leased"
+    );
+    assert!(
+        queue.renew("w5", mine, HOUR).await.expect("renew"),
+        "by its holder"
+    );
+    queue.complete("w5", mine).await.expect("complete");
     assert_eq!(
         queue.purge_finished(HOUR).await.expect("purge"),
         0,
