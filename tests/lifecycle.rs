@@ -1048,18 +1048,36 @@ async fn the_runner_records_the_failure_then_retries_a_cleanup_that_failed() {
 
 #[tokio::test(start_paused = true)]
 async fn the_runner_picks_up_a_retried_request() {
+    runner_picks_up_a_retried_request(false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_runner_picks_up_a_request_retried_under_shared_claims() {
+    runner_picks_up_a_retried_request(true).await;
+}
+
+/// With `shared`, the service takes its claims from the runner's queue
+/// (the retry gives the job back to the queue); else the runner's feed
+/// requeues the job when it reads the retry.
+async fn runner_picks_up_a_retried_request(shared: bool) {
     let tenant = tenant_config("acme", 5);
     let store = Arc::new(MemoryEventStore::new());
     let sim = Simulator::default();
-    let service = Arc::new(ProvisioningService::new(
+    let queue = paused_queue();
+    let service = ProvisioningService::new(
         store.clone(),
         sim.clone(),
         Arc::new(MemoryTimeline::new()),
         Tenants::new().with(tenant.clone()).unwrap(),
-    ));
+    );
+    let service = Arc::new(if shared {
+        service.with_claims(queue.clone(), TokioTimer, Duration::from_secs(30))
+    } else {
+        service
+    });
     let runner = ProvisioningRunner::new(
         service.clone(),
-        paused_queue(),
+        queue.clone(),
         Arc::new(MemoryCheckpoints::new()),
         TokioTimer,
         RunnerConfig {

@@ -82,8 +82,9 @@ where
 {
     /// Runs `work` under the request's claim (see the module docs). A claim
     /// held by another caller is [`ServiceError::Claimed`]. With a shared
-    /// claim, `finished` says whether the request's job is done afterwards
-    /// (else it goes back to the queue, for a runner to pick up).
+    /// claim, the request's job is done afterwards when `finished` says so
+    /// and the request is not open (`Approved`, `Provisioning`); else it
+    /// goes back to the queue, for a runner to pick up.
     async fn claimed<R, F, Fut>(
         &self,
         tenant: TenantId,
@@ -134,12 +135,28 @@ where
                 } else {
                     work.await
                 };
-                if fresh
-                    && let Err(error) = port
-                        .release_claim(holder, request_id, finished(&outcome))
+                if fresh {
+                    // A request left open (retried now, or by someone else
+                    // meanwhile) goes back to the queue for a runner.
+                    let open = match self
+                        .load::<VmRequest>(tenant, &request_stream(request_id))
                         .await
-                {
-                    warn!(%error, "could not give the claim back; it lapses by itself");
+                    {
+                        Ok(loaded) => loaded.state.is_none_or(|r| {
+                            matches!(
+                                r.status,
+                                VmRequestStatus::Approved | VmRequestStatus::Provisioning
+                            )
+                        }),
+                        // Unknown: a runner that claims it finds out.
+                        Err(_) => true,
+                    };
+                    if let Err(error) = port
+                        .release_claim(holder, request_id, finished(&outcome) && !open)
+                        .await
+                    {
+                        warn!(%error, "could not give the claim back; it lapses by itself");
+                    }
                 }
                 outcome
             }
@@ -410,8 +427,9 @@ where
         let holder = self.holder.clone();
         async {
             self.open_failed(tenant, request_id).await?;
-            // The job goes back to the queue when the retry is recorded.
-            self.claimed(tenant, request_id, &holder, Result::is_err, |claim| async move {
+            // The job goes back to the queue once the retry is recorded
+            // (the request is open again).
+            self.claimed(tenant, request_id, &holder, |_| true, |claim| async move {
                 self.open_failed(tenant, request_id).await?;
                 match self.cleanup_claimed(tenant, request_id, &claim).await? {
                     CleanupOutcome::Removed(id) => info!(vmware_vm_id = %id, "removed the failed attempt's VM before retrying"),
