@@ -25,7 +25,7 @@ use crate::ports::{
     VspherePort,
 };
 use crate::spec::{PowerState, VmSpec};
-use crate::timeline::{TimelineEntry, TimelineEntryType};
+use crate::timeline::{TimelineEntry, TimelineEntryType, TimelineFields};
 use crate::vm::{Vm, VmCommand, VmEvent, VmStatus};
 use crate::vm_request::{VmRequest, VmRequestCommand, VmRequestStatus};
 
@@ -191,20 +191,25 @@ where
         events: &[(EventMetadata, VmEvent)],
     ) -> Result<(), ServiceError> {
         for (metadata, event) in events {
+            let mut fields = TimelineFields::default();
             let (entry_type, details) = match event {
                 VmEvent::VmPartialRemoved(e) if e.vmware_vm_id.is_some() => (
                     TimelineEntryType::PartialVmRemoved,
                     PARTIAL_REMOVED_DETAILS.to_owned(),
                 ),
-                VmEvent::VmDeleted(e) => (
-                    TimelineEntryType::VmDeleted,
-                    match &e.reason {
-                        Some(reason) if !reason.trim().is_empty() => {
-                            format!("VM deleted: {reason}")
-                        }
-                        _ => "VM deleted".to_owned(),
-                    },
-                ),
+                VmEvent::VmDeleted(e) => {
+                    fields.actor = Some(metadata.user_id);
+                    fields.reason = e.reason.clone();
+                    (
+                        TimelineEntryType::VmDeleted,
+                        match &e.reason {
+                            Some(reason) if !reason.trim().is_empty() => {
+                                format!("VM deleted: {reason}")
+                            }
+                            _ => "VM deleted".to_owned(),
+                        },
+                    )
+                }
                 VmEvent::VmPowerStateObserved(e) => (
                     TimelineEntryType::StatusChanged,
                     match e.power_state {
@@ -223,6 +228,7 @@ where
                     entry_type,
                     details,
                     occurred_at: metadata.occurred_at,
+                    fields,
                 })
                 .await?;
         }

@@ -168,6 +168,10 @@ pub fn timeline_fields_for(event: &VmRequestEvent) -> TimelineFields {
             fields.error_code = Some(e.error_code.clone());
         }
         VmRequestEvent::VmRequestVcenterReachable(e) => fields.since = Some(e.waiting_since),
+        VmRequestEvent::VmRequestRetried(e) => {
+            fields.actor = Some(e.retried_by);
+            fields.vm_id = Some(e.failed_vm_id);
+        }
     }
     fields
 }
