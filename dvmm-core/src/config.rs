@@ -169,6 +169,11 @@ pub struct Timeouts {
     /// unreachable.
     #[serde(default = "Timeouts::default_unavailable_deadline_secs")]
     pub unavailable_deadline_secs: u64,
+    /// How long guest customization may take after power-on, until vCenter
+    /// records its outcome (default 600 s, as Terraform's customize
+    /// timeout); after that the provisioning fails.
+    #[serde(default = "Timeouts::default_customization_secs")]
+    pub customization_secs: u64,
 }
 
 impl Timeouts {
@@ -180,6 +185,14 @@ impl Timeouts {
     }
     fn default_unavailable_deadline_secs() -> u64 {
         3600
+    }
+    fn default_customization_secs() -> u64 {
+        600
+    }
+
+    /// The customization wait as a duration.
+    pub fn customization(&self) -> Duration {
+        Duration::from_secs(self.customization_secs)
     }
 
     // The accessors cap what they return: a configuration built in code
@@ -212,6 +225,7 @@ impl Default for Timeouts {
             ip_wait_secs: Self::default_ip_wait_secs(),
             task_secs: Self::default_task_secs(),
             unavailable_deadline_secs: Self::default_unavailable_deadline_secs(),
+            customization_secs: Self::default_customization_secs(),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod adapter;
 pub(crate) mod breaker;
+pub mod customization;
 pub mod methods;
 pub mod options;
 pub mod session;

@@ -513,3 +513,117 @@ pub async fn destroy_property_collector(
         .await
         .map(|_| ())
 }
+
+/// The guest-customization event types, by their vim25 names: the start,
+/// the success and `CustomizationFailed` with every subtype (listed one by
+/// one, since a server may match `eventTypeId` on the concrete type only).
+pub const CUSTOMIZATION_EVENT_TYPES: &[&str] = &[
+    "CustomizationStartedEvent",
+    "CustomizationSucceeded",
+    "CustomizationFailed",
+    "CustomizationIdentitySetupFailed",
+    "CustomizationLinuxIdentityFailed",
+    "CustomizationNetworkSetupFailed",
+    "CustomizationSysprepFailed",
+    "CustomizationUnknownFailure",
+];
+
+/// `EventManager.CreateCollectorForEvents`: an `EventHistoryCollector` of
+/// the events of `types` on `entity` itself (not its children), created at
+/// or after `begin_time` (`xsd:dateTime`) when given. Its `latestPage`
+/// property is what a property filter watches.
+///
+/// # Errors
+/// Faults and transport errors; `Protocol` when the server has no
+/// `EventManager`.
+pub async fn create_event_collector(
+    session: &Session,
+    entity: &MoRef,
+    types: &[&str],
+    begin_time: Option<&str>,
+) -> Result<MoRef, VsphereError> {
+    let node = session
+        .call(
+            "CreateCollectorForEvents",
+            true,
+            Duration::ZERO,
+            |sc, env| {
+                match &sc.event_manager {
+                    Some(manager) => this(env, manager),
+                    // Sent anyway so the server's fault says what is wrong.
+                    None => this(env, &MoRef::new("EventManager", "EventManager")),
+                }
+                // EventFilterSpec, in schema order.
+                env.open("filter")
+                    .open("entity")
+                    .moref("entity", &entity.kind, &entity.value)
+                    .text("recursion", "self")
+                    .close("entity");
+                if let Some(begin) = begin_time {
+                    env.open("time").text("beginTime", begin).close("time");
+                }
+                for ty in types {
+                    env.text("eventTypeId", ty);
+                }
+                env.close("filter");
+            },
+        )
+        .await?;
+    returned_moref("CreateCollectorForEvents", &node)
+}
+
+/// `HistoryCollector.DestroyCollector`.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn destroy_collector(session: &Session, collector: &MoRef) -> Result<(), VsphereError> {
+    session
+        .call("DestroyCollector", false, Duration::ZERO, |_, env| {
+            this(env, collector);
+        })
+        .await
+        .map(|_| ())
+}
+
+/// `EventManager.PostEvent` of an event of type `event_type` about `vm`
+/// (named `vm_name`), with `reason` for a `CustomizationFailed`. vCenter
+/// does not post customization events for a client; this is how tests and
+/// benchmarks play a customizing guest on vcsim.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn post_vm_event(
+    session: &Session,
+    vm: &MoRef,
+    vm_name: &str,
+    event_type: &str,
+    reason: Option<&str>,
+) -> Result<(), VsphereError> {
+    session
+        .call("PostEvent", false, Duration::ZERO, |sc, env| {
+            match &sc.event_manager {
+                Some(manager) => this(env, manager),
+                None => this(env, &MoRef::new("EventManager", "EventManager")),
+            }
+            // Key, chain and time are the server's to set.
+            env.open_typed("eventToPost", event_type)
+                .text("key", "0")
+                .text("chainId", "0")
+                .text("createdTime", "1970-01-01T00:00:00Z")
+                .text("userName", "")
+                .open("vm")
+                .text("name", vm_name)
+                .moref("vm", &vm.kind, &vm.value)
+                .close("vm")
+                .text(
+                    "fullFormattedMessage",
+                    reason.unwrap_or("guest customization event"),
+                );
+            if let Some(reason) = reason {
+                env.text("reason", reason);
+            }
+            env.close("eventToPost");
+        })
+        .await
+        .map(|_| ())
+}

@@ -53,5 +53,18 @@ pub fn user_message(error: &VsphereError, spec: &VmSpec) -> String {
         VsphereError::AnswerTooLarge { limit_bytes } => format!(
             "vCenter's answer was larger than the {limit_bytes}-byte limit; ask the platform team to check the vCenter endpoint"
         ),
+        VsphereError::CustomizationFailed { event, reason } => format!(
+            "guest customization of the VM failed ({event}{}); ask the platform team to check the template {:?}: VMware Tools installed and running, and the guest's customization prerequisites (e.g. Perl and open-vm-tools' deployPkg plugin on Linux, cloud-init not disabling it); fix the template, then retry",
+            reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default(),
+            spec.template
+        ),
+        VsphereError::CustomizationTimeout { started: false, waited_secs } => format!(
+            "guest customization never started within {waited_secs} s of power-on; ask the platform team to check that the template {:?} boots and runs VMware Tools, then retry",
+            spec.template
+        ),
+        VsphereError::CustomizationTimeout { started: true, waited_secs } => format!(
+            "guest customization started but did not finish within {waited_secs} s; ask the platform team to check the guest's customization prerequisites in the template {:?} (or raise timeouts.customization_secs), then retry",
+            spec.template
+        ),
     }
 }
