@@ -16,17 +16,26 @@ pub enum Operation {
     GetVm,
     /// `VspherePort::find_vm`.
     FindVm,
+    /// The guest customization of a `create_vm` (checked once per call
+    /// that waits for it).
+    Customize,
 }
 
 impl Operation {
     /// Every operation.
-    pub const ALL: [Operation; 3] = [Operation::CreateVm, Operation::GetVm, Operation::FindVm];
+    pub const ALL: [Operation; 4] = [
+        Operation::CreateVm,
+        Operation::GetVm,
+        Operation::FindVm,
+        Operation::Customize,
+    ];
 
     pub(crate) const fn index(self) -> usize {
         match self {
             Operation::CreateVm => 0,
             Operation::GetVm => 1,
             Operation::FindVm => 2,
+            Operation::Customize => 3,
         }
     }
 
@@ -36,6 +45,7 @@ impl Operation {
             Operation::CreateVm => "create_vm",
             Operation::GetVm => "get_vm",
             Operation::FindVm => "find_vm",
+            Operation::Customize => "guest customization",
         }
     }
 }
