@@ -137,7 +137,11 @@ async fn a_vcsim_killed_and_restarted_under_a_running_runner_loses_no_request() 
     let vsphere = SoapVsphere::new(SoapOptions::default());
     // vcsim records no guest customization: play guests that customize at
     // once, from a session of their own.
-    let player_client = SoapVsphere::new(SoapOptions::default());
+    // Back within a second of vCenter's return, not the default 30 s.
+    let player_client = SoapVsphere::new(SoapOptions {
+        breaker_cooldown: Duration::from_secs(1),
+        ..SoapOptions::default()
+    });
     let _player = dvmm::vsphere::guest_player::play_customizations(
         player_client
             .session_for(&tenant.vcenter)

@@ -104,7 +104,11 @@ async fn three_processes_share_the_work_and_survive_a_sigkill() {
     let (_vcsim, vcsim_url) = start_vcsim(&vcsim);
     // vcsim records no guest customization: play guests that customize at
     // once, from a session of this process.
-    let player_client = dvmm::vsphere::SoapVsphere::new(dvmm::vsphere::SoapOptions::default());
+    // Back within a second of vCenter's return, not the default 30 s.
+    let player_client = dvmm::vsphere::SoapVsphere::new(dvmm::vsphere::SoapOptions {
+        breaker_cooldown: Duration::from_secs(1),
+        ..dvmm::vsphere::SoapOptions::default()
+    });
     let endpoint = dvmm::core::config::VcenterEndpoint {
         url: vcsim_url.clone(),
         username: "user".into(),
