@@ -262,9 +262,9 @@ async fn guest_player(session: Arc<Session>, folder_path: String, stop: Arc<Atom
                         ],
                         ..ConfigSpec::default()
                     };
-                    let _ = methods::reconfig_vm(&session, &change.obj, &set).await;
-                    // A guest whose customization is done by the time tools
-                    // report (the bench measures the client, not a guest).
+                    // A guest whose customization is over when tools
+                    // report its address (the bench measures the client,
+                    // not a guest): the success first, then the address.
                     let _ = methods::post_vm_event(
                         &session,
                         &change.obj,
@@ -273,6 +273,7 @@ async fn guest_player(session: Arc<Session>, folder_path: String, stop: Arc<Atom
                         None,
                     )
                     .await;
+                    let _ = methods::reconfig_vm(&session, &change.obj, &set).await;
                 });
             }
         }

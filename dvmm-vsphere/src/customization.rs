@@ -114,6 +114,8 @@ struct State {
     pre_ip: Option<Option<Ipv4Addr>>,
     /// An address was reported in or after the batch that brought success.
     ip_after_success: bool,
+    /// `pre_ip` was taken when customization was seen to start.
+    start_seen: bool,
 }
 
 impl State {
@@ -207,7 +209,12 @@ async fn watch(
                 );
             }
         }
-        if state.started && state.pre_ip.is_none() {
+        // The address before customization: the one when it was seen to
+        // start, else (no start event seen) the one the wait began with.
+        if state.started && !state.start_seen {
+            state.start_seen = true;
+            state.pre_ip = Some(ip_before);
+        } else if state.pre_ip.is_none() {
             state.pre_ip = Some(ip_before);
         }
         match &state.progress {
