@@ -2,15 +2,17 @@
 //! the guest customization (its events), then VMware Tools and an address
 //! the guest reported after customization succeeded.
 //!
-//! One private property collector with one filter watches both the VM's
-//! guest properties and the `latestPage` of an `EventHistoryCollector` of the
-//! VM's customization events, long-polled through `WaitForUpdatesEx`. The
-//! event collector is filtered on the VM itself (so a customization of the
-//! template never counts) and, when this call customized the VM, on events
-//! created from the customization task's start on (so an earlier
-//! customization of the same VM does not either). Its first page holds what
-//! already happened, so a wait that resumes after a crash sees an outcome
-//! posted while nobody was waiting.
+//! The VM's customization events come from two places: its history, read
+//! once with `QueryEvents` filtered on the VM itself (so a customization of
+//! the template never counts) and, when this call customized the VM, on
+//! events from the customization task's start on (so an earlier
+//! customization of the same VM does not either); and the session's shared
+//! event collector ([`crate::events`]), whose long poll hands on what is
+//! posted later. The history makes a wait that resumes after a crash see an
+//! outcome posted while nobody was waiting. Beside them, one private
+//! property collector long-polls the VM's guest properties; when the
+//! outcome arrives while that poll is held, `CancelWaitForUpdates` makes it
+//! answer at once.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use std::time::Duration;
 use dvmm_core::ports::VsphereError;
 use tokio::time::Instant;
 
+use crate::events::HubMessage;
 use crate::methods;
 use crate::session::Session;
 use crate::soap::Node;
@@ -103,6 +106,10 @@ pub struct Ready {
     pub host_name: Option<String>,
 }
 
+/// How long a cancelled guest poll may take to answer before the cancel is
+/// sent again.
+const CANCEL_GRACE: Duration = Duration::from_millis(500);
+
 /// The state built from the collector's changes.
 #[derive(Debug, Default)]
 struct State {
@@ -114,8 +121,10 @@ struct State {
     pre_ip: Option<Option<Ipv4Addr>>,
     /// An address was reported in or after the batch that brought success.
     ip_after_success: bool,
-    /// `pre_ip` was taken when customization was seen to start.
+    /// Customization was seen to have started.
     start_seen: bool,
+    /// The guest properties' first snapshot has been applied.
+    snapshot_taken: bool,
 }
 
 impl State {
@@ -148,102 +157,250 @@ pub async fn wait_ready(
     customization_timeout: Duration,
     ip_wait: Duration,
 ) -> Result<Ready, VsphereError> {
-    let events = methods::create_event_collector(
+    // Subscribed before the history is read, so an event posted in between
+    // comes through one or the other (or both: kept once, by key).
+    let hub = session.events().subscribe(&session, vm);
+    let mut events = VmEvents::new(begin_time);
+    events.add(
+        methods::query_events(&session, vm, methods::CUSTOMIZATION_EVENT_TYPES, begin_time).await?,
+    );
+    let started_at = Instant::now();
+    let mut deadline = started_at
+        .checked_add(customization_timeout)
+        .unwrap_or_else(|| started_at + Duration::from_secs(100 * 365 * 24 * 3600));
+    let mut wait = PropertyWait::open(session.clone(), vm.clone(), GUEST_WAIT_PATHS).await?;
+    let outcome = watch(
         &session,
         vm,
-        methods::CUSTOMIZATION_EVENT_TYPES,
         begin_time,
+        hub,
+        &mut events,
+        &mut wait,
+        started_at,
+        &mut deadline,
+        ip_wait,
     )
-    .await?;
-    let outcome = watch(session.clone(), vm, &events, customization_timeout, ip_wait).await;
-    if let Err(e) = methods::destroy_collector(&session, &events).await {
-        tracing::debug!(error = %e, "could not destroy an event collector");
-    }
+    .await;
+    wait.close().await;
     outcome
 }
 
+/// The VM's customization events seen so far, once each.
+#[derive(Debug)]
+struct VmEvents {
+    begin: Option<chrono::DateTime<chrono::FixedOffset>>,
+    keys: std::collections::HashSet<i64>,
+    page: Node,
+}
+
+impl VmEvents {
+    fn new(begin_time: Option<&str>) -> Self {
+        Self {
+            begin: begin_time.and_then(|t| chrono::DateTime::parse_from_rfc3339(t.trim()).ok()),
+            keys: Default::default(),
+            page: Node::new("val"),
+        }
+    }
+
+    /// Adds events; whether any was new.
+    fn add(&mut self, events: Vec<Node>) -> bool {
+        let mut added = false;
+        for event in events {
+            // The shared collector has no time filter: apply the server's
+            // (events created before this customization are an earlier one's).
+            let created = event
+                .child_text("createdTime")
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t.trim()).ok());
+            if let (Some(begin), Some(created)) = (self.begin, created)
+                && created < begin
+            {
+                continue;
+            }
+            let key = event
+                .child_text("key")
+                .and_then(|k| k.trim().parse::<i64>().ok());
+            if key.is_some_and(|k| !self.keys.insert(k)) {
+                continue;
+            }
+            self.page.children.push(event);
+            added = true;
+        }
+        added
+    }
+}
+
+/// Applies what the VM's events tell; a failure ends the wait.
+fn apply_events(
+    state: &mut State,
+    events: &VmEvents,
+    deadline: &mut Instant,
+    ip_wait: Duration,
+) -> Result<(), VsphereError> {
+    let Some((progress, started)) = progress_of_page(&events.page) else {
+        return Ok(());
+    };
+    if started && !state.start_seen {
+        // The address before customization: the one when it was seen to
+        // start. Not when the outcome came with the start (the guest's
+        // report of its new address may have come in before them both),
+        // nor for a start already in the history: the first snapshot's
+        // then.
+        state.start_seen = true;
+        if state.snapshot_taken && progress == Progress::Started {
+            state.pre_ip = Some(state.guest.usable_ipv4());
+        }
+    }
+    state.started |= started;
+    let succeeded_before = state.progress == Progress::Succeeded;
+    state.progress = progress;
+    match &state.progress {
+        Progress::Failed { event, reason } => Err(VsphereError::CustomizationFailed {
+            event: event.clone(),
+            reason: reason.clone(),
+        }),
+        Progress::Succeeded if !succeeded_before => {
+            tracing::info!("guest customization succeeded");
+            *deadline = Instant::now() + ip_wait;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn watch(
-    session: Arc<Session>,
+    session: &Arc<Session>,
     vm: &MoRef,
-    events: &MoRef,
-    customization_timeout: Duration,
+    begin_time: Option<&str>,
+    mut hub: crate::events::Subscription,
+    events: &mut VmEvents,
+    wait: &mut PropertyWait,
+    started_at: Instant,
+    deadline: &mut Instant,
     ip_wait: Duration,
 ) -> Result<Ready, VsphereError> {
-    let started_at = Instant::now();
-    let mut deadline = started_at + customization_timeout;
-    let mut wait = PropertyWait::open_many(
-        session,
-        vec![
-            (vm.clone(), GUEST_WAIT_PATHS.to_vec()),
-            (events.clone(), vec!["latestPage"]),
-        ],
-    )
-    .await?;
     let mut state = State::default();
-    let outcome = loop {
+    // The history read before the wait may hold the outcome already.
+    apply_events(&mut state, events, deadline, ip_wait)?;
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            break timed_out(&state, started_at);
+            return timed_out(&state, started_at);
         }
-        let next =
-            tokio::time::timeout(left + Duration::from_millis(50), wait.next_changes(left)).await;
+        let collector = wait.collector().cloned();
+        let outcome_known = state.progress == Progress::Succeeded;
+        let mut events_changed = false;
+        let poll = wait.next_changes(left);
+        let next = tokio::time::timeout(left + Duration::from_millis(50), async {
+            tokio::pin!(poll);
+            let mut listening = !outcome_known;
+            loop {
+                tokio::select! {
+                    biased;
+                    changes = &mut poll => return changes,
+                    message = hub.recv(), if listening => {
+                        let fresh = match message {
+                            Some(HubMessage::Events(list)) => events.add(list),
+                            Some(HubMessage::Lost) => events.add(
+                                methods::query_events(
+                                    session,
+                                    vm,
+                                    methods::CUSTOMIZATION_EVENT_TYPES,
+                                    begin_time,
+                                )
+                                .await?,
+                            ),
+                            Some(HubMessage::Failed(e)) => return Err(e),
+                            // Cannot happen while subscribed; stop listening.
+                            None => {
+                                listening = false;
+                                false
+                            }
+                        };
+                        events_changed |= fresh;
+                        if !fresh {
+                            continue;
+                        }
+                        // A failure needs no guest state.
+                        if progress_of_page(&events.page)
+                            .is_some_and(|(p, _)| matches!(p, Progress::Failed { .. }))
+                        {
+                            return Ok(Vec::new());
+                        }
+                        break;
+                    }
+                }
+            }
+            // The guest poll may hold the server for a minute: ask it to
+            // answer now and take what it has (dropping the call instead
+            // could lose changes the server already took off the
+            // collector). A cancel that reaches the server before the poll
+            // does cancels nothing, so it is sent again until the poll
+            // answers.
+            let Some(collector) = &collector else {
+                return poll.await;
+            };
+            loop {
+                methods::cancel_wait_for_updates(session, collector).await?;
+                if let Ok(changes) = tokio::time::timeout(CANCEL_GRACE, &mut poll).await {
+                    return changes;
+                }
+            }
+        })
+        .await;
         let changes = match next {
-            Err(_) => break timed_out(&state, started_at),
-            Ok(Err(e)) => break Err(e),
+            Err(_) => return timed_out(&state, started_at),
+            Ok(Err(e)) => return Err(e),
             Ok(Ok(changes)) => changes,
         };
         let succeeded_before = state.progress == Progress::Succeeded;
-        let ip_before = state.guest.usable_ipv4();
-        let mut ip_reported = false;
-        for change in &changes {
-            if change.obj == *events {
-                if let Some((progress, started)) = change.val.as_ref().and_then(progress_of_page) {
-                    state.started |= started;
-                    state.progress = progress;
-                }
-            } else {
-                state.guest.apply(&change.path, change.val.as_ref());
-                ip_reported |= matches!(
-                    change.path.as_str(),
-                    "guest.ipAddress" | "guest.net" | "guest"
-                );
+        let mut ip_reported = apply_guest(&mut state, &changes);
+        if events_changed {
+            // The streams of events and of guest changes are two: before
+            // judging the guest against the new events, take every guest
+            // change the server already has (up to at least when the events
+            // were posted). A collector with nothing waiting answers at once.
+            if !progress_of_page(&events.page)
+                .is_some_and(|(p, _)| matches!(p, Progress::Failed { .. }))
+            {
+                let pending = wait.next_changes(Duration::ZERO).await?;
+                ip_reported |= apply_guest(&mut state, &pending);
             }
         }
-        // The address before customization: the one when it was seen to
-        // start, else (no start event seen) the one the wait began with.
-        if state.started && !state.start_seen {
-            state.start_seen = true;
-            state.pre_ip = Some(ip_before);
-        } else if state.pre_ip.is_none() {
-            state.pre_ip = Some(ip_before);
+        // Until a start is seen live, the address before customization is
+        // the one the wait began with (its first snapshot).
+        if !state.snapshot_taken {
+            state.snapshot_taken = true;
+            state.pre_ip = Some(state.guest.usable_ipv4());
         }
-        match &state.progress {
-            Progress::Failed { event, reason } => {
-                break Err(VsphereError::CustomizationFailed {
-                    event: event.clone(),
-                    reason: reason.clone(),
-                });
-            }
-            Progress::Succeeded => {
-                if !succeeded_before {
-                    tracing::info!("guest customization succeeded");
-                    deadline = Instant::now() + ip_wait;
-                }
-                if ip_reported {
-                    state.ip_after_success = true;
-                }
-                if let Some(ip) = state.fresh_ip() {
-                    break Ok(Ready {
-                        ip: Some(ip),
-                        host_name: state.guest.host_name.clone(),
-                    });
-                }
-            }
-            Progress::NotStarted | Progress::Started => {}
+        if events_changed {
+            apply_events(&mut state, events, deadline, ip_wait)?;
         }
-    };
-    wait.close().await;
-    outcome
+        // Only what was reported after the success was known counts as
+        // reported after it (the catch-up above may hold older reports).
+        if succeeded_before {
+            state.ip_after_success |= ip_reported;
+        }
+        if let Some(ip) = state.fresh_ip() {
+            return Ok(Ready {
+                ip: Some(ip),
+                host_name: state.guest.host_name.clone(),
+            });
+        }
+    }
+}
+
+/// Applies a batch of guest changes; whether it reported an address.
+fn apply_guest(state: &mut State, changes: &[methods::Change]) -> bool {
+    let mut ip_reported = false;
+    for change in changes {
+        state.guest.apply(&change.path, change.val.as_ref());
+        ip_reported |= matches!(
+            change.path.as_str(),
+            "guest.ipAddress" | "guest.net" | "guest"
+        );
+    }
+    ip_reported
 }
 
 fn timed_out(state: &State, started_at: Instant) -> Result<Ready, VsphereError> {

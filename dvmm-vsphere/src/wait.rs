@@ -91,7 +91,8 @@ impl PropertyWait {
     }
 
     /// Like [`PropertyWait::next`], for every watched object: the changes
-    /// in the server's order, each with its object.
+    /// in the server's order, each with its object. A zero `max_wait` takes
+    /// what the server has without waiting.
     ///
     /// # Errors
     /// Faults and transport errors.
@@ -104,8 +105,13 @@ impl PropertyWait {
                 message: "property wait used after close".into(),
             });
         };
-        let seconds = max_wait.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
-        let seconds = seconds.min(self.session.options().wait_max_seconds.max(1));
+        // Zero asks for what the collector has now, without waiting.
+        let seconds = if max_wait.is_zero() {
+            0
+        } else {
+            let seconds = max_wait.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
+            seconds.min(self.session.options().wait_max_seconds.max(1))
+        };
         let result =
             methods::wait_for_updates(&self.session, &collector, &self.version, seconds).await;
         let updates = match result {
@@ -115,6 +121,10 @@ impl PropertyWait {
             Err(VsphereError::NotFound { kind, .. }) if kind == "PropertyCollector" => {
                 self.collector = None;
                 self.create().await?;
+                return Ok(Vec::new());
+            }
+            // CancelWaitForUpdates cut it short: nothing to report yet.
+            Err(VsphereError::TaskFailed { fault, .. }) if fault == "RequestCanceled" => {
                 return Ok(Vec::new());
             }
             Err(e) => return Err(e),
