@@ -96,6 +96,13 @@ pub fn progress_of_page(page: &Node) -> Option<(Progress, bool)> {
     newest.map(|(_, p)| (p, started))
 }
 
+/// Whether a page holds a `CustomizationStartedEvent`.
+fn has_start_event(page: &Node) -> bool {
+    page.children
+        .iter()
+        .any(|e| e.xsi_type.as_deref() == Some("CustomizationStartedEvent"))
+}
+
 /// How a successful wait ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ready {
@@ -125,18 +132,32 @@ struct State {
     start_seen: bool,
     /// The guest properties' first snapshot has been applied.
     snapshot_taken: bool,
+    /// A `CustomizationStartedEvent` is among the VM's events.
+    start_event: bool,
 }
 
 impl State {
     fn fresh_ip(&self) -> Option<Ipv4Addr> {
-        if self.progress != Progress::Succeeded || !self.guest.tools_running() {
+        if self.progress != Progress::Succeeded {
+            return None;
+        }
+        self.address_after(self.start_event)
+    }
+
+    /// The usable address with tools running, if it can be told to be the
+    /// guest's own after customization (`start_event`: vCenter recorded a
+    /// `CustomizationStartedEvent`): reported after the success was known, or
+    /// different from the address before customization (the guest rebooted
+    /// into its new identity and reported before vCenter recorded the
+    /// success). Without a start event there is no address from before to
+    /// tell apart, and the current one is taken.
+    fn address_after(&self, start_event: bool) -> Option<Ipv4Addr> {
+        if !self.guest.tools_running() {
             return None;
         }
         let ip = self.guest.usable_ipv4()?;
-        // Either reported after success, or a new address since
-        // customization started (the guest rebooted into its new identity
-        // and reported before vCenter recorded the success).
-        (self.ip_after_success || self.pre_ip.is_some_and(|pre| pre != Some(ip))).then_some(ip)
+        (self.ip_after_success || !start_event || self.pre_ip.is_some_and(|pre| pre != Some(ip)))
+            .then_some(ip)
     }
 }
 
@@ -145,7 +166,9 @@ impl State {
 /// `ip_wait` after success).
 ///
 /// `begin_time` (`xsd:dateTime`, the server's clock) leaves out events from
-/// before it.
+/// before it. A zero `customization_timeout` waits for no outcome: only for
+/// VMware Tools and the first usable address (at most `ip_wait`), as for a
+/// vCenter that records no customization events.
 ///
 /// # Errors
 /// [`VsphereError::CustomizationFailed`], [`VsphereError::CustomizationTimeout`],
@@ -157,32 +180,72 @@ pub async fn wait_ready(
     customization_timeout: Duration,
     ip_wait: Duration,
 ) -> Result<Ready, VsphereError> {
-    // Subscribed before the history is read, so an event posted in between
-    // comes through one or the other (or both: kept once, by key).
-    let hub = session.events().subscribe(&session, vm);
-    let mut events = VmEvents::new(begin_time);
-    events.add(
-        methods::query_events(&session, vm, methods::CUSTOMIZATION_EVENT_TYPES, begin_time).await?,
-    );
+    if customization_timeout.is_zero() {
+        return wait_guest_only(session, vm, ip_wait).await;
+    }
     let started_at = Instant::now();
     let mut deadline = started_at
         .checked_add(customization_timeout)
         .unwrap_or_else(|| started_at + Duration::from_secs(100 * 365 * 24 * 3600));
+    // Subscribed before the history is read, so an event posted in between
+    // comes through one or the other (or both: kept once, by key).
+    let hub = session.events().subscribe(&session, vm);
     let mut wait = PropertyWait::open(session.clone(), vm.clone(), GUEST_WAIT_PATHS).await?;
-    let outcome = watch(
-        &session,
-        vm,
-        begin_time,
-        hub,
-        &mut events,
-        &mut wait,
-        started_at,
-        &mut deadline,
-        ip_wait,
-    )
+    let outcome = async {
+        // The guest's state first, then the history: the snapshot is from
+        // before every event the history holds (a success in it makes the
+        // snapshot's address the one after customization, as for a
+        // provisioning resumed after it), and a start in it makes the
+        // snapshot's address the one from before customization.
+        let snapshot = wait
+            .next_changes(customization_timeout.max(ip_wait))
+            .await?;
+        let mut events = VmEvents::new(begin_time);
+        events.add(
+            methods::query_events(&session, vm, methods::CUSTOMIZATION_EVENT_TYPES, begin_time)
+                .await?,
+        );
+        watch(
+            &session,
+            vm,
+            begin_time,
+            hub,
+            &mut events,
+            &mut wait,
+            &snapshot,
+            started_at,
+            &mut deadline,
+            ip_wait,
+        )
+        .await
+    }
     .await;
     wait.close().await;
     outcome
+}
+
+/// The guest wait without the customization outcome: tools running and a
+/// usable address, or no address once `ip_wait` has passed.
+async fn wait_guest_only(
+    session: Arc<Session>,
+    vm: &MoRef,
+    ip_wait: Duration,
+) -> Result<Ready, VsphereError> {
+    let mut guest = GuestInfo::default();
+    let up = crate::wait::wait_until(
+        session,
+        vm.clone(),
+        GUEST_WAIT_PATHS,
+        ip_wait,
+        &mut guest,
+        |g, path, val| g.apply(path, val),
+        |g| g.tools_running() && g.usable_ipv4().is_some(),
+    )
+    .await?;
+    Ok(Ready {
+        ip: up.then(|| guest.usable_ipv4()).flatten(),
+        host_name: guest.host_name,
+    })
 }
 
 /// The VM's customization events seen so far, once each.
@@ -251,6 +314,7 @@ fn apply_events(
         }
     }
     state.started |= started;
+    state.start_event |= has_start_event(&events.page);
     let succeeded_before = state.progress == Progress::Succeeded;
     state.progress = progress;
     match &state.progress {
@@ -275,14 +339,27 @@ async fn watch(
     mut hub: crate::events::Subscription,
     events: &mut VmEvents,
     wait: &mut PropertyWait,
+    snapshot: &[methods::Change],
     started_at: Instant,
     deadline: &mut Instant,
     ip_wait: Duration,
 ) -> Result<Ready, VsphereError> {
     let mut state = State::default();
-    // The history read before the wait may hold the outcome already.
+    let ip_reported = apply_guest(&mut state, snapshot);
+    state.snapshot_taken = true;
+    state.pre_ip = Some(state.guest.usable_ipv4());
+    // The history may hold the outcome already.
     apply_events(&mut state, events, deadline, ip_wait)?;
+    if state.progress == Progress::Succeeded {
+        state.ip_after_success |= ip_reported;
+    }
     loop {
+        if let Some(ip) = state.fresh_ip() {
+            return Ok(Ready {
+                ip: Some(ip),
+                host_name: state.guest.host_name.clone(),
+            });
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return timed_out(&state, started_at);
@@ -290,6 +367,13 @@ async fn watch(
         let collector = wait.collector().cloned();
         let outcome_known = state.progress == Progress::Succeeded;
         let mut events_changed = false;
+        // Customization was seen to start while the guest poll was held:
+        // the guest was brought up to now before judging.
+        let mut synced = false;
+        // The success was learned while the guest poll was held, which goes
+        // on: what it brings counts as reported in or after the success.
+        let mut success_in_poll = false;
+        let state_now = &state;
         let poll = wait.next_changes(left);
         let next = tokio::time::timeout(left + Duration::from_millis(50), async {
             tokio::pin!(poll);
@@ -321,22 +405,32 @@ async fn watch(
                         if !fresh {
                             continue;
                         }
-                        // A failure needs no guest state.
-                        if progress_of_page(&events.page)
-                            .is_some_and(|(p, _)| matches!(p, Progress::Failed { .. }))
-                        {
-                            return Ok(Vec::new());
+                        match progress_of_page(&events.page) {
+                            // A failure needs no guest state.
+                            Some((Progress::Failed { .. }, _)) => return Ok(Vec::new()),
+                            // An address that is the guest's own after
+                            // customization is the answer; otherwise the
+                            // held poll brings the next report, which is.
+                            Some((Progress::Succeeded, _)) => {
+                                if state_now.address_after(has_start_event(&events.page)).is_some() {
+                                    return Ok(Vec::new());
+                                }
+                                success_in_poll = true;
+                                listening = false;
+                            }
+                            _ => break,
                         }
-                        break;
                     }
                 }
             }
-            // The guest poll may hold the server for a minute: ask it to
-            // answer now and take what it has (dropping the call instead
-            // could lose changes the server already took off the
+            // Started: the address before customization is the one the
+            // guest has now, and the held poll may wait for minutes. Ask the
+            // server to answer now and take what it has (dropping the call
+            // instead could lose changes the server already took off the
             // collector). A cancel that reaches the server before the poll
             // does cancels nothing, so it is sent again until the poll
             // answers.
+            synced = true;
             let Some(collector) = &collector else {
                 return poll.await;
             };
@@ -355,17 +449,10 @@ async fn watch(
         };
         let succeeded_before = state.progress == Progress::Succeeded;
         let mut ip_reported = apply_guest(&mut state, &changes);
-        if events_changed {
-            // The streams of events and of guest changes are two: before
-            // judging the guest against the new events, take every guest
-            // change the server already has (up to at least when the events
-            // were posted). A collector with nothing waiting answers at once.
-            if !progress_of_page(&events.page)
-                .is_some_and(|(p, _)| matches!(p, Progress::Failed { .. }))
-            {
-                let pending = wait.next_changes(Duration::ZERO).await?;
-                ip_reported |= apply_guest(&mut state, &pending);
-            }
+        if synced {
+            // A cancelled poll may leave changes on the server (vcsim's);
+            // take every one it already has. A zero wait answers at once.
+            ip_reported |= apply_guest(&mut state, &wait.next_changes(Duration::ZERO).await?);
         }
         // Until a start is seen live, the address before customization is
         // the one the wait began with (its first snapshot).
@@ -376,9 +463,7 @@ async fn watch(
         if events_changed {
             apply_events(&mut state, events, deadline, ip_wait)?;
         }
-        // Only what was reported after the success was known counts as
-        // reported after it (the catch-up above may hold older reports).
-        if succeeded_before {
+        if succeeded_before || success_in_poll {
             state.ip_after_success |= ip_reported;
         }
         if let Some(ip) = state.fresh_ip() {

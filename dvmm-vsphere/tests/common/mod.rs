@@ -288,7 +288,7 @@ pub async fn set_guest(session: &Session, vm: &MoRef, keys: &[(&str, &str)]) {
 }
 
 /// The shortest customization played (see [`play_customizing_guest`]).
-pub const MIN_CUSTOMIZING: Duration = Duration::from_secs(1);
+pub const MIN_CUSTOMIZING: Duration = Duration::from_secs(2);
 
 /// Plays `guest` for the VM at `path` once it is powered on: tools and the
 /// first address, `CustomizationStartedEvent`, then after `customizing` the
