@@ -236,7 +236,9 @@ pub struct VmSpec {
     /// may run before it counts as timed out.
     pub task_timeout: Duration,
     /// How long guest customization may take after power-on before the
-    /// provisioning fails (the IP wait starts after it succeeded).
+    /// provisioning fails (the IP wait starts after it succeeded). Zero:
+    /// do not wait for the customization outcome (see
+    /// [`crate::config::Timeouts::customization_secs`]).
     pub customization_timeout: Duration,
     /// Which vCenter, with which credentials.
     pub endpoint: VcenterEndpoint,

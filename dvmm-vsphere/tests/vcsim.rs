@@ -716,6 +716,51 @@ async fn customization_timeout_tells_never_started_from_unfinished() {
     }
 }
 
+/// Plain vcsim records no customization events: a zero customization
+/// timeout waits for none, so the VM is ready once powered on with tools
+/// running and its first address (here the template identity's, since
+/// nothing tells it apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_customization_timeout_needs_no_customization_events() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let (_o, own) = observer(&endpoint);
+    let mut spec = spec(endpoint.clone(), "acme/web", "web-plain", "VM Network");
+    spec.customization_timeout = Duration::ZERO;
+    let guest = play_customizing_guest(
+        own.clone(),
+        "DC0/vm/acme/web/web-plain".into(),
+        Guest {
+            pre_ip: Some("198.18.9.1"),
+            outcome: Outcome::NeverStart,
+            ..Guest::default()
+        },
+    );
+    let vsphere = SoapVsphere::new(fast_options());
+    let result = within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&spec))
+        .await
+        .expect("create_vm");
+    within(common::GUEST_DEADLINE, "the guest player", guest)
+        .await
+        .expect("guest player");
+    assert_eq!(
+        result.ip_address,
+        Some(IpAddr::V4(Ipv4Addr::new(198, 18, 9, 1)))
+    );
+    assert_eq!(result.warning_message, None);
+    // And a guest that never reports an address: ready without one.
+    let mut spec = spec.clone();
+    spec.name = dvmm_core::spec::VmName::parse("web-bare").expect("name");
+    spec.hostname = spec.name.clone();
+    spec.vm_id = dvmm_core::ids::VmId::from_uuid(uuid::Uuid::new_v4());
+    spec.ip_wait_timeout = Duration::from_secs(1);
+    let result = within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&spec))
+        .await
+        .expect("create_vm without guest");
+    assert_eq!(result.ip_address, None);
+    assert_eq!(result.warning_message.as_deref(), Some(IP_TIMEOUT_WARNING));
+}
+
 /// A provisioning that stopped waiting (here: its customization timeout ran
 /// out, as a crash would) is resumed after the guest's success was posted:
 /// the adopted, running VM's history has the outcome, and the address is

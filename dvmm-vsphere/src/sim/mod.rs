@@ -27,9 +27,9 @@
 //! - guest customization ([`GuestCustomization`]): it runs a `duration`
 //!   after power-on while the guest reports the template identity's
 //!   address, then the guest's own address appears; `create_vm` waits for
-//!   it (at most `spec.customization_timeout`) before the IP wait, and a
-//!   fault rule on [`Operation::Customize`] fails it
-//!   (`VsphereError::CustomizationFailed`) or draws it out;
+//!   it (at most `spec.customization_timeout`; not at all when that is
+//!   zero) before the IP wait, and a fault rule on [`Operation::Customize`]
+//!   fails it (`VsphereError::CustomizationFailed`) or draws it out;
 //! - fault injection by [`FaultRule`] (operation, trigger, fault) and
 //!   introspection ([`Simulator::vms`], [`Simulator::call_count`]);
 //! - endpoint outages ([`Simulator::set_endpoint_down`],
@@ -399,8 +399,11 @@ impl Simulator {
         if let (Some(ip), false) = (placement.ip_now, lose_answer) {
             return Ok(result(Some(ip), placement));
         }
-        self.wait_customized(placement.number, spec.customization_timeout, &endpoint)
-            .await?;
+        // Zero: the tenant does not wait for the customization outcome.
+        if !spec.customization_timeout.is_zero() {
+            self.wait_customized(placement.number, spec.customization_timeout, &endpoint)
+                .await?;
+        }
         let ip = self
             .wait_until_ready(
                 placement.number,
