@@ -102,27 +102,7 @@ async fn three_processes_share_the_work_and_survive_a_sigkill() {
     let bin = runner_binary();
     let db = create_database(&url).await;
     let (_vcsim, vcsim_url) = start_vcsim(&vcsim);
-    // vcsim records no guest customization: play guests that customize at
-    // once, from a session of this process.
-    // Back within a second of vCenter's return, not the default 30 s.
-    let player_client = dvmm::vsphere::SoapVsphere::new(dvmm::vsphere::SoapOptions {
-        breaker_cooldown: Duration::from_secs(1),
-        ..dvmm::vsphere::SoapOptions::default()
-    });
-    let endpoint = dvmm::core::config::VcenterEndpoint {
-        url: vcsim_url.clone(),
-        username: "user".into(),
-        password: dvmm::core::config::Secret::new("pass"),
-        insecure: true,
-        thumbprint: None,
-        allow_plain_http: false,
-    };
-    let _player = dvmm::vsphere::guest_player::play_customizations(
-        player_client
-            .session_for(&endpoint)
-            .expect("player session"),
-        "DC0/vm".into(),
-    );
+    let _player = play_customizations(&vcsim_url);
     let tenant = format!("t{}", &Uuid::new_v4().simple().to_string()[..8]);
 
     let approver = spawn_runner(&bin, &db.url, &vcsim_url, &tenant, "a", APPROVALS);

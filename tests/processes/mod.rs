@@ -279,3 +279,28 @@ pub fn output_within(mut command: Command, limit: Duration, what: &str) -> std::
         .unwrap_or_else(|_| panic!("gave up after {limit:?} waiting for {what}"))
         .unwrap_or_else(|e| panic!("cannot run {what}: {e}"))
 }
+
+/// Plays guests that customize at once for every VM vcsim powers on below
+/// `DC0/vm` (vcsim records no guest customization, and the runners wait for
+/// its outcome), from a session of this process. Stops with the test's
+/// runtime; the client is returned to keep its session alive.
+pub fn play_customizations(
+    vcsim_url: &str,
+) -> (dvmm::vsphere::SoapVsphere, tokio::task::JoinHandle<()>) {
+    // Back within a second of vCenter's return, not the default 30 s.
+    let client = dvmm::vsphere::SoapVsphere::new(dvmm::vsphere::SoapOptions {
+        breaker_cooldown: Duration::from_secs(1),
+        ..dvmm::vsphere::SoapOptions::default()
+    });
+    let endpoint = dvmm::core::config::VcenterEndpoint {
+        url: vcsim_url.to_owned(),
+        username: "user".into(),
+        password: dvmm::core::config::Secret::new("pass"),
+        insecure: true,
+        thumbprint: None,
+        allow_plain_http: false,
+    };
+    let session = client.session_for(&endpoint).expect("player session");
+    let player = dvmm::vsphere::guest_player::play_customizations(session, "DC0/vm".into());
+    (client, player)
+}
