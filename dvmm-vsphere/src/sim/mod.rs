@@ -27,9 +27,11 @@
 //! - guest customization ([`GuestCustomization`]): it runs a `duration`
 //!   after power-on while the guest reports the template identity's
 //!   address, then the guest's own address appears; `create_vm` waits for
-//!   it (at most `spec.customization_timeout`; not at all when that is
-//!   zero) before the IP wait, and a fault rule on [`Operation::Customize`]
-//!   fails it (`VsphereError::CustomizationFailed`) or draws it out;
+//!   it (at most `spec.customization_timeout`; when that is zero, for no
+//!   outcome: no fault rule applies, and the IP wait still sees the guest's
+//!   own address only) before the IP wait, and a fault rule on
+//!   [`Operation::Customize`] fails it (`VsphereError::CustomizationFailed`)
+//!   or draws it out;
 //! - fault injection by [`FaultRule`] (operation, trigger, fault) and
 //!   introspection ([`Simulator::vms`], [`Simulator::call_count`]);
 //! - endpoint outages ([`Simulator::set_endpoint_down`],
