@@ -142,7 +142,7 @@ async fn a_vcsim_killed_and_restarted_under_a_running_runner_loses_no_request() 
         breaker_cooldown: Duration::from_secs(1),
         ..SoapOptions::default()
     });
-    let _player = dvmm::vsphere::guest_player::play_customizations(
+    let _player = dvmm_vsphere::guest_player::play_customizations(
         player_client
             .session_for(&tenant.vcenter)
             .expect("player session"),

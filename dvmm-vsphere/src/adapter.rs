@@ -766,7 +766,9 @@ impl SoapVsphere {
             let customized = match customized {
                 Err(VsphereError::TaskFailed { fault, .. }) if fault == "CustomizationPending" => {
                     tracing::info!(vm = %vm, "the customization this request sent earlier is pending; powering on");
-                    Ok(())
+                    // Its task's start is not known here: the VM's whole
+                    // history counts (it has not run, so none is about it).
+                    Ok(crate::types::TaskInfo::default())
                 }
                 other => other,
             };

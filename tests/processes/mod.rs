@@ -301,6 +301,6 @@ pub fn play_customizations(
         allow_plain_http: false,
     };
     let session = client.session_for(&endpoint).expect("player session");
-    let player = dvmm::vsphere::guest_player::play_customizations(session, "DC0/vm".into());
+    let player = dvmm_vsphere::guest_player::play_customizations(session, "DC0/vm".into());
     (client, player)
 }
