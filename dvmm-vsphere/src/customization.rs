@@ -372,7 +372,7 @@ async fn watch(
         let mut synced = false;
         // The success was learned while the guest poll was held, which goes
         // on: what it brings counts as reported in or after the success.
-        let mut success_in_poll = false;
+        let mut success_in_poll: Option<Instant> = None;
         let state_now = &state;
         let poll = wait.next_changes(left);
         let next = tokio::time::timeout(left + Duration::from_millis(50), async {
@@ -415,8 +415,13 @@ async fn watch(
                                 if state_now.address_after(has_start_event(&events.page)).is_some() {
                                     return Ok(Vec::new());
                                 }
-                                success_in_poll = true;
-                                listening = false;
+                                // The IP wait starts now: the held poll
+                                // may last longer.
+                                success_in_poll = Some(Instant::now());
+                                return match tokio::time::timeout(ip_wait, &mut poll).await {
+                                    Ok(changes) => changes,
+                                    Err(_) => Ok(Vec::new()),
+                                };
                             }
                             _ => break,
                         }
@@ -463,7 +468,10 @@ async fn watch(
         if events_changed {
             apply_events(&mut state, events, deadline, ip_wait)?;
         }
-        if succeeded_before || success_in_poll {
+        if let Some(learned) = success_in_poll {
+            *deadline = learned + ip_wait;
+        }
+        if succeeded_before || success_in_poll.is_some() {
             state.ip_after_success |= ip_reported;
         }
         if let Some(ip) = state.fresh_ip() {

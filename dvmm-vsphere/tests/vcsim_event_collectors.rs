@@ -253,3 +253,35 @@ async fn sixteen_in_flight_beside_event_posts_all_get_ready() {
         );
     }
 }
+
+/// A success learned while the guest poll is held starts the IP wait then:
+/// a guest that reports no address is ready (IP pending) once the IP wait
+/// has passed, not when the held poll's server-side wait (30 s here) ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_without_address_ends_after_the_ip_wait_not_the_long_poll() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let (_o, own) = observer(&endpoint);
+    let player = dvmm_vsphere::guest_player::play_customizations(own, "DC0/vm/acme/bare".into());
+    let vsphere = SoapVsphere::new(SoapOptions {
+        wait_max_seconds: 30,
+        ..fast_options()
+    });
+    let mut spec = spec(endpoint.clone(), "acme/bare", "bare-1", "VM Network");
+    spec.ip_wait_timeout = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let result = within(
+        Duration::from_secs(60),
+        "create_vm",
+        vsphere.create_vm(&spec),
+    )
+    .await
+    .expect("create_vm");
+    player.abort();
+    assert_eq!(result.ip_address, None);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "ready only after {:?}: the held poll outlived the IP wait",
+        started.elapsed()
+    );
+}
