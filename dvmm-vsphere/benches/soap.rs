@@ -284,7 +284,10 @@ async fn guest_player(session: Arc<Session>, folder_path: String, stop: Arc<Atom
                         }
                     }
                     for _ in 0..3 {
-                        if methods::reconfig_vm(&session, &change.obj, &set).await.is_ok() {
+                        if methods::reconfig_vm(&session, &change.obj, &set)
+                            .await
+                            .is_ok()
+                        {
                             break;
                         }
                     }

@@ -101,6 +101,11 @@ pub fn start_vcsim(bin: &Path) -> (Proc, String) {
 
 /// The runner example, built with the features of this test run.
 pub fn runner_binary() -> PathBuf {
+    example_binary("runner")
+}
+
+/// Example `name`, built with the features of this test run.
+pub fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> → target/<profile>
     let profile_dir = exe
@@ -109,13 +114,9 @@ pub fn runner_binary() -> PathBuf {
         .expect("target/<profile>");
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let mut build = Command::new(env!("CARGO"));
-    build.current_dir(workspace()).args([
-        "build",
-        "--quiet",
-        "--example",
-        "runner",
-        "--all-features",
-    ]);
+    build
+        .current_dir(workspace())
+        .args(["build", "--quiet", "--example", name, "--all-features"]);
     if release {
         build.arg("--release");
     }
@@ -130,12 +131,12 @@ pub fn runner_binary() -> PathBuf {
         }
         assert!(
             Instant::now() < deadline,
-            "building the runner example took over {limit:?}"
+            "building the {name} example took over {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(status.success(), "building the runner example failed");
-    let bin = profile_dir.join("examples/runner");
+    assert!(status.success(), "building the {name} example failed");
+    let bin = profile_dir.join("examples").join(name);
     assert!(bin.exists(), "{} missing after the build", bin.display());
     bin
 }
