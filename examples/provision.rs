@@ -6,9 +6,13 @@
 //! cargo run --example provision -- --no-ip --ip-timeout-secs 3
 //! RUST_LOG=dvmm=debug cargo run --example provision  # with tracing output
 //!
-//! # a real vCenter (or govmomi's vcsim; see the README)
+//! # a real vCenter
+//! DVMM_VCENTER_PASSWORD=... cargo run --example provision -- --vcenter-url https://vc.example.com/sdk \
+//!     --username svc-dvmm --thumbprint SHA256 --template ubuntu-22.04
+//! # govmomi's vcsim, which records no customization events (see the README)
 //! cargo run --example provision -- --vcenter-url https://127.0.0.1:8989/sdk \
-//!     --username user --password pass --insecure --template DC0_H0_VM0
+//!     --username user --password pass --insecure --template DC0_H0_VM0 \
+//!     --customization-timeout-secs 0
 //!
 //! # events and timeline in PostgreSQL (an owner/admin URL: the example
 //! # migrates, creates the application role and connects as it)

@@ -9,7 +9,8 @@
 //! # application login) + one vCenter (or vcsim) shared by every process:
 //! cargo run --features postgres --example runner -- --database-url postgres://... \
 //!     --vcenter-url https://127.0.0.1:8989/sdk --username user --password pass \
-//!     --insecure --template DC0_H0_VM0 --ip-timeout-secs 1 --tenant demo --approve 300
+//!     --insecure --template DC0_H0_VM0 --ip-timeout-secs 1 --customization-timeout-secs 0 \
+//!     --tenant demo --approve 300
 //! # ...and in other terminals, workers that only join:
 //! cargo run --features postgres --example runner -- --database-url postgres://... \
 //!     <same vCenter flags> --tenant demo --approve 0 --expect 300

@@ -107,6 +107,7 @@ async fn runners_and_direct_callers_share_requests_and_agree() {
     let bin = runner_binary();
     let db = create_database(&url).await;
     let (_vcsim, vcsim_url) = start_vcsim(&vcsim);
+    let _player = play_customizations(&vcsim_url);
     let tenant = format!("t{}", &Uuid::new_v4().simple().to_string()[..8]);
 
     let approver = spawn_runner(&bin, &db.url, &vcsim_url, &tenant, "a", APPROVALS, false);

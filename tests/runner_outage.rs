@@ -135,6 +135,19 @@ async fn a_vcsim_killed_and_restarted_under_a_running_runner_loses_no_request() 
     let mut vcsim = Some(Vcsim::start(&bin, port));
     let tenant = tenant(&format!("https://127.0.0.1:{port}/sdk"));
     let vsphere = SoapVsphere::new(SoapOptions::default());
+    // vcsim records no guest customization: play guests that customize at
+    // once, from a session of their own.
+    // Back within a second of vCenter's return, not the default 30 s.
+    let player_client = SoapVsphere::new(SoapOptions {
+        breaker_cooldown: Duration::from_secs(1),
+        ..SoapOptions::default()
+    });
+    let _player = dvmm_vsphere::guest_player::play_customizations(
+        player_client
+            .session_for(&tenant.vcenter)
+            .expect("player session"),
+        "DC0/vm".into(),
+    );
     let store = Arc::new(MemoryEventStore::new());
     let service = Arc::new(ProvisioningService::new(
         store.clone(),

@@ -102,6 +102,7 @@ async fn three_processes_share_the_work_and_survive_a_sigkill() {
     let bin = runner_binary();
     let db = create_database(&url).await;
     let (_vcsim, vcsim_url) = start_vcsim(&vcsim);
+    let _player = play_customizations(&vcsim_url);
     let tenant = format!("t{}", &Uuid::new_v4().simple().to_string()[..8]);
 
     let approver = spawn_runner(&bin, &db.url, &vcsim_url, &tenant, "a", APPROVALS);

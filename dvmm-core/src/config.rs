@@ -152,6 +152,10 @@ pub const MAX_TASK_SECS: u64 = 24 * 3600;
 /// cap of [`Timeouts::unavailable_deadline`].
 pub const MAX_UNAVAILABLE_DEADLINE_SECS: u64 = 7 * 24 * 3600;
 
+/// Longest customization wait a tenant may configure (one day); also the
+/// cap of [`Timeouts::customization`].
+pub const MAX_CUSTOMIZATION_SECS: u64 = 24 * 3600;
+
 /// Timeouts of a tenant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,6 +173,18 @@ pub struct Timeouts {
     /// unreachable.
     #[serde(default = "Timeouts::default_unavailable_deadline_secs")]
     pub unavailable_deadline_secs: u64,
+    /// How long guest customization may take after power-on, until vCenter
+    /// records its outcome (default 600 s, as Terraform's customize
+    /// timeout); after that the provisioning fails.
+    ///
+    /// 0 means: do not wait for the outcome. For a vCenter that records no
+    /// customization events (govmomi's vcsim, for one), where every wait
+    /// would end "customization never started". "Ready" then means powered
+    /// on with VMware Tools running and the first usable IP (or none within
+    /// the IP wait), which may be the template identity's address from
+    /// before customization, and a failed customization goes unnoticed.
+    #[serde(default = "Timeouts::default_customization_secs")]
+    pub customization_secs: u64,
 }
 
 impl Timeouts {
@@ -180,6 +196,15 @@ impl Timeouts {
     }
     fn default_unavailable_deadline_secs() -> u64 {
         3600
+    }
+    fn default_customization_secs() -> u64 {
+        600
+    }
+
+    /// The customization wait as a duration, at most
+    /// [`MAX_CUSTOMIZATION_SECS`]; zero: do not wait for the outcome.
+    pub fn customization(&self) -> Duration {
+        Duration::from_secs(self.customization_secs.min(MAX_CUSTOMIZATION_SECS))
     }
 
     // The accessors cap what they return: a configuration built in code
@@ -212,6 +237,7 @@ impl Default for Timeouts {
             ip_wait_secs: Self::default_ip_wait_secs(),
             task_secs: Self::default_task_secs(),
             unavailable_deadline_secs: Self::default_unavailable_deadline_secs(),
+            customization_secs: Self::default_customization_secs(),
         }
     }
 }
@@ -598,6 +624,12 @@ impl TenantConfig {
                 "must be between 1 and 86400 seconds",
             ));
         }
+        if self.timeouts.customization_secs > MAX_CUSTOMIZATION_SECS {
+            return Err(ConfigError::new(
+                "timeouts.customization_secs",
+                "must be at most 86400 seconds (0: do not wait for the customization outcome)",
+            ));
+        }
         if self.timeouts.unavailable_deadline_secs == 0
             || self.timeouts.unavailable_deadline_secs > MAX_UNAVAILABLE_DEADLINE_SECS
         {
@@ -692,6 +724,43 @@ ip_wait_secs = 30
         assert!(e.contains("timeouts.ip_wait_secs"), "{e}");
         let e = error_for(|s| s.replace("network = ", "netwrok = "));
         assert!(e.contains("netwrok"), "{e}");
+    }
+
+    #[test]
+    fn the_customization_wait_defaults_to_ten_minutes_zero_skips_it_and_is_bounded() {
+        let config: TenantConfig = toml::from_str(GOOD).unwrap();
+        assert_eq!(config.timeouts.customization_secs, 600);
+        let with = |secs: &str| {
+            GOOD.replace(
+                "ip_wait_secs = 30",
+                &format!("ip_wait_secs = 30\ncustomization_secs = {secs}"),
+            )
+        };
+        let skip: TenantConfig = toml::from_str(&with("0")).unwrap();
+        assert_eq!(skip.timeouts.customization(), Duration::ZERO);
+        let name = crate::spec::VmName::new("web", "app01").unwrap();
+        let spec = crate::spec::VmSpec::for_request(
+            &skip,
+            crate::ids::VmRequestId::from_uuid(uuid::Uuid::nil()),
+            crate::ids::VmId::from_uuid(uuid::Uuid::nil()),
+            &name,
+            "web",
+            skip.sizes.resources(VmSize::S),
+        );
+        assert_eq!(spec.customization_timeout, Duration::ZERO);
+        let e = toml::from_str::<TenantConfig>(&with("86401"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("timeouts.customization_secs"), "{e}");
+        // Built in code, unvalidated: still capped.
+        let huge = Timeouts {
+            customization_secs: u64::MAX,
+            ..Timeouts::default()
+        };
+        assert_eq!(
+            huge.customization(),
+            Duration::from_secs(MAX_CUSTOMIZATION_SECS)
+        );
     }
 
     #[test]

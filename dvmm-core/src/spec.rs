@@ -235,6 +235,11 @@ pub struct VmSpec {
     /// How long one vSphere task (clone, reconfigure, customize, power-on)
     /// may run before it counts as timed out.
     pub task_timeout: Duration,
+    /// How long guest customization may take after power-on before the
+    /// provisioning fails (the IP wait starts after it succeeded). Zero:
+    /// do not wait for the customization outcome (see
+    /// [`crate::config::Timeouts::customization_secs`]).
+    pub customization_timeout: Duration,
     /// Which vCenter, with which credentials.
     pub endpoint: VcenterEndpoint,
 }
@@ -271,6 +276,7 @@ impl VmSpec {
             datastore: config.datastore.clone(),
             ip_wait_timeout: config.timeouts.ip_wait(),
             task_timeout: config.timeouts.task(),
+            customization_timeout: config.timeouts.customization(),
             endpoint: config.vcenter.clone(),
         }
     }
@@ -355,6 +361,8 @@ impl VmSpec {
             datastore: placement.datastore.clone(),
             ip_wait_timeout: Duration::from_secs(placement.ip_wait_secs.min(MAX_IP_WAIT_SECS)),
             task_timeout: Duration::from_secs(placement.task_secs.min(MAX_TASK_SECS)),
+            // Not recorded in the placement (yet): the default applies.
+            customization_timeout: crate::config::Timeouts::default().customization(),
             endpoint: VcenterEndpoint {
                 url: placement.endpoint_url.clone(),
                 ..endpoint.clone()
@@ -379,6 +387,19 @@ pub struct VmProvisioningResult {
 
 /// The warning a VM carries when VMware Tools did not report an IP in time.
 pub const IP_TIMEOUT_WARNING: &str = "IP detection timed out";
+
+/// The warning a VM carries when the guest reports another hostname than the
+/// one requested (customization succeeded, but the guest renamed itself or
+/// the template overrides it).
+pub fn hostname_mismatch_warning(requested: &str, reported: &str) -> String {
+    format!("the guest reports hostname {reported:?} instead of the requested {requested:?}")
+}
+
+/// Joins warnings into one [`VmProvisioningResult::warning_message`].
+pub fn join_warnings(warnings: impl IntoIterator<Item = String>) -> Option<String> {
+    let all: Vec<String> = warnings.into_iter().filter(|w| !w.is_empty()).collect();
+    (!all.is_empty()).then(|| all.join("; "))
+}
 
 /// Power state of a VM as vSphere reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -10,13 +10,17 @@ use std::time::Duration;
 use dvmm_core::config::VcenterEndpoint;
 use dvmm_core::ids::{VmId, VmwareVmId};
 use dvmm_core::ports::{PowerOffMode, PowerOffOutcome, VsphereError, VspherePort};
-use dvmm_core::spec::{IP_TIMEOUT_WARNING, VmGuestInfo, VmProvisioningResult, VmSpec};
+use dvmm_core::spec::{
+    IP_TIMEOUT_WARNING, VmGuestInfo, VmProvisioningResult, VmSpec, hostname_mismatch_warning,
+    join_warnings,
+};
 use tracing::Instrument;
 
+use crate::customization;
 use crate::methods::{self, CloneSpec, ConfigSpec};
 use crate::options::SoapOptions;
 use crate::session::{Connector, HttpConnector, Session, SessionPool};
-use crate::types::{GuestInfo, Hardware, MoRef, NetworkBacking, PowerState, VmProperties};
+use crate::types::{Hardware, MoRef, NetworkBacking, PowerState, VmProperties};
 use crate::wait;
 
 /// The extraConfig key that carries dvmm's VM id inside the vSphere VM.
@@ -635,12 +639,34 @@ fn reconcile(spec: &VmSpec, inv: &Inventory, props: &VmProperties, in_clone: boo
     change
 }
 
-fn result_of(vm: &MoRef, spec: &VmSpec, ip: Option<IpAddr>) -> VmProvisioningResult {
+fn result_of(
+    vm: &MoRef,
+    spec: &VmSpec,
+    ip: Option<IpAddr>,
+    reported_host: Option<&str>,
+) -> VmProvisioningResult {
+    let requested = spec.hostname.as_str();
+    // The guest may report its FQDN; only the host label is ours.
+    let mismatch = reported_host
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .filter(|h| {
+            !h.split('.')
+                .next()
+                .unwrap_or_default()
+                .eq_ignore_ascii_case(requested)
+        })
+        .map(|h| hostname_mismatch_warning(requested, h));
     VmProvisioningResult {
         vmware_vm_id: VmwareVmId::new(vm.value.clone()),
-        warning_message: ip.is_none().then(|| IP_TIMEOUT_WARNING.to_owned()),
+        warning_message: join_warnings(
+            ip.is_none()
+                .then(|| IP_TIMEOUT_WARNING.to_owned())
+                .into_iter()
+                .chain(mismatch),
+        ),
         ip_address: ip,
-        hostname: spec.hostname.as_str().to_owned(),
+        hostname: requested.to_owned(),
     }
 }
 
@@ -719,12 +745,10 @@ impl SoapVsphere {
         task: Result<MoRef, VsphereError>,
         operation: &str,
         timeout: Duration,
-    ) -> Result<(), VsphereError> {
+    ) -> Result<crate::types::TaskInfo, VsphereError> {
         let task = task?;
         tracing::info!(task = %task.value, operation, "task started");
-        wait::wait_for_task(&session.session, &task, operation, timeout)
-            .await
-            .map(|_| ())
+        wait::wait_for_task_info(&session.session, &task, operation, timeout).await
     }
 
     async fn create(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
@@ -745,6 +769,10 @@ impl SoapVsphere {
         };
         tracing::Span::current().record("vmware_vm_id", vm.value.as_str());
         let props = read_vm(&session, &vm, VM_CONFIG_PATHS).await?;
+        // Events from before this call's customization are about an earlier
+        // one; a VM found running was customized by an earlier attempt, whose
+        // outcome is in its history.
+        let mut customized_since = None;
         if props.runtime.power_state != Some(PowerState::PoweredOn) {
             let change = reconcile(spec, &inv, &props, false);
             if !change.is_empty() {
@@ -782,13 +810,16 @@ impl SoapVsphere {
             let customized = match customized {
                 Err(VsphereError::TaskFailed { fault, .. }) if fault == "CustomizationPending" => {
                     tracing::info!(vm = %vm, "the customization this request sent earlier is pending; powering on");
-                    Ok(())
+                    // Its task's start is not known here: the VM's whole
+                    // history counts (it has not run, so none is about it).
+                    Ok(crate::types::TaskInfo::default())
                 }
                 other => other,
             };
             let powered = match customized {
                 Err(e) => Err(e),
-                Ok(()) => {
+                Ok(info) => {
+                    customized_since = info.start_time;
                     self.run_task(
                         &session,
                         methods::power_on_vm(&session, &vm).await,
@@ -812,24 +843,23 @@ impl SoapVsphere {
                 }
             }
         }
-        let mut guest = GuestInfo::default();
-        let up = wait::wait_until(
+        let ready = customization::wait_ready(
             session.session.clone(),
-            vm.clone(),
-            GUEST_PATHS,
+            &vm,
+            customized_since.as_deref(),
+            spec.customization_timeout,
             spec.ip_wait_timeout,
-            &mut guest,
-            |g, path, val| g.apply(path, val),
-            |g| g.tools_running() && g.usable_ipv4().is_some(),
         )
         .await?;
-        let ip = if up {
-            guest.usable_ipv4().map(IpAddr::V4)
-        } else {
+        if ready.ip.is_none() {
             tracing::warn!(timeout = ?spec.ip_wait_timeout, "no guest IP in time");
-            None
-        };
-        Ok(result_of(&vm, spec, ip))
+        }
+        Ok(result_of(
+            &vm,
+            spec,
+            ready.ip.map(IpAddr::V4),
+            ready.host_name.as_deref(),
+        ))
     }
 
     async fn power_off(
@@ -887,7 +917,7 @@ impl SoapVsphere {
             .run_task(&session, task, "PowerOffVM_Task", timeout)
             .await
         {
-            Ok(()) => Ok(PowerOffOutcome::Hard),
+            Ok(_) => Ok(PowerOffOutcome::Hard),
             // Off meanwhile (the guest finished shutting down, or another
             // caller): that is the goal.
             Err(VsphereError::InvalidPowerState { message }) => {
@@ -916,6 +946,7 @@ impl SoapVsphere {
         let timeout = self.inner.options.task_timeout;
         self.run_task(&session, task, "Destroy_Task", timeout)
             .await
+            .map(|_| ())
             .map_err(|e| gone(id, e))
     }
 

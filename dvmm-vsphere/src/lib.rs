@@ -2,6 +2,9 @@
 
 pub mod adapter;
 pub(crate) mod breaker;
+pub mod customization;
+pub mod events;
+pub mod guest_player;
 pub mod methods;
 pub mod options;
 pub mod session;

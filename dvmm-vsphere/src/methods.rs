@@ -557,3 +557,172 @@ pub async fn destroy_property_collector(
         .await
         .map(|_| ())
 }
+
+/// The guest-customization event types, by their vim25 names: the start,
+/// the success and `CustomizationFailed` with every subtype (listed one by
+/// one, since a server may match `eventTypeId` on the concrete type only).
+pub const CUSTOMIZATION_EVENT_TYPES: &[&str] = &[
+    "CustomizationStartedEvent",
+    "CustomizationSucceeded",
+    "CustomizationFailed",
+    "CustomizationIdentitySetupFailed",
+    "CustomizationLinuxIdentityFailed",
+    "CustomizationNetworkSetupFailed",
+    "CustomizationSysprepFailed",
+    "CustomizationUnknownFailure",
+];
+
+/// Writes an `EventFilterSpec` (in schema order): the events of `types` on
+/// `entity` itself (not its children) or on every entity when `None`,
+/// created at or after `begin_time` (`xsd:dateTime`) when given, at most
+/// `max_count` of them when given.
+fn event_filter(
+    env: &mut Envelope,
+    entity: Option<&MoRef>,
+    types: &[&str],
+    begin_time: Option<&str>,
+    max_count: Option<u32>,
+) {
+    if let Some(entity) = entity {
+        env.open("entity")
+            .moref("entity", &entity.kind, &entity.value)
+            .text("recursion", "self")
+            .close("entity");
+    }
+    if let Some(begin) = begin_time {
+        env.open("time").text("beginTime", begin).close("time");
+    }
+    for ty in types {
+        env.text("eventTypeId", ty);
+    }
+    if let Some(max) = max_count {
+        env.text("maxCount", &max.to_string());
+    }
+}
+
+fn event_manager(sc: &crate::types::ServiceContent) -> MoRef {
+    // Sent even when the server named none, so its fault says what is wrong.
+    sc.event_manager
+        .clone()
+        .unwrap_or_else(|| MoRef::new("EventManager", "EventManager"))
+}
+
+/// `EventManager.CreateCollectorForEvents`: an `EventHistoryCollector` of
+/// the events of `types` on `entity` itself, or on every entity when
+/// `None`, whose `latestPage` holds up to `page_size` events (`maxCount`,
+/// which vCenter 6.5+ and vcsim take as the page size; a server that
+/// ignores it keeps its default of 10). Its `latestPage` property is what a
+/// property filter watches.
+///
+/// Never followed by `DestroyCollector` in this crate: vcsim 0.24 deadlocks
+/// when a collector is destroyed while any event is being posted (see
+/// [`crate::events`]); vCenter destroys a collector with its session.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn create_event_collector(
+    session: &Session,
+    entity: Option<&MoRef>,
+    types: &[&str],
+    page_size: Option<u32>,
+) -> Result<MoRef, VsphereError> {
+    let node = session
+        .call(
+            "CreateCollectorForEvents",
+            true,
+            Duration::ZERO,
+            |sc, env| {
+                this(env, &event_manager(sc));
+                env.open("filter");
+                event_filter(env, entity, types, None, page_size);
+                env.close("filter");
+            },
+        )
+        .await?;
+    returned_moref("CreateCollectorForEvents", &node)
+}
+
+/// `EventManager.QueryEvents`: the events of `types` on `entity` itself,
+/// created at or after `begin_time` (`xsd:dateTime`) when given, as the
+/// server returns them (`Event` nodes). One read, no collector left behind.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn query_events(
+    session: &Session,
+    entity: &MoRef,
+    types: &[&str],
+    begin_time: Option<&str>,
+) -> Result<Vec<Node>, VsphereError> {
+    let node = session
+        .call("QueryEvents", true, Duration::ZERO, |sc, env| {
+            this(env, &event_manager(sc));
+            env.open("filter");
+            event_filter(env, Some(entity), types, begin_time, None);
+            env.close("filter");
+        })
+        .await?;
+    Ok(node
+        .children
+        .into_iter()
+        .filter(|n| n.name == "returnval")
+        .collect())
+}
+
+/// `PropertyCollector.CancelWaitForUpdates`: the collector's
+/// `WaitForUpdatesEx` in progress returns now (with what it has, or the
+/// fault `RequestCanceled`).
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn cancel_wait_for_updates(
+    session: &Session,
+    collector: &MoRef,
+) -> Result<(), VsphereError> {
+    session
+        .call("CancelWaitForUpdates", true, Duration::ZERO, |_, env| {
+            this(env, collector);
+        })
+        .await
+        .map(|_| ())
+}
+
+/// `EventManager.PostEvent` of an event of type `event_type` about `vm`
+/// (named `vm_name`), with `reason` for a `CustomizationFailed`. vCenter
+/// does not post customization events for a client; this is how tests and
+/// benchmarks play a customizing guest on vcsim.
+///
+/// # Errors
+/// Faults and transport errors.
+pub async fn post_vm_event(
+    session: &Session,
+    vm: &MoRef,
+    vm_name: &str,
+    event_type: &str,
+    reason: Option<&str>,
+) -> Result<(), VsphereError> {
+    session
+        .call("PostEvent", false, Duration::ZERO, |sc, env| {
+            this(env, &event_manager(sc));
+            // Key, chain and time are the server's to set.
+            env.open_typed("eventToPost", event_type)
+                .text("key", "0")
+                .text("chainId", "0")
+                .text("createdTime", "1970-01-01T00:00:00Z")
+                .text("userName", "")
+                .open("vm")
+                .text("name", vm_name)
+                .moref("vm", &vm.kind, &vm.value)
+                .close("vm")
+                .text(
+                    "fullFormattedMessage",
+                    reason.unwrap_or("guest customization event"),
+                );
+            if let Some(reason) = reason {
+                env.text("reason", reason);
+            }
+            env.close("eventToPost");
+        })
+        .await
+        .map(|_| ())
+}

@@ -318,6 +318,7 @@ pub struct Session {
     username: String,
     auth: Authenticator,
     options: Arc<SoapOptions>,
+    events: Arc<crate::events::EventHub>,
 }
 
 impl std::fmt::Debug for Session {
@@ -353,7 +354,13 @@ impl Session {
                 request_timeout: options.request_timeout,
             },
             options,
+            events: Arc::default(),
         }
+    }
+
+    /// The session's customization-event hub.
+    pub fn events(&self) -> &Arc<crate::events::EventHub> {
+        &self.events
     }
 
     /// A number that tells this session from every other in the process.

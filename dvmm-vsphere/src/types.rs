@@ -54,6 +54,9 @@ pub struct ServiceContent {
     pub search_index: MoRef,
     /// `SessionManager`.
     pub session_manager: MoRef,
+    /// `EventManager` (absent on a bare ESXi host's API or a stripped-down
+    /// test server: customization outcomes cannot be read then).
+    pub event_manager: Option<MoRef>,
     /// API version, e.g. `6.5`.
     pub api_version: String,
 }
@@ -67,6 +70,7 @@ impl ServiceContent {
             property_collector: r("propertyCollector")?,
             search_index: r("searchIndex")?,
             session_manager: r("sessionManager")?,
+            event_manager: r("eventManager"),
             api_version: node
                 .path("about.apiVersion")
                 .map(|n| n.text.clone())
@@ -236,6 +240,8 @@ pub struct TaskInfo {
     pub result: Option<Node>,
     /// `info.error` decoded.
     pub error: Option<Fault>,
+    /// `info.startTime` as the server wrote it (`xsd:dateTime`).
+    pub start_time: Option<String>,
 }
 
 impl TaskInfo {
@@ -248,11 +254,13 @@ impl TaskInfo {
                     self.apply("info.state", info.child("state"));
                     self.apply("info.result", info.child("result"));
                     self.apply("info.error", info.child("error"));
+                    self.apply("info.startTime", info.child("startTime"));
                 }
             }
             "info.state" => self.state = val.and_then(|v| TaskState::parse(&v.text)),
             "info.result" => self.result = val.cloned(),
             "info.error" => self.error = val.map(Fault::from_localized),
+            "info.startTime" => self.start_time = non_empty(val.map(|v| v.text.as_str())),
             _ => {}
         }
     }

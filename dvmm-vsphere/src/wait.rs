@@ -15,13 +15,12 @@ use crate::session::Session;
 use crate::soap::Node;
 use crate::types::{MoRef, TaskInfo, TaskState};
 
-/// A filter on one object, alive until dropped or closed.
+/// A filter on one object (or a few), alive until dropped or closed.
 #[derive(Debug)]
 pub struct PropertyWait {
     session: Arc<Session>,
     collector: Option<MoRef>,
-    obj: MoRef,
-    paths: Vec<&'static str>,
+    targets: Vec<(MoRef, Vec<&'static str>)>,
     version: String,
 }
 
@@ -35,11 +34,23 @@ impl PropertyWait {
         obj: MoRef,
         paths: &[&'static str],
     ) -> Result<Self, VsphereError> {
+        Self::open_many(session, vec![(obj, paths.to_vec())]).await
+    }
+
+    /// Creates a private collector with a filter on each of several
+    /// objects, each with its own paths: one collector, so one long poll
+    /// serves them all.
+    ///
+    /// # Errors
+    /// Faults and transport errors.
+    pub async fn open_many(
+        session: Arc<Session>,
+        targets: Vec<(MoRef, Vec<&'static str>)>,
+    ) -> Result<Self, VsphereError> {
         let mut wait = Self {
             session,
             collector: None,
-            obj,
-            paths: paths.to_vec(),
+            targets,
             version: String::new(),
         };
         wait.create().await?;
@@ -50,7 +61,11 @@ impl PropertyWait {
         let collector = methods::create_property_collector(&self.session).await?;
         // Set before the filter so a failure below still cleans up.
         self.collector = Some(collector.clone());
-        methods::create_filter(&self.session, &collector, &self.obj, &self.paths).await?;
+        // One filter per object: vcsim 0.24 drops the connection of a
+        // wait whose single filter spans objects of different types.
+        for (obj, paths) in &self.targets {
+            methods::create_filter(&self.session, &collector, obj, paths).await?;
+        }
         self.version.clear();
         Ok(())
     }
@@ -65,13 +80,38 @@ impl PropertyWait {
         &mut self,
         max_wait: Duration,
     ) -> Result<Vec<(String, Option<Node>)>, VsphereError> {
+        let first = self.targets.first().map(|(obj, _)| obj.clone());
+        Ok(self
+            .next_changes(max_wait)
+            .await?
+            .into_iter()
+            .filter(|c| Some(&c.obj) == first.as_ref())
+            .map(|c| (c.path, c.val))
+            .collect())
+    }
+
+    /// Like [`PropertyWait::next`], for every watched object: the changes
+    /// in the server's order, each with its object. A zero `max_wait` takes
+    /// what the server has without waiting.
+    ///
+    /// # Errors
+    /// Faults and transport errors.
+    pub async fn next_changes(
+        &mut self,
+        max_wait: Duration,
+    ) -> Result<Vec<methods::Change>, VsphereError> {
         let Some(collector) = self.collector.clone() else {
             return Err(VsphereError::Protocol {
                 message: "property wait used after close".into(),
             });
         };
-        let seconds = max_wait.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
-        let seconds = seconds.min(self.session.options().wait_max_seconds.max(1));
+        // Zero asks for what the collector has now, without waiting.
+        let seconds = if max_wait.is_zero() {
+            0
+        } else {
+            let seconds = max_wait.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
+            seconds.min(self.session.options().wait_max_seconds.max(1))
+        };
         let result =
             methods::wait_for_updates(&self.session, &collector, &self.version, seconds).await;
         let updates = match result {
@@ -83,6 +123,10 @@ impl PropertyWait {
                 self.create().await?;
                 return Ok(Vec::new());
             }
+            // CancelWaitForUpdates cut it short: nothing to report yet.
+            Err(VsphereError::TaskFailed { fault, .. }) if fault == "RequestCanceled" => {
+                return Ok(Vec::new());
+            }
             Err(e) => return Err(e),
         };
         if let Some(version) = updates.version {
@@ -91,8 +135,7 @@ impl PropertyWait {
         Ok(updates
             .changes
             .into_iter()
-            .filter(|c| c.obj == self.obj)
-            .map(|c| (c.path, c.val))
+            .filter(|c| self.targets.iter().any(|(obj, _)| *obj == c.obj))
             .collect())
     }
 
@@ -171,7 +214,7 @@ pub async fn wait_until<S>(
     outcome
 }
 
-const TASK_PATHS: &[&str] = &["info.state", "info.result", "info.error"];
+const TASK_PATHS: &[&str] = &["info.state", "info.result", "info.error", "info.startTime"];
 
 /// Waits for a task to finish and returns its result (`info.result`).
 ///
@@ -190,6 +233,22 @@ pub async fn wait_for_task(
     operation: &str,
     timeout: Duration,
 ) -> Result<Option<Node>, VsphereError> {
+    wait_for_task_info(session, task, operation, timeout)
+        .await
+        .map(|info| info.result)
+}
+
+/// Like [`wait_for_task`], returning the finished task's info (its start
+/// time included).
+///
+/// # Errors
+/// The task's fault mapped onto [`VsphereError`], or `Timeout`.
+pub async fn wait_for_task_info(
+    session: &Arc<Session>,
+    task: &MoRef,
+    operation: &str,
+    timeout: Duration,
+) -> Result<TaskInfo, VsphereError> {
     let started = Instant::now();
     let result = wait_for_task_untimed(session, task, operation, timeout).await;
     metrics::histogram!(
@@ -205,7 +264,7 @@ async fn wait_for_task_untimed(
     task: &MoRef,
     operation: &str,
     timeout: Duration,
-) -> Result<Option<Node>, VsphereError> {
+) -> Result<TaskInfo, VsphereError> {
     let mut info = TaskInfo::default();
     let contents =
         methods::retrieve_properties(session, "Task", TASK_PATHS, std::slice::from_ref(task))
@@ -233,7 +292,7 @@ async fn wait_for_task_untimed(
         }
     }
     match info.state {
-        Some(TaskState::Success) => Ok(info.result),
+        Some(TaskState::Success) => Ok(info),
         _ => {
             Err(info
                 .error

@@ -5,12 +5,23 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use common::{CALL_DEADLINE, Vcsim, fast_options, find, observer, play_guest, read, spec, within};
+use common::{
+    CALL_DEADLINE, Guest, Outcome, Vcsim, fast_options, find, observer, play_customizing_guest,
+    play_guest, read, spec, within,
+};
 use dvmm_core::ports::{VsphereError, VspherePort};
-use dvmm_core::spec::IP_TIMEOUT_WARNING;
+use dvmm_core::spec::{IP_TIMEOUT_WARNING, hostname_mismatch_warning};
 use dvmm_vsphere::SoapVsphere;
 use dvmm_vsphere::methods;
 use dvmm_vsphere::types::{MoRef, PowerState};
+
+/// A guest that customizes at once and never reports an address.
+fn no_ip() -> Guest {
+    Guest {
+        ip: "",
+        ..Guest::default()
+    }
+}
 
 fn kib(gib: u64) -> u64 {
     gib * 1024 * 1024
@@ -136,6 +147,9 @@ async fn distributed_port_group_gets_a_dvport_backing_and_ip_timeout_warns() {
     let endpoint = sim.endpoint("user", "pass");
     let mut spec = spec(endpoint.clone(), "acme/db", "db-main", "DC0_DVPG0");
     spec.ip_wait_timeout = Duration::from_millis(700);
+    let (_player, own) = observer(&endpoint);
+    // Customizes, but never reports an address.
+    let _guest = play_customizing_guest(own, "DC0/vm/acme/db/db-main".into(), no_ip());
     let vsphere = SoapVsphere::new(fast_options());
     let started = std::time::Instant::now();
     let result = within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&spec))
@@ -344,6 +358,8 @@ async fn foreign_vm_with_the_same_name_is_a_duplicate() {
     let endpoint = sim.endpoint("user", "pass");
     let mut first = spec(endpoint.clone(), "acme/web", "web-dup", "VM Network");
     first.ip_wait_timeout = Duration::from_millis(300);
+    let (_player, own) = observer(&endpoint);
+    let _guest = play_customizing_guest(own, "DC0/vm/acme/web/web-dup".into(), no_ip());
     let vsphere = SoapVsphere::new(fast_options());
     within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&first))
         .await
@@ -378,6 +394,9 @@ async fn two_provisionings_race_for_a_new_folder_and_both_succeed() {
     let mut b = spec(endpoint.clone(), "race/proj", "proj-b", "VM Network");
     a.ip_wait_timeout = Duration::from_millis(300);
     b.ip_wait_timeout = Duration::from_millis(300);
+    let (_player, own) = observer(&endpoint);
+    let _ga = play_customizing_guest(own.clone(), "DC0/vm/race/proj/proj-a".into(), no_ip());
+    let _gb = play_customizing_guest(own, "DC0/vm/race/proj/proj-b".into(), no_ip());
     // Two clients: two sessions, no shared cache, a real race.
     let (va, vb) = (
         SoapVsphere::new(fast_options()),
@@ -562,4 +581,231 @@ async fn dropping_a_wait_destroys_its_collector() {
             "the collector still exists {limit:?} after its wait was dropped: {r:?}"
         );
     }
+}
+
+/// The guest boots with the template's address, customization reboots it
+/// into a new one and vCenter records the success 2 s later: the result has
+/// the new address, never the first one, and the hostname the guest
+/// reported is checked against the requested one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customization_success_reports_the_address_after_the_reboot() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let spec = spec(endpoint.clone(), "acme/web", "web-cust", "VM Network");
+    let (_o, own) = observer(&endpoint);
+    let customizing = Duration::from_secs(2);
+    let guest = play_customizing_guest(
+        own,
+        "DC0/vm/acme/web/web-cust".into(),
+        Guest {
+            pre_ip: Some("198.18.9.1"),
+            ip: "198.18.9.42",
+            host_name: Some("template-host"),
+            customizing,
+            outcome: Outcome::Succeed,
+        },
+    );
+    let vsphere = SoapVsphere::new(fast_options());
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(60), vsphere.create_vm(&spec))
+        .await
+        .expect("create_vm within 60 s")
+        .expect("create_vm");
+    guest.await.expect("guest player");
+    assert!(started.elapsed() >= customizing, "returned before success");
+    assert_eq!(
+        result.ip_address,
+        Some(IpAddr::V4(Ipv4Addr::new(198, 18, 9, 42)))
+    );
+    assert_eq!(result.hostname, "web-cust");
+    assert_eq!(
+        result.warning_message,
+        Some(hostname_mismatch_warning("web-cust", "template-host"))
+    );
+}
+
+/// `CustomizationLinuxIdentityFailed` fails the provisioning with vCenter's
+/// reason, as a typed error; a success recorded on the template does not
+/// count for the clone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customization_failure_fails_with_the_reason() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let spec = spec(endpoint.clone(), "acme/web", "web-fail", "VM Network");
+    let (_o, own) = observer(&endpoint);
+    let template = find(&own, "DC0/vm/DC0_C0_RP0_VM0").await.expect("template");
+    common::post(
+        &own,
+        &template,
+        "DC0_C0_RP0_VM0",
+        "CustomizationSucceeded",
+        None,
+    )
+    .await;
+    let _guest = play_customizing_guest(
+        own,
+        "DC0/vm/acme/web/web-fail".into(),
+        Guest {
+            pre_ip: Some("198.18.9.1"),
+            outcome: Outcome::Fail("perl is not installed"),
+            ..Guest::default()
+        },
+    );
+    let vsphere = SoapVsphere::new(fast_options());
+    let err = tokio::time::timeout(Duration::from_secs(60), vsphere.create_vm(&spec))
+        .await
+        .expect("create_vm within 60 s")
+        .unwrap_err();
+    match &err {
+        VsphereError::CustomizationFailed { event, reason } => {
+            assert_eq!(event, "CustomizationLinuxIdentityFailed");
+            assert_eq!(reason.as_deref(), Some("perl is not installed"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!err.is_retryable() && !err.is_unavailable());
+}
+
+/// No outcome within the customization timeout: "never started" and
+/// "started but never finished" are told apart; a success on the template
+/// is not the clone's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customization_timeout_tells_never_started_from_unfinished() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let (_o, own) = observer(&endpoint);
+    let template = find(&own, "DC0/vm/DC0_C0_RP0_VM0").await.expect("template");
+    common::post(
+        &own,
+        &template,
+        "DC0_C0_RP0_VM0",
+        "CustomizationSucceeded",
+        None,
+    )
+    .await;
+    let vsphere = SoapVsphere::new(fast_options());
+    for (name, outcome, started) in [
+        ("web-never", Outcome::NeverStart, false),
+        ("web-hang", Outcome::Hang, true),
+    ] {
+        let mut spec = spec(endpoint.clone(), "acme/web", name, "VM Network");
+        spec.customization_timeout = Duration::from_secs(2);
+        let _guest = play_customizing_guest(
+            own.clone(),
+            format!("DC0/vm/acme/web/{name}"),
+            Guest {
+                pre_ip: Some("198.18.9.1"),
+                outcome,
+                ..Guest::default()
+            },
+        );
+        let err = tokio::time::timeout(Duration::from_secs(60), vsphere.create_vm(&spec))
+            .await
+            .expect("create_vm within 60 s")
+            .unwrap_err();
+        match err {
+            VsphereError::CustomizationTimeout {
+                started: s,
+                waited_secs,
+            } => {
+                assert_eq!(s, started, "{name}");
+                assert!(waited_secs >= 2, "{name}: {waited_secs}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
+
+/// Plain vcsim records no customization events: a zero customization
+/// timeout waits for none, so the VM is ready once powered on with tools
+/// running and its first address (here the template identity's, since
+/// nothing tells it apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_customization_timeout_needs_no_customization_events() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let (_o, own) = observer(&endpoint);
+    let mut spec = spec(endpoint.clone(), "acme/web", "web-plain", "VM Network");
+    spec.customization_timeout = Duration::ZERO;
+    let guest = play_customizing_guest(
+        own.clone(),
+        "DC0/vm/acme/web/web-plain".into(),
+        Guest {
+            pre_ip: Some("198.18.9.1"),
+            outcome: Outcome::NeverStart,
+            ..Guest::default()
+        },
+    );
+    let vsphere = SoapVsphere::new(fast_options());
+    let result = within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&spec))
+        .await
+        .expect("create_vm");
+    within(common::GUEST_DEADLINE, "the guest player", guest)
+        .await
+        .expect("guest player");
+    assert_eq!(
+        result.ip_address,
+        Some(IpAddr::V4(Ipv4Addr::new(198, 18, 9, 1)))
+    );
+    assert_eq!(result.warning_message, None);
+    // And a guest that never reports an address: ready without one.
+    let mut spec = spec.clone();
+    spec.name = dvmm_core::spec::VmName::parse("web-bare").expect("name");
+    spec.hostname = spec.name.clone();
+    spec.vm_id = dvmm_core::ids::VmId::from_uuid(uuid::Uuid::new_v4());
+    spec.ip_wait_timeout = Duration::from_secs(1);
+    let result = within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&spec))
+        .await
+        .expect("create_vm without guest");
+    assert_eq!(result.ip_address, None);
+    assert_eq!(result.warning_message.as_deref(), Some(IP_TIMEOUT_WARNING));
+}
+
+/// A provisioning that stopped waiting (here: its customization timeout ran
+/// out, as a crash would) is resumed after the guest's success was posted:
+/// the adopted, running VM's history has the outcome, and the address is
+/// the one after customization.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_the_success_event_finds_it_in_the_history() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let mut spec = spec(endpoint.clone(), "acme/web", "web-resume", "VM Network");
+    spec.customization_timeout = Duration::from_secs(1);
+    let (_o, own) = observer(&endpoint);
+    let guest = play_customizing_guest(
+        own.clone(),
+        "DC0/vm/acme/web/web-resume".into(),
+        Guest {
+            pre_ip: Some("198.18.9.1"),
+            ip: "198.18.9.42",
+            customizing: Duration::from_secs(2),
+            outcome: Outcome::Succeed,
+            ..Guest::default()
+        },
+    );
+    let vsphere = SoapVsphere::new(fast_options());
+    let first = tokio::time::timeout(Duration::from_secs(60), vsphere.create_vm(&spec))
+        .await
+        .expect("first create_vm within 60 s");
+    assert!(
+        matches!(
+            first,
+            Err(VsphereError::CustomizationTimeout { started: true, .. })
+        ),
+        "{first:?}"
+    );
+    let vm = tokio::time::timeout(Duration::from_secs(30), guest)
+        .await
+        .expect("the guest finished customizing within 30 s")
+        .expect("guest player");
+    let resumed = tokio::time::timeout(Duration::from_secs(60), vsphere.create_vm(&spec))
+        .await
+        .expect("resumed create_vm within 60 s")
+        .expect("resumed create_vm");
+    assert_eq!(resumed.vmware_vm_id.as_str(), vm.value);
+    assert_eq!(
+        resumed.ip_address,
+        Some(IpAddr::V4(Ipv4Addr::new(198, 18, 9, 42)))
+    );
+    assert_eq!(resumed.warning_message, None);
 }

@@ -39,6 +39,12 @@ pub struct VcenterArgs {
     /// Template to clone (required with --vcenter-url).
     #[arg(long)]
     pub template: Option<String>,
+    /// How long guest customization may take after power-on until vCenter
+    /// records its outcome (default 600 s). 0: do not wait for the outcome,
+    /// for a vCenter that records no customization events, such as vcsim
+    /// ("Ready" then means powered on with the first usable IP).
+    #[arg(long)]
+    pub customization_timeout_secs: Option<u64>,
 }
 
 impl VcenterArgs {
@@ -78,6 +84,9 @@ impl VcenterArgs {
             sizes: SizeTable::default(),
             timeouts: Timeouts {
                 ip_wait_secs,
+                customization_secs: self
+                    .customization_timeout_secs
+                    .unwrap_or(Timeouts::default().customization_secs),
                 ..Timeouts::default()
             },
             on_failure: Default::default(),

@@ -101,6 +101,11 @@ pub fn start_vcsim(bin: &Path) -> (Proc, String) {
 
 /// The runner example, built with the features of this test run.
 pub fn runner_binary() -> PathBuf {
+    example_binary("runner")
+}
+
+/// Example `name`, built with the features of this test run.
+pub fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> → target/<profile>
     let profile_dir = exe
@@ -109,13 +114,9 @@ pub fn runner_binary() -> PathBuf {
         .expect("target/<profile>");
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let mut build = Command::new(env!("CARGO"));
-    build.current_dir(workspace()).args([
-        "build",
-        "--quiet",
-        "--example",
-        "runner",
-        "--all-features",
-    ]);
+    build
+        .current_dir(workspace())
+        .args(["build", "--quiet", "--example", name, "--all-features"]);
     if release {
         build.arg("--release");
     }
@@ -130,12 +131,12 @@ pub fn runner_binary() -> PathBuf {
         }
         assert!(
             Instant::now() < deadline,
-            "building the runner example took over {limit:?}"
+            "building the {name} example took over {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(status.success(), "building the runner example failed");
-    let bin = profile_dir.join("examples/runner");
+    assert!(status.success(), "building the {name} example failed");
+    let bin = profile_dir.join("examples").join(name);
     assert!(bin.exists(), "{} missing after the build", bin.display());
     bin
 }
@@ -278,4 +279,29 @@ pub fn output_within(mut command: Command, limit: Duration, what: &str) -> std::
     rx.recv_timeout(limit)
         .unwrap_or_else(|_| panic!("gave up after {limit:?} waiting for {what}"))
         .unwrap_or_else(|e| panic!("cannot run {what}: {e}"))
+}
+
+/// Plays guests that customize at once for every VM vcsim powers on below
+/// `DC0/vm` (vcsim records no guest customization, and the runners wait for
+/// its outcome), from a session of this process. Stops with the test's
+/// runtime; the client is returned to keep its session alive.
+pub fn play_customizations(
+    vcsim_url: &str,
+) -> (dvmm::vsphere::SoapVsphere, tokio::task::JoinHandle<()>) {
+    // Back within a second of vCenter's return, not the default 30 s.
+    let client = dvmm::vsphere::SoapVsphere::new(dvmm::vsphere::SoapOptions {
+        breaker_cooldown: Duration::from_secs(1),
+        ..dvmm::vsphere::SoapOptions::default()
+    });
+    let endpoint = dvmm::core::config::VcenterEndpoint {
+        url: vcsim_url.to_owned(),
+        username: "user".into(),
+        password: dvmm::core::config::Secret::new("pass"),
+        insecure: true,
+        thumbprint: None,
+        allow_plain_http: false,
+    };
+    let session = client.session_for(&endpoint).expect("player session");
+    let player = dvmm_vsphere::guest_player::play_customizations(session, "DC0/vm".into());
+    (client, player)
 }

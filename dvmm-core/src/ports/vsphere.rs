@@ -113,6 +113,25 @@ pub enum VsphereError {
         /// The managed-object id.
         vmware_vm_id: String,
     },
+    /// vCenter recorded a failed guest customization (a `CustomizationFailed`
+    /// event or one of its subtypes) for the VM: the template lacks what
+    /// customization needs. Retrying helps only once the template is fixed.
+    #[error("guest customization failed ({event}){}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    CustomizationFailed {
+        /// The event type, e.g. `CustomizationLinuxIdentityFailed`.
+        event: String,
+        /// vCenter's reason (`reason`, else the event's message), when it
+        /// gives one.
+        reason: Option<String>,
+    },
+    /// vCenter recorded no customization outcome in time.
+    #[error("guest customization {} within {waited_secs} s", if *started { "started but did not finish" } else { "did not start" })]
+    CustomizationTimeout {
+        /// Whether vCenter recorded that customization started.
+        started: bool,
+        /// How long was waited after power-on.
+        waited_secs: u64,
+    },
 }
 
 impl VsphereError {
@@ -164,6 +183,8 @@ impl VsphereError {
             VsphereError::AnswerTooLarge { .. } => "AnswerTooLarge",
             VsphereError::VmGone { .. } => "VmGone",
             VsphereError::NotOurs { .. } => "NotOurs",
+            VsphereError::CustomizationFailed { .. } => "CustomizationFailed",
+            VsphereError::CustomizationTimeout { .. } => "CustomizationTimeout",
         }
     }
 }

@@ -57,5 +57,18 @@ pub fn user_message(error: &VsphereError, spec: &VmSpec) -> String {
         VsphereError::NotOurs { .. } => {
             "a VM that dvmm did not create for this request is in the way; it was left untouched: ask the platform team".into()
         }
+        VsphereError::CustomizationFailed { event, reason } => format!(
+            "guest customization of the VM failed ({event}{}); ask the platform team to check the template {:?}: VMware Tools installed and running, and the guest's customization prerequisites (e.g. Perl and open-vm-tools' deployPkg plugin on Linux, cloud-init not disabling it); fix the template, then retry",
+            reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default(),
+            spec.template
+        ),
+        VsphereError::CustomizationTimeout { started: false, waited_secs } => format!(
+            "guest customization never started within {waited_secs} s of power-on; ask the platform team to check that the template {:?} boots and runs VMware Tools, then retry",
+            spec.template
+        ),
+        VsphereError::CustomizationTimeout { started: true, waited_secs } => format!(
+            "guest customization started but did not finish within {waited_secs} s; ask the platform team to check the guest's customization prerequisites in the template {:?} (or raise timeouts.customization_secs), then retry",
+            spec.template
+        ),
     }
 }

@@ -30,6 +30,8 @@ pub struct SimulatorConfig {
     pub ip_pool: IpPool,
     /// Whether guests report an IP.
     pub ip_mode: IpMode,
+    /// How the guest's customization plays out after power-on.
+    pub customization: GuestCustomization,
     /// Seed of the RNG behind [`Trigger::Probability`](super::Trigger::Probability),
     /// so probabilistic faults hit the same calls on every run.
     pub seed: u64,
@@ -47,6 +49,7 @@ impl Default for SimulatorConfig {
             delays: Delays::none(),
             ip_pool: IpPool::default(),
             ip_mode: IpMode::Report,
+            customization: GuestCustomization::default(),
             seed: Self::DEFAULT_SEED,
         }
     }
@@ -88,6 +91,34 @@ impl Delays {
             .saturating_add(self.reconfigure)
             .saturating_add(self.customize)
             .saturating_add(self.power_on)
+    }
+}
+
+/// Guest customization as vCenter records it: it starts at power-on, runs
+/// `duration` (while the guest keeps the template's identity and reports
+/// `pre_customization_ip`), then the guest reboots with its own hostname and
+/// its address from the pool, and vCenter records the success. A fault rule
+/// on [`Operation::Customize`](super::Operation::Customize) makes it fail
+/// ([`Fault::Error`](super::Fault::Error) with the error to return, e.g.
+/// `VsphereError::CustomizationFailed`) or take longer
+/// ([`Fault::Delay`](super::Fault::Delay); past the spec's
+/// `customization_timeout` that is `VsphereError::CustomizationTimeout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestCustomization {
+    /// From power-on until the outcome (zero by default).
+    pub duration: Duration,
+    /// The address the guest reports before customization reboots it
+    /// (`None`: none).
+    pub pre_customization_ip: Option<Ipv4Addr>,
+}
+
+impl Default for GuestCustomization {
+    /// Instant, with `192.0.2.10` (TEST-NET-1) before it.
+    fn default() -> Self {
+        Self {
+            duration: Duration::ZERO,
+            pre_customization_ip: Some(Ipv4Addr::new(192, 0, 2, 10)),
+        }
     }
 }
 

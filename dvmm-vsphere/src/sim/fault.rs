@@ -20,16 +20,20 @@ pub enum Operation {
     PowerOffVm,
     /// `VspherePort::destroy_vm`.
     DestroyVm,
+    /// The guest customization of a `create_vm` (checked once per call
+    /// that waits for it).
+    Customize,
 }
 
 impl Operation {
     /// Every operation.
-    pub const ALL: [Operation; 5] = [
+    pub const ALL: [Operation; 6] = [
         Operation::CreateVm,
         Operation::GetVm,
         Operation::FindVm,
         Operation::PowerOffVm,
         Operation::DestroyVm,
+        Operation::Customize,
     ];
 
     pub(crate) const fn index(self) -> usize {
@@ -39,6 +43,7 @@ impl Operation {
             Operation::FindVm => 2,
             Operation::PowerOffVm => 3,
             Operation::DestroyVm => 4,
+            Operation::Customize => 5,
         }
     }
 
@@ -50,6 +55,7 @@ impl Operation {
             Operation::FindVm => "find_vm",
             Operation::PowerOffVm => "power_off_vm",
             Operation::DestroyVm => "destroy_vm",
+            Operation::Customize => "guest customization",
         }
     }
 }

@@ -24,6 +24,14 @@
 //!   which case `create_vm` waits out `spec.ip_wait_timeout` and returns
 //!   the result without IP and with
 //!   [`IP_TIMEOUT_WARNING`];
+//! - guest customization ([`GuestCustomization`]): it runs a `duration`
+//!   after power-on while the guest reports the template identity's
+//!   address, then the guest's own address appears; `create_vm` waits for
+//!   it (at most `spec.customization_timeout`; when that is zero, for no
+//!   outcome: no fault rule applies, and the IP wait still sees the guest's
+//!   own address only) before the IP wait, and a fault rule on
+//!   [`Operation::Customize`] fails it (`VsphereError::CustomizationFailed`)
+//!   or draws it out;
 //! - fault injection by [`FaultRule`] (operation, trigger, fault) and
 //!   introspection ([`Simulator::vms`], [`Simulator::call_count`]);
 //! - power-off (hard, or a guest shutdown that takes
@@ -103,7 +111,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-pub use config::{Delays, IpMode, IpPool, SimulatorConfig};
+pub use config::{Delays, GuestCustomization, IpMode, IpPool, SimulatorConfig};
 pub use fault::{Fault, FaultRule, Operation, Trigger};
 pub use inventory::{
     DEFAULT_CLUSTER, DEFAULT_DATACENTER, DEFAULT_DATASTORE, DEFAULT_DATASTORE_FREE_GIB,
@@ -415,6 +423,11 @@ impl Simulator {
         if let (Some(ip), false) = (placement.ip_now, lose_answer) {
             return Ok(result(Some(ip), placement));
         }
+        // Zero: the tenant does not wait for the customization outcome.
+        if !spec.customization_timeout.is_zero() {
+            self.wait_customized(placement.number, spec.customization_timeout, &endpoint)
+                .await?;
+        }
         let ip = self
             .wait_until_ready(
                 placement.number,
@@ -470,6 +483,68 @@ impl Simulator {
             };
             // Whatever woke us (the step is due, the deadline passed, the
             // VM changed), reading the state again tells what to do.
+            let _ = tokio::time::timeout_at(wake, changed).await;
+        }
+    }
+
+    /// Waits for the VM's guest customization to finish, at most `timeout`
+    /// from power-on; a fault rule on [`Operation::Customize`] fails it or
+    /// makes it longer.
+    async fn wait_customized(
+        &self,
+        number: u64,
+        timeout: std::time::Duration,
+        endpoint: &str,
+    ) -> Result<(), VsphereError> {
+        let (fault, window) = {
+            let mut state = self.state();
+            let window = state.customization_window(number)?;
+            // A VM whose customization is over (an adopted one) has its
+            // outcome already: no new one to fail.
+            let fault = (window.1 > Instant::now())
+                .then(|| state.begin(Operation::Customize))
+                .flatten();
+            (fault, window)
+        };
+        let _ = window;
+        match fault {
+            None => {}
+            Some(Fault::Error(error) | Fault::ClonedThenFailed(error)) => {
+                tracing::debug!(%error, "simulator: customization fails");
+                return Err(error);
+            }
+            Some(Fault::Transient | Fault::CreatedButCallFailed) => {
+                return Err(transient(TRANSIENT_MESSAGE));
+            }
+            Some(Fault::DuplicateName) => {}
+            Some(Fault::Delay(by)) => self.state().delay_customization(number, by),
+        }
+        loop {
+            let mut changed = pin!(self.inner.vm_changed.notified());
+            changed.as_mut().enable();
+            let now = Instant::now();
+            let (on, done) = {
+                let state = self.state();
+                if state.is_down(endpoint) {
+                    return Err(transient(DROPPED_MESSAGE));
+                }
+                state.customization_window(number)?
+            };
+            let Some(on) = on else {
+                // Powered off by a test hook: nothing runs the guest.
+                return Ok(());
+            };
+            if now >= done {
+                return Ok(());
+            }
+            let deadline = later(on, timeout);
+            if now >= deadline && now >= on {
+                return Err(VsphereError::CustomizationTimeout {
+                    started: true,
+                    waited_secs: timeout.as_secs(),
+                });
+            }
+            let wake = if now < on { on } else { done.min(deadline) };
             let _ = tokio::time::timeout_at(wake, changed).await;
         }
     }

@@ -20,7 +20,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::time::Instant;
 
-use super::config::{Delays, IpMode, IpPool, SimulatorConfig};
+use super::config::{Delays, GuestCustomization, IpMode, IpPool, SimulatorConfig};
 use super::fault::{Fault, FaultRules, Operation};
 use super::inventory::{DEFAULT_DATACENTER, SimCluster, SimDatacenter};
 
@@ -78,6 +78,11 @@ struct Guest {
     ip_from: Instant,
     /// The pool slot `ip` came from, to give it back.
     pool_slot: Option<u32>,
+    /// When customization finishes (the guest has rebooted into its own
+    /// identity and vCenter records the success).
+    customized_from: Instant,
+    /// What the guest reports before that.
+    pre_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Debug)]
@@ -119,7 +124,21 @@ impl VmRecord {
         else {
             return None;
         };
-        Some(on.max(tools).max(self.guest.ip_from))
+        Some(
+            on.max(tools)
+                .max(self.guest.ip_from)
+                .max(self.guest.customized_from),
+        )
+    }
+
+    /// The address the guest reports: the template identity's while
+    /// customizing, then its own.
+    fn reported_ip(&self, now: Instant) -> Option<IpAddr> {
+        self.ip(now).or_else(|| {
+            (self.tools_running(now) && now < self.guest.customized_from)
+                .then_some(self.guest.pre_ip.map(IpAddr::V4))
+                .flatten()
+        })
     }
 
     fn ip(&self, now: Instant) -> Option<IpAddr> {
@@ -137,7 +156,7 @@ impl VmRecord {
             dvmm_vm_id: self.dvmm_vm_id,
             power_state: self.power_state(now),
             tools_running: tools,
-            ip_address: self.ip(now),
+            ip_address: self.reported_ip(now),
             hostname: if tools {
                 self.hostname.as_deref().map(str::to_owned)
             } else {
@@ -156,7 +175,7 @@ impl VmRecord {
             resources: self.resources,
             network: self.network.to_string(),
             power_state: self.power_state(now),
-            ip_address: self.ip(now),
+            ip_address: self.reported_ip(now),
             hostname: self.hostname.as_deref().map(str::to_owned),
             template: self.template.to_string(),
             datastore: self.datastore.to_string(),
@@ -293,6 +312,7 @@ pub(crate) struct State {
     vms: Vec<Option<VmRecord>>,
     delays: Delays,
     ip_mode: IpMode,
+    customization: GuestCustomization,
     pool: PoolState,
     rules: FaultRules,
     calls: [u64; Operation::ALL.len()],
@@ -359,6 +379,10 @@ fn boot(
     pool: &mut PoolState,
 ) {
     vm.power = Power::OnFrom(at);
+    // A boot after customization finished keeps the guest's identity.
+    if vm.guest.customized_from > at {
+        vm.guest.customized_from = at;
+    }
     if reports_ip {
         vm.guest.tools_from = Some(at);
         if vm.guest.ip.is_none()
@@ -391,6 +415,7 @@ impl State {
             vms: Vec::new(),
             delays: config.delays,
             ip_mode: config.ip_mode,
+            customization: config.customization,
             pool: PoolState::new(config.ip_pool),
             rules: FaultRules::default(),
             calls: [0; Operation::ALL.len()],
@@ -528,6 +553,9 @@ impl State {
             if vm.guest.ip_from > now {
                 vm.guest.ip_from = later(on, delays.ip_report).max(now);
             }
+            if vm.guest.customized_from > now {
+                vm.guest.customized_from = later(on, self.customization.duration).max(now);
+            }
         }
     }
 
@@ -652,6 +680,7 @@ impl State {
         let id = VmwareVmId::new(format!("vm-{number}"));
         let powered_on_at = later(now, self.delays.until_powered_on());
         let ip_from = later(powered_on_at, self.delays.ip_report);
+        let customized_from = later(powered_on_at, self.customization.duration);
         let dc = &mut self.dcs[dc_index];
         let (folder, names) = dc.folder_mut(&folder);
         let name: Arc<str> = spec.name.as_str().into();
@@ -682,6 +711,8 @@ impl State {
                 ip: lease.map(|(_, ip)| ip),
                 ip_from,
                 pool_slot: lease.map(|(slot, _)| slot),
+                customized_from,
+                pre_ip: self.customization.pre_customization_ip,
             },
         };
         let ip_now = record.ip(now);
@@ -730,6 +761,34 @@ impl State {
             ip_now: vm.ip(now),
             adopted: true,
         })
+    }
+
+    /// When the VM powers on and when its customization finishes.
+    pub(crate) fn customization_window(
+        &self,
+        number: u64,
+    ) -> Result<(Option<Instant>, Instant), VsphereError> {
+        let vm = self
+            .record(number)
+            .ok_or_else(|| not_found("vm", &format!("vm-{number}")))?;
+        let on = match vm.power {
+            Power::OnFrom(at) => Some(at),
+            Power::Off | Power::Suspended => None,
+        };
+        Ok((on, vm.guest.customized_from))
+    }
+
+    /// Makes the VM's customization finish `by` later.
+    pub(crate) fn delay_customization(&mut self, number: u64, by: Duration) {
+        let Some(index) = number
+            .checked_sub(FIRST_VM_NUMBER)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
+            return;
+        };
+        if let Some(Some(vm)) = self.vms.get_mut(index) {
+            vm.guest.customized_from = later(vm.guest.customized_from, by);
+        }
     }
 
     pub(crate) fn progress(&self, number: u64, now: Instant) -> Result<Progress, VsphereError> {
@@ -915,6 +974,9 @@ impl State {
                 ip: None,
                 ip_from: now,
                 pool_slot: None,
+                // A foreign VM: whatever customized it is long over.
+                customized_from: now,
+                pre_ip: None,
             },
         }));
         id

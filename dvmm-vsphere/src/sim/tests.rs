@@ -677,7 +677,7 @@ fn debug_is_a_summary_and_introspection_works_outside_a_runtime() {
     let debug = format!("{sim:?}");
     assert!(debug.contains("vms: 1"), "{debug}");
     assert_eq!(sim.vms().len(), 1);
-    assert_eq!(Operation::ALL.map(|op| sim.call_count(op)), [0; 5]);
+    assert_eq!(Operation::ALL.map(|op| sim.call_count(op)), [0; 6]);
     assert_eq!(Operation::CreateVm.to_string(), "create_vm");
     let _: VmId = id(1);
 }
@@ -780,4 +780,118 @@ async fn an_outage_cuts_a_waiting_call_and_the_clone_is_adopted_afterwards() {
     let result = sim.create_vm(&spec).await.unwrap();
     assert_eq!(sim.vms().len(), 1, "adopted, not cloned twice");
     assert_eq!(result.vmware_vm_id.as_str(), "vm-1000");
+}
+
+/// While the guest customizes it reports the template identity's address;
+/// `create_vm` waits for the outcome and returns the address after the
+/// reboot.
+#[tokio::test(start_paused = true)]
+async fn customization_takes_its_time_and_the_address_changes_after_it() {
+    let sim = Simulator::new(SimulatorConfig {
+        customization: GuestCustomization {
+            duration: Duration::from_secs(30),
+            pre_customization_ip: Some("198.18.9.1".parse().expect("ip")),
+        },
+        ..SimulatorConfig::default()
+    });
+    let spec = spec(&sim, "app01", 1);
+    let start = Instant::now();
+    let create = tokio::spawn({
+        let sim = sim.clone();
+        let spec = spec.clone();
+        async move { sim.create_vm(&spec).await }
+    });
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let found = sim
+        .find_vm(&spec)
+        .await
+        .expect("find_vm")
+        .expect("the VM exists while customizing");
+    assert_eq!(found.ip_address, ip("198.18.9.1"), "pre-customization IP");
+    assert!(!create.is_finished(), "ready before customization finished");
+    let result = tokio::time::timeout(Duration::from_secs(120), create)
+        .await
+        .expect("create_vm within 120 s of simulated time")
+        .expect("task")
+        .expect("create_vm");
+    assert_eq!(start.elapsed(), Duration::from_secs(30));
+    assert_eq!(result.ip_address, ip("10.0.0.100"));
+    assert_eq!(result.warning_message, None);
+    let info = sim
+        .get_vm(&endpoint(), &result.vmware_vm_id)
+        .await
+        .expect("get_vm");
+    assert_eq!(info.ip_address, ip("10.0.0.100"));
+}
+
+/// A fault rule on `Customize` fails the provisioning with its error; one
+/// that delays customization past the timeout is a customization timeout.
+#[tokio::test(start_paused = true)]
+async fn customization_failure_and_timeout_through_fault_rules() {
+    let sim = Simulator::new(SimulatorConfig {
+        customization: GuestCustomization {
+            duration: Duration::from_secs(30),
+            ..GuestCustomization::default()
+        },
+        ..SimulatorConfig::default()
+    });
+    let failed = VsphereError::CustomizationFailed {
+        event: "CustomizationLinuxIdentityFailed".into(),
+        reason: Some("perl is not installed".into()),
+    };
+    sim.add_fault(FaultRule::times(
+        Operation::Customize,
+        1,
+        Fault::Error(failed.clone()),
+    ));
+    let err = sim.create_vm(&spec(&sim, "app01", 1)).await.unwrap_err();
+    assert_eq!(err, failed);
+
+    sim.add_fault(FaultRule::times(
+        Operation::Customize,
+        2,
+        Fault::Delay(Duration::from_secs(3600)),
+    ));
+    let mut slow = spec(&sim, "app02", 2);
+    slow.customization_timeout = Duration::from_secs(600);
+    let start = Instant::now();
+    let err = sim.create_vm(&slow).await.unwrap_err();
+    assert_eq!(
+        err,
+        VsphereError::CustomizationTimeout {
+            started: true,
+            waited_secs: 600
+        }
+    );
+    assert_eq!(start.elapsed(), Duration::from_secs(600));
+    assert_eq!(sim.call_count(Operation::Customize), 2);
+}
+
+/// A zero customization timeout waits for no outcome: a failure rule on
+/// `Customize` is never reached, and the VM is ready with its address.
+#[tokio::test(start_paused = true)]
+async fn zero_customization_timeout_waits_for_no_outcome() {
+    let sim = Simulator::new(SimulatorConfig {
+        customization: GuestCustomization {
+            duration: Duration::from_secs(30),
+            pre_customization_ip: Some("198.18.9.1".parse().expect("ip")),
+        },
+        ..SimulatorConfig::default()
+    });
+    sim.add_fault(FaultRule::times(
+        Operation::Customize,
+        1,
+        Fault::Error(VsphereError::CustomizationFailed {
+            event: "CustomizationLinuxIdentityFailed".into(),
+            reason: None,
+        }),
+    ));
+    let mut spec = spec(&sim, "app01", 1);
+    spec.customization_timeout = Duration::ZERO;
+    let result = tokio::time::timeout(Duration::from_secs(120), sim.create_vm(&spec))
+        .await
+        .expect("create_vm within 120 s of simulated time")
+        .expect("create_vm");
+    assert!(result.ip_address.is_some(), "{result:?}");
+    assert_eq!(sim.call_count(Operation::Customize), 0);
 }

@@ -81,11 +81,22 @@ impl Vcsim {
             ));
             return None;
         }
-        let mut child = Command::new(&bin)
-            .args(["-l", "127.0.0.1:0"])
-            .args(args)
+        // DVMM_VCSIM_TRACE=FILE: vcsim's SOAP trace, for debugging a test.
+        let trace = std::env::var_os("DVMM_VCSIM_TRACE").and_then(|path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()
+        });
+        let mut command = Command::new(&bin);
+        command.args(["-l", "127.0.0.1:0"]).args(args);
+        match trace {
+            Some(file) => command.arg("-trace").stderr(file),
+            None => command.stderr(Stdio::null()),
+        };
+        let mut child = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let stdout = child.stdout.take().expect("piped stdout");
@@ -175,6 +186,7 @@ pub fn spec(endpoint: VcenterEndpoint, folder: &str, name: &str, network: &str) 
         datastore: "LocalDS_0".into(),
         ip_wait_timeout: Duration::from_secs(20),
         task_timeout: Duration::from_secs(60),
+        customization_timeout: Duration::from_secs(30),
         endpoint,
     }
 }
@@ -207,13 +219,84 @@ pub async fn read(session: &Session, vm: &MoRef, paths: &[&str]) -> VmProperties
 pub const GUEST_DEADLINE: Duration = Duration::from_secs(90);
 
 /// Plays the guest: once the VM at `path` is powered on, reports VMware
-/// Tools running and `ip` through vcsim's `SET.guest.*` extraConfig keys.
-/// Panics (failing the awaiting test) if the VM does not appear and power
-/// on within [`GUEST_DEADLINE`].
+/// Tools running and `ip` through vcsim's `SET.guest.*` extraConfig keys and
+/// posts a customization that succeeds at once. Panics (failing the awaiting
+/// test) if the VM does not appear and power on within [`GUEST_DEADLINE`].
 pub fn play_guest(
     session: Arc<Session>,
     path: String,
     ip: &'static str,
+) -> tokio::task::JoinHandle<MoRef> {
+    play_customizing_guest(
+        session,
+        path,
+        Guest {
+            ip,
+            ..Guest::default()
+        },
+    )
+}
+
+/// How the played guest's customization ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Outcome {
+    /// `CustomizationSucceeded`, with the final address reported first.
+    #[default]
+    Succeed,
+    /// `CustomizationLinuxIdentityFailed` with this reason.
+    Fail(&'static str),
+    /// Customization starts and never ends.
+    Hang,
+    /// Customization never starts (no event at all).
+    NeverStart,
+}
+
+/// A customizing guest, played the way vCenter records one (vcsim posts no
+/// customization events itself, but accepts them through `PostEvent`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Guest {
+    /// The address at first boot, with the template's identity.
+    pub pre_ip: Option<&'static str>,
+    /// The address after customization's reboot (none when empty).
+    pub ip: &'static str,
+    /// `guest.hostName` reported with the final address, if set.
+    pub host_name: Option<&'static str>,
+    /// How long customization takes after the first boot (at least
+    /// [`MIN_CUSTOMIZING`]).
+    pub customizing: Duration,
+    /// How it ends.
+    pub outcome: Outcome,
+}
+
+/// Sets `SET.guest.*` keys on the VM (vcsim copies them into `guest`).
+pub async fn set_guest(session: &Session, vm: &MoRef, keys: &[(&str, &str)]) {
+    let change = ConfigSpec {
+        extra_config: keys
+            .iter()
+            .map(|(k, v)| (format!("SET.guest.{k}"), (*v).to_owned()))
+            .collect(),
+        ..ConfigSpec::default()
+    };
+    let task = within(
+        CALL_DEADLINE,
+        "the guest player's reconfigure",
+        methods::reconfig_vm(session, vm, &change),
+    )
+    .await
+    .expect("guest reconfigure");
+    let _ = task;
+}
+
+/// The shortest customization played (see [`play_customizing_guest`]).
+pub const MIN_CUSTOMIZING: Duration = Duration::from_secs(2);
+
+/// Plays `guest` for the VM at `path` once it is powered on: tools and the
+/// first address, `CustomizationStartedEvent`, then after `customizing` the
+/// final address (and hostname) and the outcome event.
+pub fn play_customizing_guest(
+    session: Arc<Session>,
+    path: String,
+    guest: Guest,
 ) -> tokio::task::JoinHandle<MoRef> {
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + GUEST_DEADLINE;
@@ -244,26 +327,61 @@ pub fn play_guest(
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let change = ConfigSpec {
-            extra_config: vec![
-                (
-                    "SET.guest.toolsRunningStatus".into(),
-                    "guestToolsRunning".into(),
-                ),
-                ("SET.guest.ipAddress".into(), ip.into()),
-            ],
-            ..ConfigSpec::default()
-        };
-        let task = within(
-            CALL_DEADLINE,
-            "the guest player's reconfigure",
-            methods::reconfig_vm(&session, &vm, &change),
-        )
-        .await
-        .expect("guest reconfigure");
-        let _ = task;
+        let name = path.rsplit('/').next().unwrap_or_default().to_owned();
+        let mut first = vec![("toolsRunningStatus", "guestToolsRunning")];
+        if let Some(pre) = guest.pre_ip {
+            first.push(("ipAddress", pre));
+        }
+        set_guest(&session, &vm, &first).await;
+        if guest.outcome == Outcome::NeverStart {
+            return vm;
+        }
+        post(&session, &vm, &name, "CustomizationStartedEvent", None).await;
+        // A real customization reboots the guest: its new address comes
+        // well after the start event. The client tells the address from
+        // before customization by when it learns of the start, which can
+        // trail the guest's reports by a long poll's tick; a guest faster
+        // than that is not one vCenter records.
+        tokio::time::sleep(guest.customizing.max(MIN_CUSTOMIZING)).await;
+        match guest.outcome {
+            Outcome::Succeed => {
+                let mut last = Vec::new();
+                if !guest.ip.is_empty() {
+                    last.push(("ipAddress", guest.ip));
+                }
+                if let Some(host) = guest.host_name {
+                    last.push(("hostName", host));
+                }
+                if !last.is_empty() {
+                    set_guest(&session, &vm, &last).await;
+                }
+                post(&session, &vm, &name, "CustomizationSucceeded", None).await;
+            }
+            Outcome::Fail(reason) => {
+                post(
+                    &session,
+                    &vm,
+                    &name,
+                    "CustomizationLinuxIdentityFailed",
+                    Some(reason),
+                )
+                .await;
+            }
+            Outcome::Hang | Outcome::NeverStart => {}
+        }
         vm
     })
+}
+
+/// Posts a customization event about `vm`.
+pub async fn post(session: &Session, vm: &MoRef, name: &str, kind: &str, reason: Option<&str>) {
+    within(
+        CALL_DEADLINE,
+        "the guest player's PostEvent",
+        methods::post_vm_event(session, vm, name, kind, reason),
+    )
+    .await
+    .expect("PostEvent");
 }
 
 /// A second client with its own session (the "test's own" view).
