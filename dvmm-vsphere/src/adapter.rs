@@ -91,9 +91,6 @@ const VM_CONFIG_PATHS: &[&str] = &[
     "runtime.powerState",
 ];
 
-/// Properties of the guest wait and of `get_vm`.
-const GUEST_PATHS: &[&str] = &["guest.toolsRunningStatus", "guest.ipAddress", "guest.net"];
-
 /// Properties that say whose a VM is and how far it is from off.
 const OWNER_PATHS: &[&str] = &[
     "config.extraConfig",
