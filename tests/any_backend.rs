@@ -59,10 +59,27 @@ async fn run_host(backend: Backend) {
     // Reads go through the same one type, and the backend's read model.
     let listed = service.list_requests(tenant.tenant_id).await.unwrap();
     assert_eq!(listed.len(), 1);
-    let page = service
-        .list_requests_page(tenant.tenant_id, &Default::default(), None, 10)
-        .await
-        .unwrap();
+    // The read model follows the request stream by one store call: a
+    // reader that saw Ready on the stream may see the row a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let page = service
+            .list_requests_page(tenant.tenant_id, &Default::default(), None, 10)
+            .await
+            .unwrap();
+        if page
+            .items
+            .first()
+            .is_some_and(|r| r.status == VmRequestStatus::Ready)
+        {
+            break page;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read model never showed the request ready: {page:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(page.items.len(), 1);
     assert_eq!(page.items[0].status, VmRequestStatus::Ready);
     assert!(page.items[0].ip_address.is_some(), "{:?}", page.items[0]);
