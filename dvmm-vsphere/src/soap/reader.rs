@@ -1323,6 +1323,29 @@ mod tests {
     }
 
     #[test]
+    fn references_resolve_in_leaves_and_parents_and_nowhere_else() {
+        // Leaves and elements with children keep their text in different
+        // places while reading; both get the references resolved.
+        let (root, _) = parse_document(b"<a>&lt;<b>&quot;&apos;&#65;&#x42;</b>&gt;</a>").unwrap();
+        assert_eq!(root.text, "<>");
+        assert_eq!(root.child_text("b"), Some("\"'AB"));
+        for bad in [
+            &b"&amp;<a/>"[..],
+            b"<a/>&amp;",
+            b"<a>&#0;</a>",
+            b"<a>&#xD800;</a>",
+            b"<a>&#xZZ;</a>",
+            b"<a>& b</a>",
+        ] {
+            assert!(
+                matches!(parse_document(bad), Err(ReadError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
     fn depth_limit_counts_open_elements() {
         let nested = |depth: usize, inner: &str| {
             format!("{}{inner}{}", "<a>".repeat(depth), "</a>".repeat(depth))
