@@ -310,7 +310,7 @@ mod postgres {
             let name = format!("dvmm_bench_{suffix}");
             let role = format!("dvmm_bench_app_{suffix}");
             let maintenance = PgPool::connect_with(server.clone()).await.unwrap();
-            sqlx::query(&format!("CREATE DATABASE {name}"))
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                 .execute(&maintenance)
                 .await
                 .unwrap();
@@ -356,11 +356,14 @@ mod postgres {
             self.store.pool().close().await;
             self.admin.close().await;
             let maintenance = PgPool::connect_with(self.server.clone()).await.unwrap();
-            sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
-                .execute(&maintenance)
-                .await
-                .unwrap();
-            sqlx::query(&format!("DROP ROLE {}", self.role))
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&maintenance)
+            .await
+            .unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {}", self.role)))
                 .execute(&maintenance)
                 .await
                 .unwrap();

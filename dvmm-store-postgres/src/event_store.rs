@@ -447,9 +447,9 @@ impl EventStore for PgEventStore {
         if has_nul(stream) {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {EVENT_COLUMNS} FROM dvmm_load($1, $2, $3) ORDER BY version"
-        ))
+        )))
         .bind(tenant.as_uuid())
         .bind(&stream.stream_type)
         .bind(&stream.id)
@@ -472,9 +472,9 @@ impl EventStore for PgEventStore {
             return Ok(Vec::new());
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {EVENT_COLUMNS} FROM dvmm_read_all($1, $2, $3) ORDER BY position"
-        ))
+        )))
         .bind(tenant.as_uuid())
         .bind(after)
         .bind(limit)
@@ -557,8 +557,8 @@ mod tests {
             crate::MIGRATOR
                 .iter()
                 .rev()
-                .find(|m| m.sql.contains(&format!("FUNCTION {function}(")))
-                .map(|m| m.sql.to_string())
+                .find(|m| m.sql.as_str().contains(&format!("FUNCTION {function}(")))
+                .map(|m| m.sql.as_str().to_owned())
                 .unwrap_or_default()
         };
         let append = latest("dvmm_append");

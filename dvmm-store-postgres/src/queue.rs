@@ -148,7 +148,9 @@ impl PgWorkQueue {
             "UPDATE dvmm_jobs SET {set}, updated_at = now() \
              WHERE request_id = $1 AND state = 'leased' AND worker = $2"
         );
-        let mut query = sqlx::query(&sql).bind(request_id.as_uuid()).bind(worker);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(request_id.as_uuid())
+            .bind(worker);
         if let Some(delay) = delay {
             query = query.bind(seconds(delay));
         }

@@ -252,7 +252,7 @@ mod tests {
         assert!(
             MIGRATOR
                 .iter()
-                .any(|m| m.sql.contains("FORCE ROW LEVEL SECURITY"))
+                .any(|m| m.sql.as_str().contains("FORCE ROW LEVEL SECURITY"))
         );
     }
 }

@@ -11,8 +11,8 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use dvmm_core::config::Secret;
-use hmac::{Hmac, Mac};
-use rand::RngCore as _;
+use hmac::{Hmac, KeyInit, Mac};
+use rand::Rng as _;
 use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -25,7 +25,7 @@ pub const SCRAM_SALT_LEN: usize = 16;
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     // HMAC takes keys of any length, so this cannot fail.
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     for part in parts {
         mac.update(part);
     }
@@ -79,7 +79,9 @@ pub fn scram_sha256_verifier_with(password: &Secret, salt: &[u8], iterations: u3
 /// knows the password logs in with SCRAM.
 pub fn scram_sha256_verifier(password: &Secret) -> String {
     let mut salt = [0u8; SCRAM_SALT_LEN];
-    rand::rngs::OsRng.fill_bytes(&mut salt);
+    // The operating system's generator, as before; a failure to read it
+    // panics, as `OsRng` did.
+    rand::rand_core::UnwrapErr(rand::rngs::SysRng).fill_bytes(&mut salt);
     scram_sha256_verifier_with(password, &salt, SCRAM_ITERATIONS)
 }
 

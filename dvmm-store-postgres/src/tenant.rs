@@ -30,7 +30,8 @@ pub(crate) async fn begin_for_tenant(
     tenant: TenantId,
     operation: &'static str,
 ) -> Result<Transaction<'static, Postgres>, StoreError> {
-    pool.begin_with(begin_statement(tenant))
+    // The statement holds only the tenant's UUID, printed by `uuid` itself.
+    pool.begin_with(sqlx::AssertSqlSafe(begin_statement(tenant)))
         .await
         .map_err(|e| backend(operation, e))
 }

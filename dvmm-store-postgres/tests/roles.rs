@@ -74,10 +74,12 @@ async fn the_login_authenticates_with_the_scram_verifier_computed_here() {
     // it here with its salt.
     let (role, _) = db.extra_login("").await;
     let secret = "Grüße-Ⅸ-ﬁ ✓";
-    sqlx::query(&format!("ALTER ROLE {role} PASSWORD '{secret}'"))
-        .execute(&db.admin)
-        .await
-        .expect("set a password on the server");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER ROLE {role} PASSWORD '{secret}'"
+    )))
+    .execute(&db.admin)
+    .await
+    .expect("set a password on the server");
     let servers = rolpassword(&db, &role).await;
     let salt = servers
         .strip_prefix("SCRAM-SHA-256$4096:")
@@ -181,14 +183,17 @@ async fn no_error_of_create_app_login_contains_the_password() {
     // every member in.
     let group = format!("dvmm_t_group_{}", &Uuid::new_v4().simple().to_string()[..8]);
     db.forget_role_later(&group);
-    sqlx::query(&format!("CREATE ROLE {group} NOLOGIN"))
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {group} NOLOGIN")))
         .execute(&db.admin)
         .await
         .expect("create a group");
-    sqlx::query(&format!("GRANT {group} TO {}", db.app_role))
-        .execute(&db.admin)
-        .await
-        .expect("give it a member");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "GRANT {group} TO {}",
+        db.app_role
+    )))
+    .execute(&db.admin)
+    .await
+    .expect("give it a member");
     let err = create_app_login(&db.admin, &group, &pw)
         .await
         .expect_err("a group with members is refused");

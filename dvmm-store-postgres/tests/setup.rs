@@ -152,7 +152,7 @@ async fn setup_migrates_makes_the_login_and_returns_working_adapters() {
     // A database that was never migrated, reached with the admin URL a
     // newcomer has at hand.
     let fresh = format!("dvmm_t_setup_{}", &Uuid::new_v4().simple().to_string()[..8]);
-    dvmm_store_postgres::sqlx::query(&format!("CREATE DATABASE {fresh}"))
+    dvmm_store_postgres::sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {fresh}")))
         .execute(&db.admin)
         .await
         .expect("create a fresh database");
@@ -255,10 +255,12 @@ async fn setup_migrates_makes_the_login_and_returns_working_adapters() {
     parts.store.pool().close().await;
     other.store.pool().close().await;
     let maintenance = db.admin_pool(1).await;
-    dvmm_store_postgres::sqlx::query(&format!("DROP DATABASE IF EXISTS {fresh} WITH (FORCE)"))
-        .execute(&maintenance)
-        .await
-        .expect("drop the fresh database");
+    dvmm_store_postgres::sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {fresh} WITH (FORCE)"
+    )))
+    .execute(&maintenance)
+    .await
+    .expect("drop the fresh database");
     maintenance.close().await;
     db.drop().await;
 }

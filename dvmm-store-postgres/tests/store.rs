@@ -613,7 +613,7 @@ async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
         .await
         .expect("connect");
     let name = format!("{}_m", db.name);
-    sqlx::query(&format!("CREATE DATABASE {name}"))
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&server)
         .await
         .expect("create");
@@ -673,11 +673,13 @@ async fn migrations_are_idempotent_and_safe_to_run_concurrently() {
     for p in pools {
         p.close().await;
     }
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&server)
-        .await
-        .expect("drop");
-    sqlx::query(&format!("DROP ROLE {group}"))
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {name} WITH (FORCE)"
+    )))
+    .execute(&server)
+    .await
+    .expect("drop");
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {group}")))
         .execute(&server)
         .await
         .expect("drop the second database's application role");
@@ -1050,10 +1052,12 @@ async fn constructors_refuse_a_pool_that_escapes_the_policies() {
     // A plain login that owns the tables: FORCE makes the policies apply to
     // it, but an owner may turn them off.
     let (owner, options) = db.extra_login("").await;
-    sqlx::query(&format!("ALTER TABLE dvmm_events OWNER TO {owner}"))
-        .execute(&db.admin)
-        .await
-        .expect("hand the events table to the login");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE dvmm_events OWNER TO {owner}"
+    )))
+    .execute(&db.admin)
+    .await
+    .expect("hand the events table to the login");
     let owner_pool = PgPoolOptions::new()
         .max_connections(1)
         .connect_with(options)

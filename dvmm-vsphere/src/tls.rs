@@ -145,27 +145,32 @@ impl ServerCertVerifier for PinnedOrAny {
     }
 }
 
-/// A rustls configuration for pinned or insecure endpoints; `None` for
-/// [`TlsPolicy::Verify`] (reqwest's own verifying configuration is used).
+/// The rustls configuration for a policy, on the ring provider: the bundled
+/// web PKI roots (webpki-roots) for [`TlsPolicy::Verify`], the pinning or
+/// accepting verifier otherwise.
 ///
 /// # Errors
 /// [`VsphereError::Tls`] when rustls rejects the protocol configuration.
-pub fn client_config(policy: &TlsPolicy) -> Result<Option<rustls::ClientConfig>, VsphereError> {
-    let pin = match policy {
-        TlsPolicy::Verify => return Ok(None),
-        TlsPolicy::Pinned(pin) => Some(*pin),
-        TlsPolicy::Insecure => None,
-    };
+pub fn client_config(policy: &TlsPolicy) -> Result<rustls::ClientConfig, VsphereError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| VsphereError::Tls {
             message: e.to_string(),
-        })?
+        })?;
+    let pin = match policy {
+        TlsPolicy::Verify => {
+            let roots =
+                rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            return Ok(builder.with_root_certificates(roots).with_no_client_auth());
+        }
+        TlsPolicy::Pinned(pin) => Some(*pin),
+        TlsPolicy::Insecure => None,
+    };
+    Ok(builder
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedOrAny { pin, provider }))
-        .with_no_client_auth();
-    Ok(Some(config))
+        .with_no_client_auth())
 }
 
 #[cfg(test)]

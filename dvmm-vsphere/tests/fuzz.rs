@@ -16,7 +16,7 @@ use dvmm_vsphere::methods::decode_updates;
 use dvmm_vsphere::soap::{Response, read_response};
 use dvmm_vsphere::types::{ServiceContent, TaskInfo, VmProperties, object_contents};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt as _, SeedableRng};
 
 fn fixtures() -> Vec<Vec<u8>> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
@@ -95,18 +95,18 @@ const BREAKING: [usize; 2] = [0, 2];
 const WELL_FORMED: usize = 8;
 
 fn mutate(rng: &mut StdRng, corpus: &[Vec<u8>]) -> (usize, Vec<u8>) {
-    let kind = rng.gen_range(0..KINDS.len());
+    let kind = rng.random_range(0..KINDS.len());
     (kind, mutate_as(kind, rng, corpus))
 }
 
 fn mutate_as(kind: usize, rng: &mut StdRng, corpus: &[Vec<u8>]) -> Vec<u8> {
-    let base = &corpus[rng.gen_range(0..corpus.len())];
+    let base = &corpus[rng.random_range(0..corpus.len())];
     let mut data = base.clone();
     match kind {
         // Structure-preserving mutations: the document stays well-formed, so
         // the typed decoders (not just the XML reader) see odd values.
         7 => {
-            for _ in 0..rng.gen_range(1..6) {
+            for _ in 0..rng.random_range(1..6) {
                 let gaps: Vec<usize> = data
                     .iter()
                     .enumerate()
@@ -116,9 +116,9 @@ fn mutate_as(kind: usize, rng: &mut StdRng, corpus: &[Vec<u8>]) -> Vec<u8> {
                 if gaps.is_empty() {
                     break;
                 }
-                let at = gaps[rng.gen_range(0..gaps.len())];
-                let junk: Vec<u8> = (0..rng.gen_range(0..12))
-                    .map(|_| VALUE_CHARS[rng.gen_range(0..VALUE_CHARS.len())])
+                let at = gaps[rng.random_range(0..gaps.len())];
+                let junk: Vec<u8> = (0..rng.random_range(0..12))
+                    .map(|_| VALUE_CHARS[rng.random_range(0..VALUE_CHARS.len())])
                     .collect();
                 data.splice(at..at, junk);
             }
@@ -143,54 +143,54 @@ fn mutate_as(kind: usize, rng: &mut StdRng, corpus: &[Vec<u8>]) -> Vec<u8> {
                 "ManagedObjectReference",
                 "VirtualMachinePowerState",
             ];
-            let f = from[rng.gen_range(0..from.len())];
-            let t = types[rng.gen_range(0..types.len())];
-            return text.replacen(f, t, rng.gen_range(1..4)).into_bytes();
+            let f = from[rng.random_range(0..from.len())];
+            let t = types[rng.random_range(0..types.len())];
+            return text.replacen(f, t, rng.random_range(1..4)).into_bytes();
         }
         0 => {
-            let len = rng.gen_range(0..600);
-            return (0..len).map(|_| rng.r#gen()).collect();
+            let len = rng.random_range(0..600);
+            return (0..len).map(|_| rng.random()).collect();
         }
         1 => {
-            for _ in 0..rng.gen_range(1..8) {
+            for _ in 0..rng.random_range(1..8) {
                 if data.is_empty() {
                     break;
                 }
-                let i = rng.gen_range(0..data.len());
-                data[i] = rng.r#gen();
+                let i = rng.random_range(0..data.len());
+                data[i] = rng.random();
             }
         }
         2 => {
-            let cut = rng.gen_range(0..=data.len());
+            let cut = rng.random_range(0..=data.len());
             data.truncate(cut);
         }
         3 => {
             if !data.is_empty() {
-                let a = rng.gen_range(0..data.len());
-                let b = rng.gen_range(a..=data.len().min(a + 400));
+                let a = rng.random_range(0..data.len());
+                let b = rng.random_range(a..=data.len().min(a + 400));
                 let slice = data[a..b].to_vec();
-                let at = rng.gen_range(0..=data.len());
+                let at = rng.random_range(0..=data.len());
                 data.splice(at..at, slice);
             }
         }
         4 => {
             if !data.is_empty() {
-                let a = rng.gen_range(0..data.len());
-                let b = rng.gen_range(a..=data.len().min(a + 200));
+                let a = rng.random_range(0..data.len());
+                let b = rng.random_range(a..=data.len().min(a + 200));
                 data.drain(a..b);
             }
         }
         5 => {
-            for _ in 0..rng.gen_range(1..5) {
-                let token = TOKENS[rng.gen_range(0..TOKENS.len())];
-                let at = rng.gen_range(0..=data.len());
+            for _ in 0..rng.random_range(1..5) {
+                let token = TOKENS[rng.random_range(0..TOKENS.len())];
+                let at = rng.random_range(0..=data.len());
                 data.splice(at..at, token.iter().copied());
             }
         }
         _ => {
-            let other = &corpus[rng.gen_range(0..corpus.len())];
-            let a = rng.gen_range(0..=data.len());
-            let b = rng.gen_range(0..=other.len());
+            let other = &corpus[rng.random_range(0..corpus.len())];
+            let a = rng.random_range(0..=data.len());
+            let b = rng.random_range(0..=other.len());
             data.truncate(a);
             data.extend_from_slice(&other[b..]);
         }

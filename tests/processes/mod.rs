@@ -163,7 +163,7 @@ pub async fn create_database(url: &str) -> TestDb {
     within(
         QUERY_DEADLINE,
         "CREATE DATABASE",
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&maintenance),
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&maintenance),
     )
     .await
     .expect("create the test database");
@@ -211,10 +211,10 @@ impl TestDb {
         within(
             QUERY_DEADLINE,
             "DROP DATABASE",
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
-            ))
+            )))
             .execute(&maintenance),
         )
         .await
@@ -223,8 +223,11 @@ impl TestDb {
         within(
             QUERY_DEADLINE,
             "DROP ROLE",
-            sqlx::query(&format!("DROP ROLE IF EXISTS dvmm_runner_{}", self.name))
-                .execute(&maintenance),
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP ROLE IF EXISTS dvmm_runner_{}",
+                self.name
+            )))
+            .execute(&maintenance),
         )
         .await
         .expect("drop the example's role");

@@ -102,7 +102,7 @@ impl TestDb {
             .connect_with(server.clone())
             .await
             .expect("connect to DATABASE_URL");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&maintenance)
             .await
             .expect("create the test database");
@@ -156,10 +156,12 @@ impl TestDb {
             .await
             .expect("create the extra login");
         if !attributes.is_empty() {
-            sqlx::query(&format!("ALTER ROLE {role} {attributes}"))
-                .execute(&self.admin)
-                .await
-                .expect("give the extra login its attributes");
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER ROLE {role} {attributes}"
+            )))
+            .execute(&self.admin)
+            .await
+            .expect("give the extra login its attributes");
         }
         let options = self.options_for(&role, &password);
         (role, options)
@@ -216,10 +218,10 @@ impl TestDb {
             .connect_with(self.server.clone())
             .await
             .expect("connect to DATABASE_URL");
-        sqlx::query(&format!(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             self.name
-        ))
+        )))
         .execute(&maintenance)
         .await
         .expect("drop the test database");
@@ -230,7 +232,7 @@ impl TestDb {
             .chain(extra)
             .chain([group]);
         for role in roles {
-            sqlx::query(&format!("DROP ROLE IF EXISTS {role}"))
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
                 .execute(&maintenance)
                 .await
                 .expect("drop a test role");

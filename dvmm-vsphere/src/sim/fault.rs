@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use dvmm_core::VsphereError;
-use rand::Rng;
+use rand::RngExt as _;
 use rand::rngs::StdRng;
 
 /// The simulated port operations, for fault rules and call counts.
@@ -185,7 +185,7 @@ impl FaultRules {
                     if p.is_nan() || *p <= 0.0 {
                         false
                     } else {
-                        *p >= 1.0 || rng.gen_bool(*p)
+                        *p >= 1.0 || rng.random_bool(*p)
                     }
                 }
                 Trigger::Nth(n) => u64::from(*n) == call_number,

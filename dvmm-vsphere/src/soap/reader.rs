@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use dvmm_core::ports::VsphereError;
 use quick_xml::Reader;
-use quick_xml::events::{BytesStart, Event};
+use quick_xml::events::{BytesRef, BytesStart, Event};
 
 use super::fault::{Fault, decode_fault};
 
@@ -752,19 +752,18 @@ fn open_node(
     scopes: &mut Scopes,
     depth: usize,
     start: &BytesStart<'_>,
-    document: Option<&str>,
     done: &mut Vec<Node>,
 ) -> Result<Option<String>, ReadError> {
     let qname = start.name();
-    let (prefix, local) = split_qname(qname.as_ref());
+    let (prefix, local) = split_qname(qname.as_ref().as_bytes());
     let name = shared_name(local)?;
     let mut xsi_type = None;
     let mut mo_type = None;
     let raw = start.attributes_raw();
-    if raw.iter().any(|b| !b.is_ascii_whitespace()) {
+    if raw.bytes().any(|b| !b.is_ascii_whitespace()) {
         match plain_attributes(raw) {
             Some(attrs) => {
-                read_plain_attributes(scopes, depth, &attrs, document, &mut xsi_type, &mut mo_type)?
+                read_plain_attributes(scopes, depth, &attrs, &mut xsi_type, &mut mo_type)?
             }
             None => read_attributes(scopes, depth, start, &mut xsi_type, &mut mo_type)?,
         }
@@ -800,12 +799,12 @@ const PLAIN_ATTRIBUTES: usize = 4;
 
 /// The attributes of a start tag as (name, raw value) pairs.
 struct PlainAttributes<'a> {
-    pairs: [(&'a [u8], &'a [u8]); PLAIN_ATTRIBUTES],
+    pairs: [(&'a [u8], &'a str); PLAIN_ATTRIBUTES],
     len: usize,
 }
 
 impl<'a> PlainAttributes<'a> {
-    fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + '_ {
+    fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a str)> + '_ {
         self.pairs[..self.len].iter().copied()
     }
 }
@@ -820,9 +819,10 @@ fn is_xml_space(b: u8) -> bool {
 /// cuts; anything else (spaces around `=`, a name without a value, an open
 /// quote, more pairs) gives `None` and is left to that reader, which also
 /// reports the errors.
-fn plain_attributes(raw: &[u8]) -> Option<PlainAttributes<'_>> {
+fn plain_attributes(text: &str) -> Option<PlainAttributes<'_>> {
+    let raw = text.as_bytes();
     let mut attrs = PlainAttributes {
-        pairs: [(&[], &[]); PLAIN_ATTRIBUTES],
+        pairs: [(&[], ""); PLAIN_ATTRIBUTES],
         len: 0,
     };
     let mut at = 0;
@@ -850,7 +850,8 @@ fn plain_attributes(raw: &[u8]) -> Option<PlainAttributes<'_>> {
         }
         let value_start = at + 2;
         let value_len = raw.get(value_start..)?.iter().position(|b| *b == quote)?;
-        attrs.pairs[attrs.len] = (key, &raw[value_start..value_start + value_len]);
+        // Both ends sit next to an ASCII quote: character boundaries.
+        attrs.pairs[attrs.len] = (key, text.get(value_start..value_start + value_len)?);
         attrs.len += 1;
         at = value_start + value_len + 1;
     }
@@ -858,15 +859,21 @@ fn plain_attributes(raw: &[u8]) -> Option<PlainAttributes<'_>> {
 
 /// An attribute value with its entities resolved, failing the way the
 /// general attribute reader fails.
-fn attribute_value<'a>(
-    document: Option<&'a str>,
-    raw: &'a [u8],
-) -> Result<Cow<'a, str>, ReadError> {
-    let value = document_str(document, raw)?;
-    if raw.contains(&b'&') {
-        quick_xml::escape::unescape(value).map_err(attribute_error)
+fn attribute_value(raw: &str) -> Result<Cow<'_, str>, ReadError> {
+    if raw.contains('&') {
+        quick_xml::escape::unescape(raw).map_err(attribute_error)
     } else {
-        Ok(Cow::Borrowed(value))
+        Ok(Cow::Borrowed(raw))
+    }
+}
+
+/// The value of an attribute read by the general reader, with its entities
+/// resolved and nothing else changed (no whitespace normalization, as the
+/// plain path does none either).
+fn general_value(value: Cow<'_, str>) -> Result<Cow<'_, str>, ReadError> {
+    match value {
+        Cow::Borrowed(raw) => attribute_value(raw),
+        Cow::Owned(raw) => attribute_value(&raw).map(|v| Cow::Owned(v.into_owned())),
     }
 }
 
@@ -876,7 +883,6 @@ fn read_plain_attributes(
     scopes: &mut Scopes,
     depth: usize,
     attrs: &PlainAttributes<'_>,
-    document: Option<&str>,
     xsi_type: &mut Option<TypeName>,
     mo_type: &mut Option<TypeName>,
 ) -> Result<(), ReadError> {
@@ -890,14 +896,14 @@ fn read_plain_attributes(
             key.strip_prefix(b"xmlns:")
         };
         if let Some(declared) = declared {
-            let uri = attribute_value(document, raw)?;
+            let uri = attribute_value(raw)?;
             scopes.declare(depth, declared, uri.as_bytes());
         }
         let (attr_prefix, attr_local) = split_qname(key);
         if attr_local != b"type" || bad_value.is_some() {
             continue;
         }
-        let value = match attribute_value(document, raw) {
+        let value = match attribute_value(raw) {
             Ok(value) => value,
             Err(err) => {
                 bad_value = Some(err);
@@ -923,7 +929,7 @@ fn read_plain_attributes(
                 && attr_prefix != b"xmlns"
                 && is_xsi(attr_prefix)
             {
-                let value = attribute_value(document, raw)?;
+                let value = attribute_value(raw)?;
                 *xsi_type = Some(TypeName::from_str_ref(xsi_local(&value)));
             }
         }
@@ -956,24 +962,24 @@ fn read_attributes(
     let mut prefixed_count = 0usize;
     for attr in start.attributes().with_checks(false) {
         let attr = attr.map_err(attribute_error)?;
-        let key = attr.key.into_inner();
+        let key = attr.key.into_inner().as_bytes();
         let declared = if key == b"xmlns" {
             Some(&b""[..])
         } else {
             key.strip_prefix(b"xmlns:")
         };
         if let Some(declared) = declared {
-            let uri = attr.unescape_value().map_err(attribute_error)?;
+            let uri = general_value(attr.value.clone())?;
             scopes.declare(depth, declared, uri.as_bytes());
         }
         let (attr_prefix, attr_local) = split_qname(key);
         if attr_local != b"type" || bad_value.is_some() {
             continue;
         }
-        let value = match attr.unescape_value() {
+        let value = match general_value(attr.value) {
             Ok(value) => value,
             Err(err) => {
-                bad_value = Some(attribute_error(err));
+                bad_value = Some(err);
                 continue;
             }
         };
@@ -993,9 +999,9 @@ fn read_attributes(
         // The last `type` in the XSI namespace wins.
         for attr in start.attributes().with_checks(false) {
             let attr = attr.map_err(attribute_error)?;
-            let (attr_prefix, attr_local) = split_qname(attr.key.into_inner());
+            let (attr_prefix, attr_local) = split_qname(attr.key.into_inner().as_bytes());
             if attr_local == b"type" && !attr_prefix.is_empty() && attr_prefix != b"xmlns" {
-                let value = attr.unescape_value().map_err(attribute_error)?;
+                let value = general_value(attr.value)?;
                 if is_xsi(attr_prefix) {
                     *xsi_type = Some(TypeName::from_str_ref(xsi_local(&value)));
                 }
@@ -1009,37 +1015,36 @@ fn read_attributes(
     Ok(())
 }
 
-/// `part` of the document as text. When the whole document is known to be
-/// UTF-8, a part that lies in it is sliced out (checking only that it starts
-/// and ends on character boundaries) instead of being validated again.
-fn document_str<'a>(document: Option<&'a str>, part: &'a [u8]) -> Result<&'a str, ReadError> {
-    if let Some(document) = document {
-        let offset = (part.as_ptr() as usize).wrapping_sub(document.as_ptr() as usize);
-        if let Some(text) = offset
-            .checked_add(part.len())
-            .and_then(|end| document.get(offset..end))
-        {
-            return Ok(text);
-        }
-    }
-    std::str::from_utf8(part)
-        .map_err(|e| ReadError::Malformed(format!("cannot decode input using UTF-8: {e}")))
-}
-
-/// Appends the content of a text event, resolving entities only when there
-/// are any.
-fn push_text(out: &mut String, document: Option<&str>, raw: &[u8]) -> Result<(), ReadError> {
-    let text = document_str(document, raw)?;
-    if raw.contains(&b'&') {
-        let text = quick_xml::escape::unescape(text).map_err(attribute_error)?;
-        out.push_str(&text);
-    } else if out.is_empty() {
+/// Appends the content of a text event. Entity and character references
+/// come as their own events ([`push_reference`]).
+fn push_text(out: &mut String, text: &str) {
+    if out.is_empty() {
         // Most elements have one text event: one allocation of the exact size.
         *out = text.to_owned();
     } else {
         out.push_str(text);
     }
-    Ok(())
+}
+
+/// Appends what an entity or character reference (`&amp;`, `&#x41;`)
+/// stands for. Only the five predefined entities exist in a SOAP answer: an
+/// answer cannot declare its own (no DTD is read).
+fn push_reference(out: &mut String, reference: &BytesRef<'_>) -> Result<(), ReadError> {
+    if let Some(ch) = reference.resolve_char_ref().map_err(attribute_error)? {
+        out.push(ch);
+        return Ok(());
+    }
+    let name: &str = reference;
+    match quick_xml::escape::resolve_predefined_entity(name) {
+        Some(value) => {
+            out.push_str(value);
+            Ok(())
+        }
+        None => Err(ReadError::Malformed(format!(
+            "unrecognized entity `{}`",
+            name.escape_debug()
+        ))),
+    }
 }
 
 /// An element whose end tag has not been read yet, and where its children
@@ -1059,9 +1064,6 @@ pub fn parse_document(bytes: &[u8]) -> Result<(Node, Option<String>), ReadError>
     let mut reader = Reader::from_reader(bytes);
     reader.config_mut().trim_text(false);
     reader.config_mut().check_end_names = true;
-    // One pass over the whole answer is cheaper than validating each of its
-    // hundreds of thousands of texts on its own.
-    let document = std::str::from_utf8(bytes).ok();
     let mut scopes = Scopes::default();
     // Open elements that have children, and the finished children of all of
     // them in one shared stack: each element gets its children in one
@@ -1099,7 +1101,7 @@ pub fn parse_document(bytes: &[u8]) -> Result<(Node, Option<String>), ReadError>
                 if !is_empty && depth >= MAX_DEPTH {
                     return Err(ReadError::TooDeep);
                 }
-                let ns = open_node(&mut scopes, depth, start, document, &mut done)?;
+                let ns = open_node(&mut scopes, depth, start, &mut done)?;
                 if depth == 0 {
                     root_ns = ns;
                 }
@@ -1142,9 +1144,9 @@ pub fn parse_document(bytes: &[u8]) -> Result<(Node, Option<String>), ReadError>
                     open.last_mut().map(|o| &mut o.node)
                 };
                 match node {
-                    Some(node) => push_text(&mut node.text, document, &text)?,
+                    Some(node) => push_text(&mut node.text, &text),
                     None => {
-                        if !text.iter().all(u8::is_ascii_whitespace) {
+                        if !text.bytes().all(|b| b.is_ascii_whitespace()) {
                             return Err(ReadError::Malformed(
                                 "text outside the root element".into(),
                             ));
@@ -1160,7 +1162,17 @@ pub fn parse_document(bytes: &[u8]) -> Result<(Node, Option<String>), ReadError>
                 };
                 let node = node
                     .ok_or_else(|| ReadError::Malformed("CDATA outside the root element".into()))?;
-                node.text.push_str(utf8(&data)?);
+                node.text.push_str(&data);
+            }
+            Event::GeneralRef(reference) => {
+                let node = if in_leaf {
+                    done.last_mut()
+                } else {
+                    open.last_mut().map(|o| &mut o.node)
+                };
+                let node = node
+                    .ok_or_else(|| ReadError::Malformed("text outside the root element".into()))?;
+                push_reference(&mut node.text, &reference)?;
             }
             Event::Eof => break,
             Event::Decl(_) | Event::PI(_) | Event::Comment(_) | Event::DocType(_) => {}
@@ -1311,6 +1323,29 @@ mod tests {
     }
 
     #[test]
+    fn references_resolve_in_leaves_and_parents_and_nowhere_else() {
+        // Leaves and elements with children keep their text in different
+        // places while reading; both get the references resolved.
+        let (root, _) = parse_document(b"<a>&lt;<b>&quot;&apos;&#65;&#x42;</b>&gt;</a>").unwrap();
+        assert_eq!(root.text, "<>");
+        assert_eq!(root.child_text("b"), Some("\"'AB"));
+        for bad in [
+            &b"&amp;<a/>"[..],
+            b"<a/>&amp;",
+            b"<a>&#0;</a>",
+            b"<a>&#xD800;</a>",
+            b"<a>&#xZZ;</a>",
+            b"<a>& b</a>",
+        ] {
+            assert!(
+                matches!(parse_document(bad), Err(ReadError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
     fn depth_limit_counts_open_elements() {
         let nested = |depth: usize, inner: &str| {
             format!("{}{inner}{}", "<a>".repeat(depth), "</a>".repeat(depth))
@@ -1348,13 +1383,20 @@ mod tests {
             let general: Result<Vec<(Vec<u8>, Vec<u8>)>, _> = start
                 .attributes()
                 .with_checks(false)
-                .map(|a| a.map(|a| (a.key.into_inner().to_vec(), a.value.to_vec())))
+                .map(|a| {
+                    a.map(|a| {
+                        (
+                            a.key.into_inner().as_bytes().to_vec(),
+                            a.value.as_bytes().to_vec(),
+                        )
+                    })
+                })
                 .collect();
-            if let Some(plain) = plain_attributes(raw.as_bytes()) {
+            if let Some(plain) = plain_attributes(raw) {
                 plain_count += 1;
                 let plain: Vec<_> = plain
                     .iter()
-                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map(|(k, v)| (k.to_vec(), v.as_bytes().to_vec()))
                     .collect();
                 assert_eq!(general.ok(), Some(plain), "{raw:?}");
             }

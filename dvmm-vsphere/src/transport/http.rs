@@ -45,16 +45,15 @@ impl HttpTransport {
     /// # Errors
     /// [`VsphereError::Tls`] when the TLS client cannot be built.
     pub fn new(url: &str, tls: &TlsPolicy, max_answer_bytes: u64) -> Result<Self, VsphereError> {
-        let mut builder = reqwest::Client::builder()
+        let client = reqwest::Client::builder()
             .user_agent(concat!("dvmm-vsphere/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(32);
-        if let Some(config) = client_config(tls)? {
-            builder = builder.use_preconfigured_tls(config);
-        }
-        let client = builder.build().map_err(|e| VsphereError::Tls {
-            message: format!("failed to build the HTTPS client: {}", e.without_url()),
-        })?;
+            .pool_max_idle_per_host(32)
+            .tls_backend_preconfigured(client_config(tls)?)
+            .build()
+            .map_err(|e| VsphereError::Tls {
+                message: format!("failed to build the HTTPS client: {}", e.without_url()),
+            })?;
         Ok(Self {
             url: url.trim().to_owned(),
             client,
