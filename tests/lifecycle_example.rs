@@ -21,6 +21,9 @@ fn example_binary() -> PathBuf {
         "--quiet",
         "--example",
         "lifecycle",
+        // The features the suite is built with (scripts/test.sh), so the
+        // example reuses its artifacts instead of rebuilding the crates.
+        "--all-features",
     ]);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         build.arg("--release");
