@@ -1,6 +1,8 @@
 //! Shared test setup: a tenant configured for the simulator's default inventory.
 #![allow(dead_code)]
 
+pub mod stepping;
+
 use dvmm::core::config::{Secret, Timeouts, VcenterEndpoint};
 use dvmm::core::spec::SizeTable;
 use dvmm::{NewVmRequest, ProjectId, TenantConfig, TenantId, UserId, VmSize};
