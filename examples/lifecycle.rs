@@ -12,10 +12,10 @@
 //! ```
 //!
 //! The first attempt is made to fail the way a template that cannot be
-//! customized fails: the clone exists, then the provisioning reports
-//! `CustomizationFailed` (on the simulator through its `ClonedThenFailed`
-//! fault rule; on a vCenter by a wrapper around the SOAP client that
-//! reports that failure once the first VM is built).
+//! customized fails: the clone exists and boots, then the guest's
+//! customization reports `CustomizationFailed` (on the simulator through a
+//! `Customize` fault rule; on a vCenter by a wrapper around the SOAP client
+//! that reports that failure once the first VM is built).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -27,7 +27,7 @@ mod common;
 use clap::Parser;
 use common::{VcenterArgs, tenant_id_for};
 use dvmm::core::config::VcenterEndpoint;
-use dvmm::core::ports::{PowerOffMode, PowerOffOutcome};
+use dvmm::core::ports::{PowerOffMode, PowerOffOutcome, ProgressReporter};
 use dvmm::core::spec::VmGuestInfo;
 use dvmm::store::{MemoryEventStore, MemoryTimeline};
 use dvmm::vsphere::sim::{Delays, Fault, FaultRule, Operation, Simulator, SimulatorConfig};
@@ -127,10 +127,12 @@ async fn run(args: Args) -> Result<ExitCode, String> {
                 .map_err(|e| e.to_string())?;
             tenant.timeouts.ip_wait_secs = args.ip_timeout_secs;
             println!("vSphere: in-process simulator");
+            // The first guest reports a failed customization, as one whose
+            // template lacks what customization needs would.
             sim.add_fault(FaultRule::times(
-                Operation::CreateVm,
+                Operation::Customize,
                 1,
-                Fault::ClonedThenFailed(customization_failed()),
+                Fault::Error(customization_failed()),
             ));
             let result = walk(&args, &tenant, sim.clone()).await;
             let left: Vec<String> = sim.vms().into_iter().map(|vm| vm.name).collect();
@@ -260,7 +262,17 @@ struct FailFirstBuild<V> {
 
 impl<V: VspherePort> VspherePort for FailFirstBuild<V> {
     async fn create_vm(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
-        let result = self.inner.create_vm(spec).await?;
+        self.create_vm_reporting(spec, &|_| {}).await
+    }
+
+    // Passes the inner client's progress on, so the timeline shows
+    // "Customizing guest" as it would on a real vCenter.
+    async fn create_vm_reporting(
+        &self,
+        spec: &VmSpec,
+        progress: ProgressReporter<'_>,
+    ) -> Result<VmProvisioningResult, VsphereError> {
+        let result = self.inner.create_vm_reporting(spec, progress).await?;
         if self.armed.swap(false, Ordering::SeqCst) {
             return Err(customization_failed());
         }

@@ -43,7 +43,7 @@ use clap::Parser;
 use common::{VcenterArgs, tenant_id_for};
 use dvmm::VmId;
 use dvmm::config::VcenterEndpoint;
-use dvmm::ports::{PowerOffMode, PowerOffOutcome};
+use dvmm::ports::{PowerOffMode, PowerOffOutcome, ProgressReporter};
 use dvmm::runner::{CheckpointStore, WorkQueue};
 use dvmm::spec::VmGuestInfo;
 use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
@@ -755,13 +755,22 @@ impl<V> Flaky<V> {
 
 impl<V: VspherePort> VspherePort for Flaky<V> {
     async fn create_vm(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
+        self.create_vm_reporting(spec, &|_| {}).await
+    }
+
+    // Passes the inner client's progress on ("Customizing guest").
+    async fn create_vm_reporting(
+        &self,
+        spec: &VmSpec,
+        progress: ProgressReporter<'_>,
+    ) -> Result<VmProvisioningResult, VsphereError> {
         match self.roll() {
-            None => self.inner.create_vm(spec).await,
+            None => self.inner.create_vm_reporting(spec, progress).await,
             Some(false) => Err(VsphereError::Transport {
                 message: "injected fault: connection reset before the call".into(),
             }),
             Some(true) => {
-                self.inner.create_vm(spec).await?;
+                self.inner.create_vm_reporting(spec, progress).await?;
                 Err(VsphereError::Transport {
                     message: "injected fault: the answer was lost after the VM was created".into(),
                 })

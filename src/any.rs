@@ -274,6 +274,14 @@ impl dvmm_core::ports::VspherePort for AnyVsphere {
         delegate_vsphere!(self, v => v.create_vm(spec).await)
     }
 
+    async fn create_vm_reporting(
+        &self,
+        spec: &dvmm_core::spec::VmSpec,
+        progress: dvmm_core::ports::ProgressReporter<'_>,
+    ) -> Result<dvmm_core::spec::VmProvisioningResult, dvmm_core::ports::VsphereError> {
+        delegate_vsphere!(self, v => v.create_vm_reporting(spec, progress).await)
+    }
+
     async fn get_vm(
         &self,
         endpoint: &dvmm_core::config::VcenterEndpoint,

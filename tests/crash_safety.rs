@@ -88,6 +88,9 @@ async fn check_one_vm<S: EventStore, V: VspherePort, T: TimelineSink>(
     assert_eq!(count("VmRequestReady"), 1);
     assert_eq!(count("VmRequestProvisioningStarted"), 1);
     assert_eq!(count("VmProvisioningStarted"), 1);
+    // Not every run reaches the customization wait (a rerun may find the
+    // VM ready), but none records it twice.
+    assert!(count("VmRequestCustomizingGuest") <= 1);
     let request = service
         .request(tenant.tenant_id, request)
         .await
@@ -106,6 +109,12 @@ async fn check_one_vm<S: EventStore, V: VspherePort, T: TimelineSink>(
         "exactly one VM ready entry"
     );
     assert_eq!(of(TimelineEntryType::ProvisioningStarted), 1);
+    assert!(of(TimelineEntryType::CustomizingGuest) <= 1);
+    assert_eq!(
+        entries.last().map(|e| e.entry_type),
+        Some(TimelineEntryType::VmReady),
+        "the VM ready entry comes last: {entries:?}"
+    );
     assert_eq!(of(TimelineEntryType::Created), 1);
     assert_eq!(of(TimelineEntryType::Approved), 1);
     assert!(

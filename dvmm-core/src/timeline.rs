@@ -40,6 +40,9 @@ pub enum TimelineEntryType {
     StatusChanged,
     /// The VM was decommissioned.
     VmDeleted,
+    /// The VM is on and its guest applies the customization; the VM is
+    /// ready when that finishes.
+    CustomizingGuest,
 }
 
 impl TimelineEntryType {
@@ -60,6 +63,7 @@ impl TimelineEntryType {
             TimelineEntryType::RetryRequested => "RetryRequested",
             TimelineEntryType::StatusChanged => "StatusChanged",
             TimelineEntryType::VmDeleted => "VmDeleted",
+            TimelineEntryType::CustomizingGuest => "CustomizingGuest",
         }
     }
 
@@ -80,6 +84,7 @@ impl TimelineEntryType {
             "RetryRequested" => TimelineEntryType::RetryRequested,
             "StatusChanged" => TimelineEntryType::StatusChanged,
             "VmDeleted" => TimelineEntryType::VmDeleted,
+            "CustomizingGuest" => TimelineEntryType::CustomizingGuest,
             _ => return None,
         })
     }

@@ -121,6 +121,16 @@ pub struct VmRequestReady {
     pub warning_message: Option<String>,
 }
 
+/// The request's VM is powered on and its guest is applying the
+/// customization (hostname, network); the VM is ready once vCenter reports
+/// the outcome and the guest its address. Written once per attempt, when
+/// the vSphere port starts waiting for that outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequestCustomizingGuest {
+    /// The VM being customized.
+    pub vm_id: VmId,
+}
+
 /// Lifts a `VmRequestReady` payload from schema version 1 to 2: version 1
 /// did not record when the VM became ready, so it is `null`.
 ///
@@ -206,6 +216,8 @@ pub enum VmRequestEvent {
     VmRequestVcenterReachable(VmRequestVcenterReachable),
     /// See [`VmRequestRetried`].
     VmRequestRetried(VmRequestRetried),
+    /// See [`VmRequestCustomizingGuest`].
+    VmRequestCustomizingGuest(VmRequestCustomizingGuest),
 }
 
 domain_events!(VmRequestEvent {
@@ -219,6 +231,7 @@ domain_events!(VmRequestEvent {
     VmRequestWaitingForVcenter(VmRequestWaitingForVcenter) = 1,
     VmRequestVcenterReachable(VmRequestVcenterReachable) = 1,
     VmRequestRetried(VmRequestRetried) = 1,
+    VmRequestCustomizingGuest(VmRequestCustomizingGuest) = 1,
 });
 
 /// The data of a new request.
@@ -299,6 +312,13 @@ pub enum VmRequestCommand {
     },
     /// vCenter answered again; refused unless the request waits.
     MarkVcenterReachable,
+    /// The guest of the request's VM started customizing. Refused unless
+    /// the request is provisioning that VM, and once it was recorded for
+    /// it (one entry per attempt, however often a resume reports it).
+    MarkCustomizingGuest {
+        /// The VM whose guest customizes.
+        vm_id: VmId,
+    },
     /// Send a failed request back through provisioning (a new attempt with
     /// a new VM). Only from `Failed`.
     Retry {
@@ -320,6 +340,7 @@ impl VmRequestCommand {
             VmRequestCommand::WaitForVcenter { .. } => "wait for vCenter",
             VmRequestCommand::MarkVcenterReachable => "mark vCenter reachable",
             VmRequestCommand::Retry { .. } => "retry",
+            VmRequestCommand::MarkCustomizingGuest { .. } => "mark customizing guest",
         }
     }
 }
@@ -369,6 +390,8 @@ pub struct VmRequest {
     pub provisioned_at: Option<DateTime<Utc>>,
     /// The VMs of earlier attempts that failed, oldest first.
     pub failed_vm_ids: Vec<VmId>,
+    /// Whether this attempt's guest was recorded customizing.
+    pub customizing_guest: bool,
 }
 
 impl VmRequest {
@@ -490,6 +513,13 @@ impl Aggregate for VmRequest {
                     error_code: error_code.clone(),
                 })
             }
+            (S::Provisioning, C::MarkCustomizingGuest { vm_id })
+                if state.vm_id == Some(*vm_id) && !state.customizing_guest =>
+            {
+                VmRequestEvent::VmRequestCustomizingGuest(VmRequestCustomizingGuest {
+                    vm_id: *vm_id,
+                })
+            }
             (S::Provisioning, C::MarkVcenterReachable) => {
                 let waiting_since = state.waiting_since.ok_or_else(|| state.invalid(command))?;
                 VmRequestEvent::VmRequestVcenterReachable(VmRequestVcenterReachable {
@@ -526,6 +556,7 @@ impl Aggregate for VmRequest {
                     attempt: 1,
                     provisioned_at: None,
                     failed_vm_ids: Vec::new(),
+                    customizing_guest: false,
                 });
             }
             // An event without a creation before it is not ours to invent.
@@ -576,7 +607,9 @@ impl Aggregate for VmRequest {
                 state.vm_id = None;
                 state.failure = None;
                 state.waiting_since = None;
+                state.customizing_guest = false;
             }
+            E::VmRequestCustomizingGuest(_) => state.customizing_guest = true,
         }
         Some(state)
     }
@@ -647,5 +680,85 @@ mod tests {
         ));
         let cancel = VmRequestCommand::Cancel { by, reason: None };
         assert!(VmRequest::handle(state.as_ref(), &cancel).is_ok());
+    }
+
+    /// The request after `commands`, each of which must be accepted.
+    fn after(mut state: Option<VmRequest>, commands: &[VmRequestCommand]) -> VmRequest {
+        for command in commands {
+            let events = VmRequest::handle(state.as_ref(), command).expect("a valid transition");
+            state = events.iter().fold(state, VmRequest::apply);
+        }
+        state.expect("a request")
+    }
+
+    fn provisioning(vm_id: VmId) -> VmRequest {
+        let by = UserId::from_uuid(uuid::Uuid::from_u128(5));
+        after(
+            None,
+            &[
+                submit("needed".into()),
+                VmRequestCommand::Approve { by },
+                VmRequestCommand::StartProvisioning { vm_id },
+            ],
+        )
+    }
+
+    #[test]
+    fn customizing_is_recorded_once_per_attempt_and_only_for_its_vm() {
+        let vm = VmId::from_uuid(uuid::Uuid::from_u128(6));
+        let state = provisioning(vm);
+        let other = VmId::from_uuid(uuid::Uuid::from_u128(7));
+        assert!(matches!(
+            VmRequest::handle(
+                Some(&state),
+                &VmRequestCommand::MarkCustomizingGuest { vm_id: other }
+            ),
+            Err(DomainError::InvalidTransition { .. })
+        ));
+        let mark = VmRequestCommand::MarkCustomizingGuest { vm_id: vm };
+        let events = VmRequest::handle(Some(&state), &mark).expect("first report");
+        assert_eq!(
+            events,
+            [VmRequestEvent::VmRequestCustomizingGuest(
+                VmRequestCustomizingGuest { vm_id: vm }
+            )]
+        );
+        let state = events
+            .iter()
+            .fold(Some(state), VmRequest::apply)
+            .expect("a request");
+        assert!(state.customizing_guest);
+        assert!(
+            matches!(
+                VmRequest::handle(Some(&state), &mark),
+                Err(DomainError::InvalidTransition { .. })
+            ),
+            "a resume reporting it again records nothing"
+        );
+
+        // The next attempt (after a failure and a retry) customizes anew.
+        let failed = VmRequestCommand::MarkFailed {
+            error_code: "CustomizationFailed".into(),
+            message: "customization failed".into(),
+            retryable: true,
+        };
+        let by = UserId::from_uuid(uuid::Uuid::from_u128(5));
+        let next = VmId::from_uuid(uuid::Uuid::from_u128(8));
+        let state = after(
+            Some(state),
+            &[
+                failed,
+                VmRequestCommand::Retry { by },
+                VmRequestCommand::StartProvisioning { vm_id: next },
+            ],
+        );
+        assert!(!state.customizing_guest);
+        assert!(
+            VmRequest::handle(
+                Some(&state),
+                &VmRequestCommand::MarkCustomizingGuest { vm_id: next }
+            )
+            .is_ok()
+        );
     }
 }

@@ -1000,9 +1000,12 @@ fn every_request_event_round_trips_through_json() {
             failed_vm_id: vm_id(),
             attempt: 2,
         }),
+        VmRequestEvent::VmRequestCustomizingGuest(
+            dvmm_core::vm_request::VmRequestCustomizingGuest { vm_id: vm_id() },
+        ),
     ];
     // Every variant is covered (the match has no wildcard).
-    let mut seen = [false; 10];
+    let mut seen = [false; 11];
     for e in &events {
         seen[match e {
             VmRequestEvent::VmRequestCreated(_) => 0,
@@ -1015,6 +1018,7 @@ fn every_request_event_round_trips_through_json() {
             VmRequestEvent::VmRequestWaitingForVcenter(_) => 7,
             VmRequestEvent::VmRequestVcenterReachable(_) => 8,
             VmRequestEvent::VmRequestRetried(_) => 9,
+            VmRequestEvent::VmRequestCustomizingGuest(_) => 10,
         }] = true;
     }
     assert!(

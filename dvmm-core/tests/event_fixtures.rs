@@ -29,7 +29,7 @@ const APPROVER: &str = "f1a3c5e7-9b2d-4f60-8a4c-6e8f0b2d4f06";
 const FAILURE_MESSAGE: &str = "cluster compute-01 has not enough free memory for 4096 MiB; retry later or choose a smaller size";
 
 /// Every event type the request stream knows.
-const REQUEST_EVENT_TYPES: [&str; 10] = [
+const REQUEST_EVENT_TYPES: [&str; 11] = [
     "VmRequestCreated",
     "VmRequestApproved",
     "VmRequestRejected",
@@ -40,6 +40,7 @@ const REQUEST_EVENT_TYPES: [&str; 10] = [
     "VmRequestWaitingForVcenter",
     "VmRequestVcenterReachable",
     "VmRequestRetried",
+    "VmRequestCustomizingGuest",
 ];
 
 /// Every event type the VM stream knows.
@@ -68,6 +69,7 @@ fn request_type_name(event: &VmRequestEvent) -> &'static str {
         VmRequestEvent::VmRequestWaitingForVcenter(_) => REQUEST_EVENT_TYPES[7],
         VmRequestEvent::VmRequestVcenterReachable(_) => REQUEST_EVENT_TYPES[8],
         VmRequestEvent::VmRequestRetried(_) => REQUEST_EVENT_TYPES[9],
+        VmRequestEvent::VmRequestCustomizingGuest(_) => REQUEST_EVENT_TYPES[10],
     }
 }
 
@@ -171,7 +173,7 @@ fn every_known_event_type_has_a_v1_fixture_and_nothing_else_is_there() {
         .chain(VM_EVENT_TYPES.iter())
         .copied()
         .collect();
-    assert_eq!(known.len(), 17, "type names are distinct");
+    assert_eq!(known.len(), 18, "type names are distinct");
     for name in REQUEST_EVENT_TYPES {
         let expected = if name == "VmRequestReady" { 2 } else { 1 };
         assert_eq!(
@@ -432,6 +434,10 @@ fn request_fixtures_carry_their_values() {
                 assert_eq!(stored.version, 4);
                 assert_eq!(e.since, time("2026-01-15T12:01:07.500Z"));
                 assert_eq!(e.error_code, "CircuitOpen");
+            }
+            VmRequestEvent::VmRequestCustomizingGuest(e) => {
+                assert_eq!(stored.version, 4);
+                assert_eq!(e.vm_id, vm_id);
             }
             VmRequestEvent::VmRequestVcenterReachable(e) => {
                 assert_eq!(stored.version, 5);

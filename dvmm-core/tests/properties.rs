@@ -749,6 +749,10 @@ fn check_request_data(state: &VmRequest, command: &VmRequestCommand) -> Result<(
         }
         C::WaitForVcenter { since, .. } => prop_assert_eq!(state.waiting_since, Some(*since)),
         C::MarkVcenterReachable => prop_assert_eq!(state.waiting_since, None),
+        C::MarkCustomizingGuest { vm_id } => {
+            prop_assert!(state.customizing_guest);
+            prop_assert_eq!(state.vm_id, Some(*vm_id));
+        }
     }
     Ok(())
 }

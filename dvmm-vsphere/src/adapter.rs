@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use dvmm_core::config::VcenterEndpoint;
 use dvmm_core::ids::{VmId, VmwareVmId};
-use dvmm_core::ports::{PowerOffMode, PowerOffOutcome, VsphereError, VspherePort};
+use dvmm_core::ports::{
+    PowerOffMode, PowerOffOutcome, ProgressReporter, ProvisioningProgress, VsphereError,
+    VspherePort,
+};
 use dvmm_core::spec::{
     IP_TIMEOUT_WARNING, VmGuestInfo, VmProvisioningResult, VmSpec, hostname_mismatch_warning,
     join_warnings,
@@ -748,7 +751,11 @@ impl SoapVsphere {
         wait::wait_for_task_info(&session.session, &task, operation, timeout).await
     }
 
-    async fn create(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
+    async fn create(
+        &self,
+        spec: &VmSpec,
+        progress: ProgressReporter<'_>,
+    ) -> Result<VmProvisioningResult, VsphereError> {
         let session = self.conn(&spec.endpoint)?;
         let inv = match resolve(&session, spec).await {
             Ok(inv) => inv,
@@ -839,6 +846,9 @@ impl SoapVsphere {
                     return Err(e);
                 }
             }
+        }
+        if !spec.customization_timeout.is_zero() {
+            progress(ProvisioningProgress::CustomizingGuest);
         }
         let ready = customization::wait_ready(
             session.session.clone(),
@@ -967,6 +977,14 @@ impl SoapVsphere {
 
 impl VspherePort for SoapVsphere {
     async fn create_vm(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
+        self.create_vm_reporting(spec, &|_| {}).await
+    }
+
+    async fn create_vm_reporting(
+        &self,
+        spec: &VmSpec,
+        progress: ProgressReporter<'_>,
+    ) -> Result<VmProvisioningResult, VsphereError> {
         let span = tracing::info_span!(
             "create_vm",
             vm = %spec.name,
@@ -975,7 +993,7 @@ impl VspherePort for SoapVsphere {
             vm_id = %spec.vm_id,
             vmware_vm_id = tracing::field::Empty,
         );
-        let result = self.create(spec).instrument(span.clone()).await;
+        let result = self.create(spec, progress).instrument(span.clone()).await;
         match &result {
             Ok(r) => tracing::info!(parent: &span, ip = ?r.ip_address, "VM provisioned"),
             Err(e) => {

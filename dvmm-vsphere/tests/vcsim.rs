@@ -9,7 +9,7 @@ use common::{
     CALL_DEADLINE, Guest, Outcome, Vcsim, fast_options, find, observer, play_customizing_guest,
     play_guest, read, spec, within,
 };
-use dvmm_core::ports::{VsphereError, VspherePort};
+use dvmm_core::ports::{ProvisioningProgress, VsphereError, VspherePort};
 use dvmm_core::spec::{IP_TIMEOUT_WARNING, hostname_mismatch_warning};
 use dvmm_vsphere::SoapVsphere;
 use dvmm_vsphere::methods;
@@ -607,12 +607,22 @@ async fn customization_success_reports_the_address_after_the_reboot() {
     );
     let vsphere = SoapVsphere::new(fast_options());
     let started = std::time::Instant::now();
-    let result = tokio::time::timeout(Duration::from_secs(60), vsphere.create_vm(&spec))
-        .await
-        .expect("create_vm within 60 s")
-        .expect("create_vm");
+    let reports = std::sync::Mutex::new(Vec::new());
+    let report = |progress| reports.lock().unwrap().push(progress);
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        vsphere.create_vm_reporting(&spec, &report),
+    )
+    .await
+    .expect("create_vm within 60 s")
+    .expect("create_vm");
     guest.await.expect("guest player");
     assert!(started.elapsed() >= customizing, "returned before success");
+    assert_eq!(
+        *reports.lock().unwrap(),
+        [ProvisioningProgress::CustomizingGuest],
+        "the wait for the customization outcome was reported"
+    );
     assert_eq!(
         result.ip_address,
         Some(IpAddr::V4(Ipv4Addr::new(198, 18, 9, 42)))
@@ -737,9 +747,15 @@ async fn zero_customization_timeout_needs_no_customization_events() {
         },
     );
     let vsphere = SoapVsphere::new(fast_options());
-    let result = within(CALL_DEADLINE, "create_vm", vsphere.create_vm(&spec))
-        .await
-        .expect("create_vm");
+    let reports = std::sync::Mutex::new(Vec::new());
+    let report = |progress| reports.lock().unwrap().push(progress);
+    let result = within(
+        CALL_DEADLINE,
+        "create_vm",
+        vsphere.create_vm_reporting(&spec, &report),
+    )
+    .await
+    .expect("create_vm");
     within(common::GUEST_DEADLINE, "the guest player", guest)
         .await
         .expect("guest player");
@@ -748,6 +764,10 @@ async fn zero_customization_timeout_needs_no_customization_events() {
         Some(IpAddr::V4(Ipv4Addr::new(198, 18, 9, 1)))
     );
     assert_eq!(result.warning_message, None);
+    assert!(
+        reports.lock().unwrap().is_empty(),
+        "no customization wait, so none reported"
+    );
     // And a guest that never reports an address: ready without one.
     let mut spec = spec.clone();
     spec.name = dvmm_core::spec::VmName::parse("web-bare").expect("name");

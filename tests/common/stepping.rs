@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use dvmm::core::VmId;
 use dvmm::core::config::VcenterEndpoint;
-use dvmm::core::ports::{PowerOffMode, PowerOffOutcome};
+use dvmm::core::ports::{PowerOffMode, PowerOffOutcome, ProgressReporter};
 use dvmm::core::spec::VmGuestInfo;
 use dvmm::{
     AppendOutcome, EventStore, NewEvent, StoreError, StoredEvent, StreamId, TenantId,
@@ -94,6 +94,16 @@ impl<T: VspherePort> VspherePort for Stepping<T> {
     async fn create_vm(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
         pause().await;
         let result = self.0.create_vm(spec).await;
+        pause().await;
+        result
+    }
+    async fn create_vm_reporting(
+        &self,
+        spec: &VmSpec,
+        progress: ProgressReporter<'_>,
+    ) -> Result<VmProvisioningResult, VsphereError> {
+        pause().await;
+        let result = self.0.create_vm_reporting(spec, progress).await;
         pause().await;
         result
     }

@@ -18,7 +18,10 @@ pub use claims::{ClaimAttempt, ClaimHolder, RequestClaims};
 pub use store::{AppendOutcome, EventStore, StoreError};
 pub use time::{Clock, IdGenerator, Timer};
 pub use timeline::TimelineSink;
-pub use vsphere::{PowerOffMode, PowerOffOutcome, VsphereError, VspherePort};
+pub use vsphere::{
+    PowerOffMode, PowerOffOutcome, ProgressReporter, ProvisioningProgress, VsphereError,
+    VspherePort,
+};
 pub use work_queue::{Job, WorkQueue};
 
 /// Boxed error source kept by adapter errors.

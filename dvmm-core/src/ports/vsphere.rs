@@ -215,6 +215,22 @@ pub enum PowerOffOutcome {
     Hard,
 }
 
+/// A stage of [`VspherePort::create_vm_reporting`] that the user is told
+/// about while the call runs (it can take minutes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProvisioningProgress {
+    /// The VM is powered on with its customization specification applied,
+    /// and the port now waits for the guest's customization outcome
+    /// (reported only when `spec.customization_timeout` is not zero).
+    CustomizingGuest,
+}
+
+/// Where [`VspherePort::create_vm_reporting`] reports progress. It is
+/// called from inside the port's future, so it must return at once (hand
+/// the report over, e.g. into a channel; do not block or wait).
+pub type ProgressReporter<'a> = &'a (dyn Fn(ProvisioningProgress) + Send + Sync);
+
 /// Creates and inspects VMs in vSphere.
 ///
 /// `create_vm` is idempotent per `spec.vm_id`: when a VM named `spec.name`
@@ -235,6 +251,20 @@ pub trait VspherePort: Send + Sync {
         &self,
         spec: &VmSpec,
     ) -> impl Future<Output = Result<VmProvisioningResult, VsphereError>> + Send;
+
+    /// [`VspherePort::create_vm`], reporting its stages to `progress` as it
+    /// reaches them (the service writes them on the request's timeline, e.g.
+    /// "Customizing guest"). A stage may be reported again when a resumed
+    /// call passes it again. The default reports nothing: an adapter that
+    /// does not override it still provisions, only without progress.
+    fn create_vm_reporting(
+        &self,
+        spec: &VmSpec,
+        progress: ProgressReporter<'_>,
+    ) -> impl Future<Output = Result<VmProvisioningResult, VsphereError>> + Send {
+        let _ = progress;
+        self.create_vm(spec)
+    }
 
     /// Live guest facts of a VM, with its power state.
     fn get_vm(
@@ -275,6 +305,14 @@ impl<T: VspherePort + ?Sized> VspherePort for Arc<T> {
         spec: &VmSpec,
     ) -> impl Future<Output = Result<VmProvisioningResult, VsphereError>> + Send {
         (**self).create_vm(spec)
+    }
+
+    fn create_vm_reporting(
+        &self,
+        spec: &VmSpec,
+        progress: ProgressReporter<'_>,
+    ) -> impl Future<Output = Result<VmProvisioningResult, VsphereError>> + Send {
+        (**self).create_vm_reporting(spec, progress)
     }
 
     fn get_vm(

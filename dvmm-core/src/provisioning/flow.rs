@@ -10,7 +10,9 @@ use crate::config::{TenantConfig, VcenterEndpoint, endpoint_key};
 use crate::error::DomainError;
 use crate::event::EventMetadata;
 use crate::ids::{CorrelationId, TenantId, VmId, VmRequestId};
-use crate::ports::{EventStore, TimelineSink, VsphereError, VspherePort};
+use futures::StreamExt;
+
+use crate::ports::{EventStore, ProvisioningProgress, TimelineSink, VsphereError, VspherePort};
 use crate::spec::{VmProvisioningResult, VmSpec};
 use crate::vm::{Vm, VmCommand, VmProvisioningStarted, VmStatus};
 use crate::vm_request::{VmRequest, VmRequestCommand, VmRequestEvent, VmRequestStatus};
@@ -455,7 +457,8 @@ where
             Mode::Wait(error) => Err(error.clone()),
             Mode::Record | Mode::Defer => {
                 self.check_claim(claim, request_id)?;
-                self.vsphere.create_vm(&spec).await
+                self.create_vm_reporting(actor, request_id, vm_id, &spec)
+                    .await
             }
         };
         match created {
@@ -522,6 +525,68 @@ where
                 self.reconcile(actor, request_id, &vm, None, Some((failure, error)))
                     .await
             }
+        }
+    }
+
+    /// Calls [`VspherePort::create_vm_reporting`] and records each stage it
+    /// reports on the request (and so on its timeline) while the call goes
+    /// on: the recording runs beside the call, never holding it up. Every
+    /// report is recorded before this returns, so the outcome recorded next
+    /// stays the timeline's last entry. A report that cannot be recorded
+    /// (a store failure) is logged and dropped: progress is information,
+    /// and the outcome still is recorded or retried as usual.
+    async fn create_vm_reporting(
+        &self,
+        actor: Actor,
+        request_id: VmRequestId,
+        vm_id: VmId,
+        spec: &VmSpec,
+    ) -> Result<VmProvisioningResult, VsphereError> {
+        let (sender, mut reports) = futures::channel::mpsc::unbounded();
+        let vsphere = &self.vsphere;
+        // The reporter lives inside this future, so the channel closes (and
+        // the recording below ends) when the call returns.
+        let create = async move {
+            let report = move |progress| {
+                // Only fails once the receiver is gone, i.e. never here.
+                let _ = sender.unbounded_send(progress);
+            };
+            vsphere.create_vm_reporting(spec, &report).await
+        };
+        let record = async {
+            while let Some(progress) = reports.next().await {
+                self.record_progress(actor, request_id, vm_id, progress)
+                    .await;
+            }
+        };
+        let (created, ()) = futures::join!(create, record);
+        created
+    }
+
+    async fn record_progress(
+        &self,
+        actor: Actor,
+        request_id: VmRequestId,
+        vm_id: VmId,
+        progress: ProvisioningProgress,
+    ) {
+        let command = match progress {
+            ProvisioningProgress::CustomizingGuest => {
+                VmRequestCommand::MarkCustomizingGuest { vm_id }
+            }
+        };
+        let recorded = match self
+            .execute_request_outcome(actor, request_id, command)
+            .await
+        {
+            Ok(written) => {
+                self.record_request_timeline(actor.tenant, request_id, &written)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        if let Err(error) = recorded {
+            warn!(%error, ?progress, "could not record the provisioning's progress; it goes on");
         }
     }
 

@@ -125,6 +125,10 @@ pub fn timeline_entry_for(event: &VmRequestEvent) -> (TimelineEntryType, String)
             TimelineEntryType::VcenterReachable,
             "vCenter is reachable again; provisioning continues".to_owned(),
         ),
+        VmRequestEvent::VmRequestCustomizingGuest(_) => (
+            TimelineEntryType::CustomizingGuest,
+            "Customizing guest: applying its hostname and network settings".to_owned(),
+        ),
         VmRequestEvent::VmRequestRetried(e) => (
             TimelineEntryType::RetryRequested,
             format!(
@@ -168,6 +172,7 @@ pub fn timeline_fields_for(event: &VmRequestEvent) -> TimelineFields {
             fields.error_code = Some(e.error_code.clone());
         }
         VmRequestEvent::VmRequestVcenterReachable(e) => fields.since = Some(e.waiting_since),
+        VmRequestEvent::VmRequestCustomizingGuest(e) => fields.vm_id = Some(e.vm_id),
         VmRequestEvent::VmRequestRetried(e) => {
             fields.actor = Some(e.retried_by);
             fields.vm_id = Some(e.failed_vm_id);

@@ -101,7 +101,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use dvmm_core::config::{
     ConfigError, Secret, TenantConfig, Timeouts, VcenterEndpoint, endpoint_key,
 };
-use dvmm_core::ports::{PowerOffMode, PowerOffOutcome};
+use dvmm_core::ports::{PowerOffMode, PowerOffOutcome, ProgressReporter, ProvisioningProgress};
 use dvmm_core::spec::{IP_TIMEOUT_WARNING, PowerState, SizeTable, VmGuestInfo};
 use dvmm_core::{
     TenantId, VcenterEndpoint as Endpoint, VmId, VmProvisioningResult, VmSpec, VmwareVmId,
@@ -363,7 +363,11 @@ impl Simulator {
         Ok(config)
     }
 
-    async fn create(&self, spec: &VmSpec) -> Result<VmProvisioningResult, VsphereError> {
+    async fn create(
+        &self,
+        spec: &VmSpec,
+        progress: ProgressReporter<'_>,
+    ) -> Result<VmProvisioningResult, VsphereError> {
         let endpoint = endpoint_key(&spec.endpoint.url);
         let (fault, placed) = {
             let mut state = self.state();
@@ -425,6 +429,7 @@ impl Simulator {
         }
         // Zero: the tenant does not wait for the customization outcome.
         if !spec.customization_timeout.is_zero() {
+            progress(ProvisioningProgress::CustomizingGuest);
             self.wait_customized(placement.number, spec.customization_timeout, &endpoint)
                 .await?;
         }
@@ -731,13 +736,21 @@ impl VspherePort for Simulator {
         &self,
         spec: &VmSpec,
     ) -> impl Future<Output = Result<VmProvisioningResult, VsphereError>> + Send {
+        self.create_vm_reporting(spec, &|_| {})
+    }
+
+    fn create_vm_reporting(
+        &self,
+        spec: &VmSpec,
+        progress: ProgressReporter<'_>,
+    ) -> impl Future<Output = Result<VmProvisioningResult, VsphereError>> + Send {
         let span = tracing::debug_span!(
             "sim.create_vm",
             vm = %spec.name,
             folder = %spec.folder_path,
             vm_id = %spec.vm_id,
         );
-        self.create(spec).instrument(span)
+        self.create(spec, progress).instrument(span)
     }
 
     fn get_vm(
