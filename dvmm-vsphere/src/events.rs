@@ -17,6 +17,15 @@
 //! with the one before, events may have scrolled past unseen; every
 //! subscriber is then told ([`HubMessage::Lost`]) and reads its VM's
 //! history again.
+//!
+//! The hub also keeps the newest events it took ([`RECENT_EVENTS`]) and
+//! hands a new subscriber those about its VM. An outcome often comes in
+//! before its VM's wait begins (the guest acts on the power-on as soon as
+//! the client does); the hub then takes it while nobody listens for that VM,
+//! and the wait has only the VM's history to find it in. A history read can
+//! miss it: vcsim's `QueryEvents` searches only its newest 1,000 events of
+//! every kind, which a busy simulator posts within a second or two, so the
+//! wait ran out with the outcome taken and dropped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +42,10 @@ use crate::types::MoRef;
 /// Events kept on the shared collector's page: a few for each VM waiting at
 /// once, so a page rarely scrolls past an event between two polls.
 pub const PAGE_SIZE: u32 = 200;
+
+/// Events the hub keeps after handing them on, for a VM whose wait begins
+/// after its events came in: a few pages' worth, the newest.
+pub const RECENT_EVENTS: usize = 5 * PAGE_SIZE as usize;
 
 /// What a subscriber receives.
 #[derive(Debug)]
@@ -61,6 +74,8 @@ struct Inner {
     subscribers: HashMap<u64, (MoRef, mpsc::UnboundedSender<HubMessage>)>,
     running: bool,
     watch: Option<Watch>,
+    /// The newest events taken, oldest first, with the VM each is about.
+    recent: std::collections::VecDeque<(MoRef, Node)>,
 }
 
 /// The per-session hub (see the module docs).
@@ -98,11 +113,23 @@ impl EventHub {
 
     /// Subscribes to the customization events of `vm`, starting the
     /// session's polling task if it is not running. Events posted after
-    /// this call are delivered; earlier ones are the VM's history, which the
-    /// caller reads itself ([`methods::query_events`]).
+    /// this call are delivered, and so are those among the newest the hub
+    /// already took ([`RECENT_EVENTS`]); older ones are the VM's history,
+    /// which the caller reads itself ([`methods::query_events`]).
     pub fn subscribe(self: &Arc<Self>, session: &Arc<Session>, vm: &MoRef) -> Subscription {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut inner = self.lock();
+        // Under the same lock as the hand-on in `poll`: an event is either
+        // kept already, or handed on after this subscriber is in.
+        let taken: Vec<Node> = inner
+            .recent
+            .iter()
+            .filter(|(about, _)| about == vm)
+            .map(|(_, event)| event.clone())
+            .collect();
+        if !taken.is_empty() {
+            let _ = tx.send(HubMessage::Events(taken));
+        }
         let id = inner.next_id;
         inner.next_id += 1;
         inner.subscribers.insert(id, (vm.clone(), tx));
@@ -155,6 +182,10 @@ async fn run(hub: Arc<EventHub>, session: Arc<Session>) {
             },
             Err(e) => e,
         };
+        // The next collector starts afresh, maybe on a restarted server
+        // whose keys and VM references start over too: what was kept may
+        // be about other VMs there, and subscribers read history again.
+        hub.lock().recent.clear();
         match &error {
             VsphereError::NotFound { kind, .. }
                 if kind == "PropertyCollector" || kind == "EventHistoryCollector" =>
@@ -240,7 +271,7 @@ async fn poll(hub: &EventHub, session: &Session, watch: &mut Watch) -> Result<()
                 by_vm.entry(vm).or_default().push(event);
             }
         }
-        let inner = hub.lock();
+        let mut inner = hub.lock();
         for (vm, tx) in inner.subscribers.values() {
             if lost {
                 let _ = tx.send(HubMessage::Lost);
@@ -249,6 +280,14 @@ async fn poll(hub: &EventHub, session: &Session, watch: &mut Watch) -> Result<()
                 let _ = tx.send(HubMessage::Events(events.clone()));
             }
         }
+        let mut taken: Vec<(MoRef, Node)> = by_vm
+            .into_iter()
+            .flat_map(|(vm, events)| events.into_iter().map(move |e| (vm.clone(), e)))
+            .collect();
+        taken.sort_by_key(|(_, event)| key_of(event));
+        inner.recent.extend(taken);
+        let excess = inner.recent.len().saturating_sub(RECENT_EVENTS);
+        inner.recent.drain(..excess);
     }
     Ok(())
 }

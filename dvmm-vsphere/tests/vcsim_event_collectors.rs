@@ -285,3 +285,100 @@ async fn a_success_without_address_ends_after_the_ip_wait_not_the_long_poll() {
         started.elapsed()
     );
 }
+
+/// The session's collector took a VM's success while no wait listened for
+/// that VM (another VM's wait kept it polling), and vCenter's history no
+/// longer returns it (vcsim's `QueryEvents` searches only its newest 1,000
+/// events of every kind, which a busy simulator posts within a second or
+/// two). The VM's wait, begun after, still learns the outcome: from what
+/// the session's collector already took, not from a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_taken_before_the_wait_began_counts_when_history_has_lost_it() {
+    use dvmm_vsphere::customization::wait_ready;
+    use dvmm_vsphere::events::{HubMessage, vm_of};
+    use futures::StreamExt;
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let (_o, player) = observer(&endpoint);
+    let (_c, session) = observer(&endpoint);
+    let late = common::find(&player, "DC0/vm/DC0_H0_VM0")
+        .await
+        .expect("DC0_H0_VM0");
+    let busy = common::find(&player, "DC0/vm/DC0_H0_VM1")
+        .await
+        .expect("DC0_H0_VM1");
+    common::set_guest(
+        &player,
+        &late,
+        &[
+            ("toolsRunningStatus", "guestToolsRunning"),
+            ("ipAddress", "10.1.0.7"),
+        ],
+    )
+    .await;
+    // Another VM's wait keeps the session's collector polling.
+    let mut listening = session.events().subscribe(&session, &busy);
+    common::post(&player, &late, "DC0_H0_VM0", "CustomizationSucceeded", None).await;
+    common::post(&player, &busy, "DC0_H0_VM1", "CustomizationSucceeded", None).await;
+    // Pages come in order: once the later event is handed on, the page
+    // with the earlier one has been taken.
+    within(
+        Duration::from_secs(30),
+        "the session's collector to hand on the busy VM's event",
+        async {
+            loop {
+                match listening.recv().await {
+                    Some(HubMessage::Events(list))
+                        if list.iter().any(|e| vm_of(e).as_ref() == Some(&busy)) =>
+                    {
+                        break;
+                    }
+                    Some(HubMessage::Failed(e)) => panic!("collector failed: {e}"),
+                    None => panic!("hub gone"),
+                    Some(_) => {}
+                }
+            }
+        },
+    )
+    .await;
+    // Other VMs' events push the success out of vcsim's history.
+    within(
+        Duration::from_secs(120),
+        "1,000 other events posted",
+        futures::stream::iter(0..1000)
+            .map(|_| {
+                let player = player.clone();
+                let busy = busy.clone();
+                async move {
+                    methods::post_vm_event(&player, &busy, "DC0_H0_VM1", "VmPoweredOnEvent", None)
+                        .await
+                        .expect("PostEvent");
+                }
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<()>>(),
+    )
+    .await;
+    let history = methods::query_events(&player, &late, methods::CUSTOMIZATION_EVENT_TYPES, None)
+        .await
+        .expect("QueryEvents");
+    assert!(
+        history.is_empty(),
+        "the history still holds the success, so this test shows nothing: {history:?}"
+    );
+    let ready = within(
+        Duration::from_secs(60),
+        "the late VM's wait",
+        wait_ready(
+            session.clone(),
+            &late,
+            None,
+            Duration::from_secs(10),
+            Duration::from_secs(5),
+        ),
+    )
+    .await
+    .expect("the success the collector took before the wait began");
+    assert_eq!(ready.ip, Some(std::net::Ipv4Addr::new(10, 1, 0, 7)));
+    drop(listening);
+}
