@@ -345,6 +345,8 @@ async fn watch(
     ip_wait: Duration,
 ) -> Result<Ready, VsphereError> {
     let mut state = State::default();
+    // The VM's history was read once more before the wait was given up.
+    let mut looked_again = false;
     let ip_reported = apply_guest(&mut state, snapshot);
     state.snapshot_taken = true;
     state.pre_ip = Some(state.guest.usable_ipv4());
@@ -362,6 +364,30 @@ async fn watch(
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
+            // Whatever way the session's collector may have missed the
+            // outcome (an answer lost on the way and its changes with it,
+            // events that scrolled past unnoticed), the wait does not end
+            // while vCenter's history holds it: one more read, at the end
+            // only, so it costs nothing while the collector keeps up.
+            if !looked_again && state.progress != Progress::Succeeded {
+                looked_again = true;
+                let history = methods::query_events(
+                    session,
+                    vm,
+                    methods::CUSTOMIZATION_EVENT_TYPES,
+                    begin_time,
+                )
+                .await?;
+                if events.add(history) {
+                    apply_events(&mut state, events, deadline, ip_wait)?;
+                    if state.progress == Progress::Succeeded {
+                        tracing::info!(
+                            "customization outcome found in the history at the deadline"
+                        );
+                        continue;
+                    }
+                }
+            }
             return timed_out(&state, started_at);
         }
         let collector = wait.collector().cloned();
@@ -375,13 +401,20 @@ async fn watch(
         let mut success_in_poll: Option<Instant> = None;
         let state_now = &state;
         let poll = wait.next_changes(left);
-        let next = tokio::time::timeout(left + Duration::from_millis(50), async {
+        // The customization deadline bounds the wait for the outcome only:
+        // once the success is known, the IP wait takes over, and a deadline
+        // passing meanwhile must not drop the success learned.
+        let expiry = tokio::time::sleep(left + Duration::from_millis(50));
+        // `Ok(None)`: the deadline passed.
+        let next: Result<Option<Vec<methods::Change>>, VsphereError> = async {
             tokio::pin!(poll);
+            tokio::pin!(expiry);
             let mut listening = !outcome_known;
             loop {
                 tokio::select! {
                     biased;
-                    changes = &mut poll => return changes,
+                    changes = &mut poll => return changes.map(Some),
+                    () = &mut expiry => return Ok(None),
                     message = hub.recv(), if listening => {
                         let fresh = match message {
                             Some(HubMessage::Events(list)) => events.add(list),
@@ -407,20 +440,20 @@ async fn watch(
                         }
                         match progress_of_page(&events.page) {
                             // A failure needs no guest state.
-                            Some((Progress::Failed { .. }, _)) => return Ok(Vec::new()),
+                            Some((Progress::Failed { .. }, _)) => return Ok(Some(Vec::new())),
                             // An address that is the guest's own after
                             // customization is the answer; otherwise the
                             // held poll brings the next report, which is.
                             Some((Progress::Succeeded, _)) => {
                                 if state_now.address_after(has_start_event(&events.page)).is_some() {
-                                    return Ok(Vec::new());
+                                    return Ok(Some(Vec::new()));
                                 }
                                 // The IP wait starts now: the held poll
                                 // may last longer.
                                 success_in_poll = Some(Instant::now());
                                 return match tokio::time::timeout(ip_wait, &mut poll).await {
-                                    Ok(changes) => changes,
-                                    Err(_) => Ok(Vec::new()),
+                                    Ok(changes) => changes.map(Some),
+                                    Err(_) => Ok(Some(Vec::new())),
                                 };
                             }
                             _ => break,
@@ -437,20 +470,31 @@ async fn watch(
             // answers.
             synced = true;
             let Some(collector) = &collector else {
-                return poll.await;
+                return tokio::select! {
+                    changes = &mut poll => changes.map(Some),
+                    () = &mut expiry => Ok(None),
+                };
             };
             loop {
                 methods::cancel_wait_for_updates(session, collector).await?;
-                if let Ok(changes) = tokio::time::timeout(CANCEL_GRACE, &mut poll).await {
-                    return changes;
+                tokio::select! {
+                    changes = &mut poll => return changes.map(Some),
+                    () = &mut expiry => return Ok(None),
+                    () = tokio::time::sleep(CANCEL_GRACE) => {}
                 }
             }
-        })
+        }
         .await;
         let changes = match next {
-            Err(_) => return timed_out(&state, started_at),
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(changes)) => changes,
+            Err(e) => return Err(e),
+            Ok(Some(changes)) => changes,
+            Ok(None) => {
+                // Judged at the top of the loop, with what came meanwhile.
+                if events_changed {
+                    apply_events(&mut state, events, deadline, ip_wait)?;
+                }
+                continue;
+            }
         };
         let succeeded_before = state.progress == Progress::Succeeded;
         let mut ip_reported = apply_guest(&mut state, &changes);
