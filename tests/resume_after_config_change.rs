@@ -16,6 +16,7 @@ use dvmm::vsphere::sim::{
 };
 use dvmm::{
     EventStore, ProvisionOutcome, ProvisioningService, ServiceError, Tenants, VmRequestStatus,
+    VspherePort,
 };
 
 type Service = ProvisioningService<Arc<MemoryEventStore>, Simulator, Arc<MemoryTimeline>>;
@@ -332,4 +333,103 @@ async fn a_refresh_after_the_tenant_moved_to_another_vcenter_asks_no_other_vcent
         .await
         .expect("refresh on the VM's own vCenter");
     assert_eq!(sim.call_count(Operation::GetVm), reads + 1);
+}
+
+/// The simulator, recording every spec handed to `create_vm`.
+#[derive(Clone)]
+struct RecordingPort {
+    sim: Simulator,
+    specs: Arc<std::sync::Mutex<Vec<dvmm::VmSpec>>>,
+}
+
+impl VspherePort for RecordingPort {
+    async fn create_vm(
+        &self,
+        spec: &dvmm::VmSpec,
+    ) -> Result<dvmm::VmProvisioningResult, dvmm::VsphereError> {
+        self.specs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(spec.clone());
+        self.sim.create_vm(spec).await
+    }
+
+    async fn get_vm(
+        &self,
+        endpoint: &dvmm::VcenterEndpoint,
+        id: &dvmm::VmwareVmId,
+    ) -> Result<dvmm::VmGuestInfo, dvmm::VsphereError> {
+        self.sim.get_vm(endpoint, id).await
+    }
+
+    async fn power_off_vm(
+        &self,
+        endpoint: &dvmm::VcenterEndpoint,
+        id: &dvmm::VmwareVmId,
+        owner: dvmm::VmId,
+        mode: dvmm::core::ports::PowerOffMode,
+    ) -> Result<dvmm::core::ports::PowerOffOutcome, dvmm::VsphereError> {
+        self.sim.power_off_vm(endpoint, id, owner, mode).await
+    }
+
+    async fn destroy_vm(
+        &self,
+        endpoint: &dvmm::VcenterEndpoint,
+        id: &dvmm::VmwareVmId,
+        owner: dvmm::VmId,
+    ) -> Result<(), dvmm::VsphereError> {
+        self.sim.destroy_vm(endpoint, id, owner).await
+    }
+
+    async fn find_vm(
+        &self,
+        spec: &dvmm::VmSpec,
+    ) -> Result<Option<dvmm::VmGuestInfo>, dvmm::VsphereError> {
+        self.sim.find_vm(spec).await
+    }
+}
+
+/// The customization wait is part of how a provisioning was started: a
+/// resume after the tenant's setting changed waits as long as the start
+/// meant to (as the IP wait and task timeout do), not the new setting nor
+/// the default.
+#[tokio::test]
+async fn a_resume_after_the_customization_timeout_changed_waits_the_recorded_one() {
+    let sim = simulator();
+    let store = Arc::new(MemoryEventStore::new());
+    let timeline = Arc::new(MemoryTimeline::new());
+    let mut before = tenant_config("acme", 5);
+    before.timeouts.customization_secs = 45;
+    let first = service(&store, &timeline, &sim, &before);
+    let request = start_and_lose_the_answer(&first, &sim, &before, "app01").await;
+    drop(first);
+
+    // Only the customization wait changed with the restart.
+    let mut after = before.clone();
+    after.timeouts.customization_secs = 900;
+    let port = RecordingPort {
+        sim: sim.clone(),
+        specs: Default::default(),
+    };
+    let restarted = ProvisioningService::new(
+        store.clone(),
+        port.clone(),
+        timeline.clone(),
+        Tenants::new()
+            .with(after.clone())
+            .expect("a valid tenant configuration"),
+    );
+    let outcome = restarted.provision(after.tenant_id, request).await.unwrap();
+    assert!(
+        matches!(outcome, ProvisionOutcome::Ready { .. }),
+        "the resume adopts the VM it started: {outcome:?}"
+    );
+    let specs = port.specs.lock().unwrap().clone();
+    assert_eq!(specs.len(), 1, "one resumed create_vm: {specs:?}");
+    assert_eq!(
+        specs[0].customization_timeout,
+        std::time::Duration::from_secs(45),
+        "the customization wait the provisioning started with"
+    );
+    assert_eq!(sim.vms().len(), 1, "still exactly one VM");
 }

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{MAX_IP_WAIT_SECS, MAX_TASK_SECS, TenantConfig, VcenterEndpoint};
+use crate::config::{
+    MAX_CUSTOMIZATION_SECS, MAX_IP_WAIT_SECS, MAX_TASK_SECS, TenantConfig, Timeouts,
+    VcenterEndpoint,
+};
 use crate::ids::{TenantId, VmId, VmRequestId, VmwareVmId};
 
 pub use crate::size::{ResourceError, SizeTable, UnknownSize, VmResources, VmSize, limits};
@@ -312,6 +315,19 @@ pub struct VmPlacement {
     pub ip_wait_secs: u64,
     /// Task timeout in seconds.
     pub task_secs: u64,
+    /// Customization wait in seconds (zero: no wait for the outcome).
+    ///
+    /// A start recorded before this field existed reads as the default
+    /// ([`Timeouts::default`], 600 s), not as the tenant's current setting:
+    /// [`VmSpec::from_placement`] is handed the endpoint only, not the
+    /// tenant's configuration, and the default is what every resume of such
+    /// a provisioning used until then, so it keeps resuming as it did.
+    #[serde(default = "default_customization_secs")]
+    pub customization_secs: u64,
+}
+
+fn default_customization_secs() -> u64 {
+    Timeouts::default().customization_secs
 }
 
 impl VmSpec {
@@ -329,6 +345,7 @@ impl VmSpec {
             hostname: self.hostname.clone(),
             ip_wait_secs: self.ip_wait_timeout.as_secs(),
             task_secs: self.task_timeout.as_secs(),
+            customization_secs: self.customization_timeout.as_secs(),
         }
     }
 
@@ -361,8 +378,9 @@ impl VmSpec {
             datastore: placement.datastore.clone(),
             ip_wait_timeout: Duration::from_secs(placement.ip_wait_secs.min(MAX_IP_WAIT_SECS)),
             task_timeout: Duration::from_secs(placement.task_secs.min(MAX_TASK_SECS)),
-            // Not recorded in the placement (yet): the default applies.
-            customization_timeout: crate::config::Timeouts::default().customization(),
+            customization_timeout: Duration::from_secs(
+                placement.customization_secs.min(MAX_CUSTOMIZATION_SECS),
+            ),
             endpoint: VcenterEndpoint {
                 url: placement.endpoint_url.clone(),
                 ..endpoint.clone()
@@ -466,6 +484,71 @@ mod tests {
         let name = VmName::new("ab", &"c".repeat(60)).unwrap();
         assert_eq!(name.as_str().len(), 63);
         assert!(VmName::new("ab", &"c".repeat(61)).is_err());
+    }
+
+    fn placement_json(customization: Option<u64>) -> serde_json::Value {
+        let mut json = serde_json::json!({
+            "endpoint_url": "https://vc.example.com/sdk",
+            "datacenter": "DC0",
+            "cluster": "DC0_C0",
+            "resource_pool": null,
+            "datastore": "LocalDS_0",
+            "network": "VM Network",
+            "template": "ubuntu",
+            "folder_path": "acme/web",
+            "hostname": "web-app01",
+            "ip_wait_secs": 120,
+            "task_secs": 1800
+        });
+        if let Some(secs) = customization {
+            json["customization_secs"] = secs.into();
+        }
+        json
+    }
+
+    fn rebuilt(placement: &VmPlacement) -> VmSpec {
+        let endpoint = VcenterEndpoint {
+            url: "https://other.example.com/sdk".into(),
+            username: "svc".into(),
+            password: crate::config::Secret::new("pw"),
+            insecure: false,
+            thumbprint: None,
+            allow_plain_http: false,
+        };
+        VmSpec::from_placement(
+            placement,
+            &endpoint,
+            TenantId::from_uuid(uuid::Uuid::new_v4()),
+            VmRequestId::from_uuid(uuid::Uuid::new_v4()),
+            VmId::from_uuid(uuid::Uuid::new_v4()),
+            &placement.hostname,
+            VmResources {
+                cpu: 2,
+                memory_mib: 4096,
+                disk_gib: 40,
+            },
+        )
+    }
+
+    #[test]
+    fn the_recorded_customization_wait_is_resumed_with_capped_and_defaults_when_unrecorded() {
+        let recorded: VmPlacement = serde_json::from_value(placement_json(Some(45))).unwrap();
+        assert_eq!(recorded.customization_secs, 45);
+        let spec = rebuilt(&recorded);
+        assert_eq!(spec.customization_timeout, Duration::from_secs(45));
+        assert_eq!(spec.placement(), recorded, "the spec records it again");
+        let none: VmPlacement = serde_json::from_value(placement_json(Some(0))).unwrap();
+        assert_eq!(rebuilt(&none).customization_timeout, Duration::ZERO);
+        let huge: VmPlacement = serde_json::from_value(placement_json(Some(u64::MAX))).unwrap();
+        assert_eq!(
+            rebuilt(&huge).customization_timeout,
+            Duration::from_secs(MAX_CUSTOMIZATION_SECS)
+        );
+        let old: VmPlacement = serde_json::from_value(placement_json(None)).unwrap();
+        assert_eq!(
+            rebuilt(&old).customization_timeout,
+            Timeouts::default().customization()
+        );
     }
 
     #[test]
