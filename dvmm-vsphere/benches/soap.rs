@@ -25,7 +25,7 @@ use dvmm_vsphere::soap::{Envelope, Response, read_response};
 use dvmm_vsphere::types::{
     MoRef, NetworkBacking, PowerState, VmProperties, object_contents, object_contents_owned,
 };
-use dvmm_vsphere::{SoapOptions, SoapVsphere};
+use dvmm_vsphere::{SoapOptions, SoapVsphere, guest_player};
 use futures::StreamExt;
 
 fn bench_data_dir() -> std::path::PathBuf {
@@ -41,6 +41,9 @@ fn large_response(rt: &tokio::runtime::Runtime) -> Option<Vec<u8>> {
     }
     let sim = Vcsim::start(&["-vm", "500", "-tls=false"])?;
     let url = sim.url.clone();
+    // This plain client gets no TLS settings from the library (it speaks
+    // plain HTTP), but reqwest still needs a process-wide crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let bytes = rt.block_on(async move {
         let http = reqwest::Client::builder()
             .cookie_store(true)
@@ -203,7 +206,12 @@ fn encode(c: &mut Criterion) {
 /// Plays the guest of every VM in `folder`: one private collector watches the
 /// power state of the folder's VMs; each VM that powers on gets VMware Tools
 /// and an IP through vcsim's `SET.guest.*` keys.
-async fn guest_player(session: Arc<Session>, folder_path: String, stop: Arc<AtomicU64>) {
+async fn guest_player(
+    session: Arc<Session>,
+    folder_path: String,
+    stop: Arc<AtomicU64>,
+    posted: Posted,
+) {
     let folder = loop {
         if let Some(f) = common::find(&session, &folder_path).await {
             break f;
@@ -237,23 +245,64 @@ async fn guest_player(session: Arc<Session>, folder_path: String, stop: Arc<Atom
     let mut version = String::new();
     let mut served = std::collections::HashSet::new();
     let mut n = 0u32;
+    // vcsim's long poll can miss a power-on: read every VM's power state
+    // again after the first answer and every so often (see
+    // `dvmm_vsphere::guest_player`).
+    let mut resync_at: Option<Instant> = None;
     while stop.load(Ordering::Relaxed) == 0 {
         // A slow answer on a loaded machine must not end the guests: every
         // VM still waiting would then time out its customization.
         let updates = match methods::wait_for_updates(&session, &pc, &version, 1).await {
             Ok(updates) => updates,
-            Err(_) => continue,
+            Err(e) => {
+                posted
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .wait_errors
+                    .push(e.to_string());
+                continue;
+            }
         };
         if let Some(v) = updates.version {
             version = v;
         }
-        for change in updates.changes {
-            let on = change.val.as_ref().and_then(|v| PowerState::parse(&v.text))
-                == Some(PowerState::PoweredOn);
-            if on && served.insert(change.obj.clone()) {
+        let mut on: Vec<(MoRef, bool)> = updates
+            .changes
+            .into_iter()
+            .filter(|c| {
+                c.val.as_ref().and_then(|v| PowerState::parse(&v.text))
+                    == Some(PowerState::PoweredOn)
+            })
+            .map(|c| (c.obj, false))
+            .collect();
+        if resync_at.is_none_or(|at| at.elapsed() >= guest_player::RESYNC_EVERY) {
+            match guest_player::powered_on_below(&session, &folder).await {
+                Ok(vms) => on.extend(vms.into_iter().map(|vm| (vm, true))),
+                Err(e) => posted
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .wait_errors
+                    .push(format!("re-read: {e}")),
+            }
+            resync_at = Some(Instant::now());
+        }
+        {
+            // Evidence of what the long poll misses.
+            let mut played = posted.lock().unwrap_or_else(|e| e.into_inner());
+            for (vm, by_reread) in &on {
+                if *by_reread {
+                    played.by_reread.insert(vm.clone());
+                } else {
+                    played.by_poll.insert(vm.clone());
+                }
+            }
+        }
+        for (vm, _) in on {
+            if served.insert(vm.clone()) {
                 n += 1;
                 let ip = format!("10.1.{}.{}", n / 250, n % 250 + 1);
                 let session = session.clone();
+                let posted = posted.clone();
                 tokio::spawn(async move {
                     let set = ConfigSpec {
                         extra_config: vec![
@@ -270,24 +319,29 @@ async fn guest_player(session: Arc<Session>, folder_path: String, stop: Arc<Atom
                     // not a guest): the success first, then the address.
                     // Tried again after a failure (a second success is
                     // harmless), so one slow answer does not fail a VM.
+                    let mut outcome = Err(String::from("not tried"));
                     for _ in 0..3 {
-                        let posted = methods::post_vm_event(
+                        outcome = methods::post_vm_event(
                             &session,
-                            &change.obj,
+                            &vm,
                             "bench-vm",
                             "CustomizationSucceeded",
                             None,
                         )
-                        .await;
-                        if posted.is_ok() {
+                        .await
+                        .map(|()| Instant::now())
+                        .map_err(|e| e.to_string());
+                        if outcome.is_ok() {
                             break;
                         }
                     }
+                    posted
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .posted
+                        .insert(vm.clone(), outcome);
                     for _ in 0..3 {
-                        if methods::reconfig_vm(&session, &change.obj, &set)
-                            .await
-                            .is_ok()
-                        {
+                        if methods::reconfig_vm(&session, &vm, &set).await.is_ok() {
                             break;
                         }
                     }
@@ -296,6 +350,50 @@ async fn guest_player(session: Arc<Session>, folder_path: String, stop: Arc<Atom
         }
     }
     let _ = methods::destroy_property_collector(&session, &pc).await;
+}
+
+/// What the bench's guest did: for each VM, when its success was posted or
+/// why it could not be; and its long polls that failed.
+#[derive(Default)]
+struct Played {
+    posted: std::collections::HashMap<MoRef, Result<Instant, String>>,
+    wait_errors: Vec<String>,
+    /// VMs the long poll reported powered on.
+    by_poll: std::collections::HashSet<MoRef>,
+    /// VMs a re-read found powered on.
+    by_reread: std::collections::HashSet<MoRef>,
+}
+
+type Posted = Arc<std::sync::Mutex<Played>>;
+
+/// Says, for a provisioning that failed, what the guest player did about its
+/// VM and what vCenter's history holds about it now: tells a guest that
+/// never posted from an outcome the client missed.
+async fn diagnose(
+    session: &Session,
+    folder: &str,
+    name: &str,
+    posted: &Posted,
+    error: &dvmm_core::ports::VsphereError,
+) -> String {
+    let Some(vm) = common::find(session, &format!("DC0/vm/{folder}/{name}")).await else {
+        return format!("{name}: {error}; VM not found");
+    };
+    let (post, wait_errors) = {
+        let played = posted.lock().unwrap_or_else(|e| e.into_inner());
+        (played.posted.get(&vm).cloned(), played.wait_errors.clone())
+    };
+    let post = match post {
+        None => "the guest player never saw it powered on".to_owned(),
+        Some(Ok(at)) => format!("its success was posted {:?} ago", at.elapsed()),
+        Some(Err(e)) => format!("posting its success failed: {e}"),
+    };
+    let history =
+        match methods::query_events(session, &vm, methods::CUSTOMIZATION_EVENT_TYPES, None).await {
+            Ok(events) => format!("{} customization events in its history now", events.len()),
+            Err(e) => format!("history unreadable: {e}"),
+        };
+    format!("{name} ({vm}): {error}; {post}; {history}; the player's failed polls: {wait_errors:?}")
 }
 
 fn end_to_end(c: &mut Criterion) {
@@ -336,10 +434,12 @@ fn end_to_end(c: &mut Criterion) {
                     rt.block_on(async {
                         let (_observer, own) = common::observer(&endpoint);
                         let stop = Arc::new(AtomicU64::new(0));
+                        let posted = Posted::default();
                         let player = tokio::spawn(guest_player(
-                            own,
+                            own.clone(),
                             format!("DC0/vm/{folder}"),
                             stop.clone(),
+                            posted.clone(),
                         ));
                         let started = Instant::now();
                         let results: Vec<_> = futures::stream::iter(0..vms)
@@ -352,7 +452,7 @@ fn end_to_end(c: &mut Criterion) {
                                 );
                                 spec.ip_wait_timeout = Duration::from_secs(20);
                                 let vsphere = vsphere.clone();
-                                async move { vsphere.create_vm(&spec).await }
+                                async move { (i, vsphere.create_vm(&spec).await) }
                             })
                             .buffer_unordered(conc)
                             .collect()
@@ -360,10 +460,25 @@ fn end_to_end(c: &mut Criterion) {
                         let elapsed = started.elapsed();
                         stop.store(1, Ordering::Relaxed);
                         let _ = player.await;
-                        for r in results {
-                            let r = r.expect("provisioning");
-                            assert!(r.ip_address.is_some(), "guest IP");
+                        let missed = {
+                            let played = posted.lock().unwrap_or_else(|e| e.into_inner());
+                            played.by_reread.difference(&played.by_poll).count()
+                        };
+                        if missed > 0 {
+                            eprintln!(
+                                "guest player: {missed} power-ons the long poll never reported (a re-read found them)"
+                            );
                         }
+                        let mut failed = Vec::new();
+                        for (i, r) in results {
+                            match r {
+                                Ok(r) => assert!(r.ip_address.is_some(), "guest IP"),
+                                Err(e) => failed.push(
+                                    diagnose(&own, &folder, &format!("vm-{i}"), &posted, &e).await,
+                                ),
+                            }
+                        }
+                        assert!(failed.is_empty(), "provisionings failed: {failed:#?}");
                         elapsed
                     })
                 })

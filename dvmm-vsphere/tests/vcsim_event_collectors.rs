@@ -20,13 +20,13 @@ use std::time::Duration;
 use common::{Guest, Outcome, Vcsim, fast_options, observer, play_customizing_guest, spec, within};
 use dvmm_core::ports::{VsphereError, VspherePort};
 use dvmm_vsphere::SoapVsphere;
-use dvmm_vsphere::methods;
 use dvmm_vsphere::options::SoapOptions;
 use dvmm_vsphere::session::{Connector, HttpConnector, Session};
 use dvmm_vsphere::soap::Response;
 use dvmm_vsphere::tls::TlsPolicy;
 use dvmm_vsphere::transport::{BoxFuture, Call, Transport};
 use dvmm_vsphere::types::PowerState;
+use dvmm_vsphere::{guest_player, methods};
 
 /// Records the vim25 method of every request a session sends.
 #[derive(Debug)]
@@ -169,6 +169,10 @@ async fn play_bench_guests(session: Arc<Session>, folder_path: String) {
         .expect("player filter");
     let mut version = String::new();
     let mut served = std::collections::HashSet::new();
+    // vcsim's long poll can miss a power-on (see
+    // `dvmm_vsphere::guest_player`): read them all again after the first
+    // answer and every so often.
+    let mut resync_at: Option<tokio::time::Instant> = None;
     loop {
         let updates = methods::wait_for_updates(&session, &pc, &version, 1)
             .await
@@ -176,18 +180,33 @@ async fn play_bench_guests(session: Arc<Session>, folder_path: String) {
         if let Some(v) = updates.version {
             version = v;
         }
-        for change in updates.changes {
-            let on = change.val.as_ref().and_then(|v| PowerState::parse(&v.text))
-                == Some(PowerState::PoweredOn);
-            if on && served.insert(change.obj.clone()) {
+        let mut on: Vec<_> = updates
+            .changes
+            .into_iter()
+            .filter(|c| {
+                c.val.as_ref().and_then(|v| PowerState::parse(&v.text))
+                    == Some(PowerState::PoweredOn)
+            })
+            .map(|c| c.obj)
+            .collect();
+        if resync_at.is_none_or(|at| at.elapsed() >= guest_player::RESYNC_EVERY) {
+            on.extend(
+                guest_player::powered_on_below(&session, &folder)
+                    .await
+                    .expect("player re-read"),
+            );
+            resync_at = Some(tokio::time::Instant::now());
+        }
+        for vm in on {
+            if served.insert(vm.clone()) {
                 let n = served.len();
                 let ip = format!("10.1.{}.{}", n / 250, n % 250 + 1);
                 let session = session.clone();
                 tokio::spawn(async move {
-                    common::post(&session, &change.obj, "vm", "CustomizationSucceeded", None).await;
+                    common::post(&session, &vm, "vm", "CustomizationSucceeded", None).await;
                     common::set_guest(
                         &session,
-                        &change.obj,
+                        &vm,
                         &[
                             ("toolsRunningStatus", "guestToolsRunning"),
                             ("ipAddress", &ip),
