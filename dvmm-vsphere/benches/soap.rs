@@ -452,7 +452,11 @@ fn end_to_end(c: &mut Criterion) {
                                 );
                                 spec.ip_wait_timeout = Duration::from_secs(20);
                                 let vsphere = vsphere.clone();
-                                async move { (i, vsphere.create_vm(&spec).await) }
+                                async move {
+                                    let started = Instant::now();
+                                    let result = vsphere.create_vm(&spec).await;
+                                    (i, started, result)
+                                }
                             })
                             .buffer_unordered(conc)
                             .collect()
@@ -470,9 +474,27 @@ fn end_to_end(c: &mut Criterion) {
                             );
                         }
                         let mut failed = Vec::new();
-                        for (i, r) in results {
+                        for (i, started, r) in results {
                             match r {
-                                Ok(r) => assert!(r.ip_address.is_some(), "guest IP"),
+                                Ok(r) => {
+                                    assert!(r.ip_address.is_some(), "guest IP");
+                                    // A wait that ran long means something
+                                    // was missed and found late: say what.
+                                    let took = started.elapsed();
+                                    if took > Duration::from_secs(5) {
+                                        let vm = MoRef::new("VirtualMachine", r.vmware_vm_id.as_str());
+                                        let posted_at = posted
+                                            .lock()
+                                            .unwrap_or_else(|e| e.into_inner())
+                                            .posted
+                                            .get(&vm)
+                                            .cloned();
+                                        eprintln!(
+                                            "slow: vm-{i} ({vm}) took {took:?}; its success was posted {:?} after its start",
+                                            posted_at.map(|p| p.map(|at| at.duration_since(started)))
+                                        );
+                                    }
+                                }
                                 Err(e) => failed.push(
                                     diagnose(&own, &folder, &format!("vm-{i}"), &posted, &e).await,
                                 ),
