@@ -315,19 +315,18 @@ pub struct VmPlacement {
     pub ip_wait_secs: u64,
     /// Task timeout in seconds.
     pub task_secs: u64,
-    /// Customization wait in seconds (zero: no wait for the outcome).
+    /// Customization wait in seconds (zero: no wait for the outcome);
+    /// always recorded now.
     ///
-    /// A start recorded before this field existed reads as the default
-    /// ([`Timeouts::default`], 600 s), not as the tenant's current setting:
-    /// [`VmSpec::from_placement`] is handed the endpoint only, not the
-    /// tenant's configuration, and the default is what every resume of such
-    /// a provisioning used until then, so it keeps resuming as it did.
-    #[serde(default = "default_customization_secs")]
-    pub customization_secs: u64,
-}
-
-fn default_customization_secs() -> u64 {
-    Timeouts::default().customization_secs
+    /// `None` for a start recorded before this field existed (and left out
+    /// when writing, so such a stored event reads back as it was written).
+    /// [`VmSpec::from_placement`] then uses the default
+    /// ([`Timeouts::default`], 600 s), not the tenant's current setting: it is
+    /// handed the endpoint only, not the tenant's configuration, and the
+    /// default is what every resume of such a provisioning used until then,
+    /// so it keeps resuming as it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customization_secs: Option<u64>,
 }
 
 impl VmSpec {
@@ -345,7 +344,7 @@ impl VmSpec {
             hostname: self.hostname.clone(),
             ip_wait_secs: self.ip_wait_timeout.as_secs(),
             task_secs: self.task_timeout.as_secs(),
-            customization_secs: self.customization_timeout.as_secs(),
+            customization_secs: Some(self.customization_timeout.as_secs()),
         }
     }
 
@@ -378,9 +377,10 @@ impl VmSpec {
             datastore: placement.datastore.clone(),
             ip_wait_timeout: Duration::from_secs(placement.ip_wait_secs.min(MAX_IP_WAIT_SECS)),
             task_timeout: Duration::from_secs(placement.task_secs.min(MAX_TASK_SECS)),
-            customization_timeout: Duration::from_secs(
-                placement.customization_secs.min(MAX_CUSTOMIZATION_SECS),
-            ),
+            customization_timeout: match placement.customization_secs {
+                Some(secs) => Duration::from_secs(secs.min(MAX_CUSTOMIZATION_SECS)),
+                None => Timeouts::default().customization(),
+            },
             endpoint: VcenterEndpoint {
                 url: placement.endpoint_url.clone(),
                 ..endpoint.clone()
@@ -533,7 +533,7 @@ mod tests {
     #[test]
     fn the_recorded_customization_wait_is_resumed_with_capped_and_defaults_when_unrecorded() {
         let recorded: VmPlacement = serde_json::from_value(placement_json(Some(45))).unwrap();
-        assert_eq!(recorded.customization_secs, 45);
+        assert_eq!(recorded.customization_secs, Some(45));
         let spec = rebuilt(&recorded);
         assert_eq!(spec.customization_timeout, Duration::from_secs(45));
         assert_eq!(spec.placement(), recorded, "the spec records it again");
@@ -544,10 +544,17 @@ mod tests {
             rebuilt(&huge).customization_timeout,
             Duration::from_secs(MAX_CUSTOMIZATION_SECS)
         );
-        let old: VmPlacement = serde_json::from_value(placement_json(None)).unwrap();
+        let json = placement_json(None);
+        let old: VmPlacement = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(old.customization_secs, None);
         assert_eq!(
             rebuilt(&old).customization_timeout,
             Timeouts::default().customization()
+        );
+        assert_eq!(
+            serde_json::to_value(&old).unwrap(),
+            json,
+            "an old start is written back as it was"
         );
     }
 

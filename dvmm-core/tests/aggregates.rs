@@ -628,7 +628,7 @@ fn placement() -> dvmm_core::spec::VmPlacement {
         hostname: VmName::new("web", "app01").expect("valid"),
         ip_wait_secs: 120,
         task_secs: 1800,
-        customization_secs: 600,
+        customization_secs: Some(600),
     }
 }
 
