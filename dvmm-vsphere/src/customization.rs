@@ -9,10 +9,11 @@
 //! customization of the same VM does not either); and the session's shared
 //! event collector ([`crate::events`]), whose long poll hands on what is
 //! posted later. The history makes a wait that resumes after a crash see an
-//! outcome posted while nobody was waiting. Beside them, one private
-//! property collector long-polls the VM's guest properties; when the
-//! outcome arrives while that poll is held, `CancelWaitForUpdates` makes it
-//! answer at once.
+//! outcome posted while nobody was waiting, and the history is read once
+//! more when the deadline passes, so an outcome the collector missed is
+//! never a timeout. Beside them, one private property collector long-polls
+//! the VM's guest properties; when the outcome arrives while that poll is
+//! held, `CancelWaitForUpdates` makes it answer at once.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
