@@ -401,3 +401,43 @@ async fn an_outcome_taken_before_the_wait_began_counts_when_history_has_lost_it(
     assert_eq!(ready.ip, Some(std::net::Ipv4Addr::new(10, 1, 0, 7)));
     drop(listening);
 }
+
+/// The guest players' re-read lists the VMs powered on now, below the
+/// folder and its sub-folders, and leaves out one powered off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_players_re_read_lists_the_vms_powered_on_now() {
+    let Some(sim) = Vcsim::start(&[]) else { return };
+    let endpoint = sim.endpoint("user", "pass");
+    let (_o, session) = observer(&endpoint);
+    let folder = common::find(&session, "DC0/vm").await.expect("DC0/vm");
+    let on = common::find(&session, "DC0/vm/DC0_H0_VM0")
+        .await
+        .expect("DC0_H0_VM0");
+    let off = common::find(&session, "DC0/vm/DC0_H0_VM1")
+        .await
+        .expect("DC0_H0_VM1");
+    let task = methods::power_off_vm(&session, &off)
+        .await
+        .expect("PowerOffVM_Task");
+    within(
+        Duration::from_secs(60),
+        "the power-off task",
+        dvmm_vsphere::wait::wait_for_task(
+            &session,
+            &task,
+            "PowerOffVM_Task",
+            Duration::from_secs(60),
+        ),
+    )
+    .await
+    .expect("powered off");
+    let listed = within(
+        Duration::from_secs(60),
+        "the re-read",
+        guest_player::powered_on_below(&session, &folder),
+    )
+    .await
+    .expect("re-read");
+    assert!(listed.contains(&on), "{on} is on: {listed:?}");
+    assert!(!listed.contains(&off), "{off} is off: {listed:?}");
+}
