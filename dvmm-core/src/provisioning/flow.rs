@@ -888,7 +888,13 @@ pub(super) fn recorded_spec(
             ..fresh
         });
     };
-    if *placement == fresh.placement() {
+    let mut current = fresh.placement();
+    if placement.customization_secs.is_none() {
+        // Recorded before the customization wait was: that it is missing
+        // is no change of the configuration.
+        current.customization_secs = None;
+    }
+    if *placement == current {
         return Ok(fresh);
     }
     vcenter_of(config, vm)?;
@@ -941,5 +947,104 @@ pub(super) fn skip_reason(request: &VmRequest) -> String {
         VmRequestStatus::Approved | VmRequestStatus::Provisioning => {
             "the request is being provisioned".into()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{Secret, Timeouts};
+    use crate::ids::{TenantId, VmId, VmRequestId};
+    use crate::size::VmResources;
+    use crate::spec::{SizeTable, VmName, VmPlacement};
+    use crate::vm::VmEvent;
+
+    fn config() -> TenantConfig {
+        TenantConfig {
+            tenant_id: TenantId::from_uuid(uuid::Uuid::from_u128(1)),
+            slug: "acme".into(),
+            vcenter: VcenterEndpoint {
+                url: "https://vc.example.invalid/sdk".into(),
+                username: "svc".into(),
+                password: Secret::new("pw"),
+                insecure: false,
+                thumbprint: None,
+                allow_plain_http: false,
+            },
+            datacenter: "DC0".into(),
+            cluster: "DC0_C0".into(),
+            resource_pool: None,
+            datastore: "LocalDS_0".into(),
+            template: "template".into(),
+            network: "VM Network".into(),
+            folder_root: None,
+            sizes: SizeTable::default(),
+            timeouts: Timeouts {
+                customization_secs: 900,
+                ..Timeouts::default()
+            },
+            on_failure: Default::default(),
+        }
+    }
+
+    /// A VM whose start recorded `placement`.
+    fn started(spec: &VmSpec, placement: VmPlacement) -> Vm {
+        let event = VmEvent::VmProvisioningStarted(VmProvisioningStarted {
+            vm_id: spec.vm_id,
+            request_id: spec.request_id,
+            tenant_id: spec.tenant_id,
+            name: spec.name.clone(),
+            resources: spec.resources,
+            folder_path: spec.folder_path.clone(),
+            placement: Some(Box::new(placement)),
+        });
+        Vm::apply(None, &event).expect("a started VM")
+    }
+
+    /// A start recorded before the placement held the customization wait is
+    /// not a configuration change: with nothing else changed, the resume
+    /// goes on with the tenant's configuration (and its customization wait),
+    /// as it did before the wait was recorded.
+    #[test]
+    fn a_placement_without_the_customization_wait_is_no_change() {
+        let config = config();
+        let name = VmName::parse("web-app01").expect("a name");
+        let resources = VmResources {
+            cpu: 1,
+            memory_mib: 1024,
+            disk_gib: 10,
+        };
+        let fresh = VmSpec::for_request(
+            &config,
+            VmRequestId::from_uuid(uuid::Uuid::from_u128(2)),
+            VmId::from_uuid(uuid::Uuid::from_u128(3)),
+            &name,
+            "web",
+            resources,
+        );
+        let old = VmPlacement {
+            customization_secs: None,
+            ..fresh.placement()
+        };
+        let spec = recorded_spec(&config, &started(&fresh, old.clone()), fresh.clone())
+            .expect("the recorded vCenter is configured");
+        assert_eq!(spec, fresh);
+        assert_eq!(spec.customization_timeout, Duration::from_secs(900));
+
+        // Anything else changed: the recorded placement, and the default
+        // wait for a start that did not record one.
+        let moved = VmPlacement {
+            datastore: "LocalDS_1".into(),
+            ..old
+        };
+        let spec = recorded_spec(&config, &started(&fresh, moved), fresh.clone())
+            .expect("the recorded vCenter is configured");
+        assert_eq!(spec.datastore, "LocalDS_1");
+        assert_eq!(
+            spec.customization_timeout,
+            Timeouts::default().customization()
+        );
     }
 }
