@@ -269,7 +269,7 @@ pub struct Guest {
 }
 
 /// Sets `SET.guest.*` keys on the VM (vcsim copies them into `guest`).
-pub async fn set_guest(session: &Session, vm: &MoRef, keys: &[(&str, &str)]) {
+pub async fn set_guest(session: &Arc<Session>, vm: &MoRef, keys: &[(&str, &str)]) {
     let change = ConfigSpec {
         extra_config: keys
             .iter()
@@ -284,7 +284,16 @@ pub async fn set_guest(session: &Session, vm: &MoRef, keys: &[(&str, &str)]) {
     )
     .await
     .expect("guest reconfigure");
-    let _ = task;
+    // vcsim applies the reconfigure in its task: until the task is over
+    // the guest has not reported. A player that posts an event next must
+    // wait, or vCenter records the event before the report it follows.
+    within(
+        CALL_DEADLINE,
+        "the guest player's reconfigure task",
+        dvmm_vsphere::wait::wait_for_task(session, &task, "ReconfigVM_Task", CALL_DEADLINE),
+    )
+    .await
+    .expect("guest reconfigure task");
 }
 
 /// The shortest customization played (see [`play_customizing_guest`]).
