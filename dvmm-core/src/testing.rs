@@ -432,9 +432,21 @@ pub async fn work_queue_conformance<Q: crate::ports::WorkQueue>(queue: &Q) {
     let request = |_| VmRequestId::from_uuid(Uuid::new_v4());
     let [a, b, c]: [VmRequestId; 3] = std::array::from_fn(request);
 
+    use crate::ports::QueueCounts;
+    let counts = || async { queue.counts().await.expect("counts") };
+    assert_eq!(counts().await, QueueCounts::default(), "an empty queue");
+
     for id in [a, b, c, a] {
         queue.enqueue(tenant, id).await.expect("enqueue");
     }
+    assert_eq!(
+        counts().await,
+        QueueCounts {
+            queued: 3,
+            ..QueueCounts::default()
+        },
+        "three jobs due (a duplicate is one job)"
+    );
     let first = queue.claim("w1", 2, HOUR).await.expect("claim");
     assert_eq!(first.len(), 2, "claim takes up to max: {first:?}");
     let second = queue.claim("w2", 10, HOUR).await.expect("claim");
@@ -506,6 +518,15 @@ pub async fn work_queue_conformance<Q: crate::ports::WorkQueue>(queue: &Q) {
         queue.claim("w4", 10, HOUR).await.expect("claim").is_empty(),
         "a job postponed by an hour is not runnable now"
     );
+    assert_eq!(
+        counts().await,
+        QueueCounts {
+            waiting: 2,
+            leased: 1,
+            ..QueueCounts::default()
+        },
+        "retried and postponed jobs wait; one is still leased"
+    );
 
     // Completed: never handed out again, not even when enqueued again, and
     // purged only once old enough.
@@ -540,6 +561,15 @@ pub async fn work_queue_conformance<Q: crate::ports::WorkQueue>(queue: &Q) {
     );
     queue.complete("w5", mine).await.expect("complete");
     assert_eq!(
+        counts().await,
+        QueueCounts {
+            waiting: 2,
+            done: 1,
+            ..QueueCounts::default()
+        },
+        "a completed job counts as done"
+    );
+    assert_eq!(
         queue.purge_finished(HOUR).await.expect("purge"),
         0,
         "a job finished just now is younger than an hour"
@@ -552,6 +582,14 @@ pub async fn work_queue_conformance<Q: crate::ports::WorkQueue>(queue: &Q) {
     assert!(
         !queue.renew("w3", theirs, HOUR).await.expect("renew"),
         "a job given back is no longer held"
+    );
+    assert_eq!(
+        counts().await,
+        QueueCounts {
+            waiting: 2,
+            ..QueueCounts::default()
+        },
+        "a purged job is no longer counted"
     );
 }
 
