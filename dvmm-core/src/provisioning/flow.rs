@@ -332,7 +332,7 @@ where
                 tracing::Span::current().record("vm_name", request.vm_name.as_str());
                 // Whatever happens next, the timeline must show what the
                 // stream already says (a crash may have cut it short).
-                self.record_request_timeline(tenant, request_id, &loaded.events)
+                self.record_request_timeline(tenant, request_id, &loaded)
                     .await?;
                 let actor = Actor {
                     tenant,

@@ -9,7 +9,7 @@ use crate::read_model::RequestSummary;
 use crate::timeline::{TimelineEntry, TimelineEntryType, TimelineFields};
 use crate::vm_request::{VmRequest, VmRequestEvent};
 
-use super::aggregates::Written;
+use super::aggregates::{Loaded, Written};
 use super::user_messages::utc_minute;
 use super::{ProvisioningService, ServiceError};
 
@@ -24,9 +24,12 @@ pub(super) enum RequestEvents<'a> {
     Appended(&'a Written<VmRequest>),
 }
 
-impl<'a> From<&'a Vec<(EventMetadata, VmRequestEvent)>> for RequestEvents<'a> {
-    fn from(stream: &'a Vec<(EventMetadata, VmRequestEvent)>) -> Self {
-        Self::Stream(stream)
+// From the loaded stream itself, not a bare list of events: a list of only
+// the events just appended must not pass for a whole stream (the row's
+// creation time and version come from the stream's first and last events).
+impl<'a> From<&'a Loaded<VmRequest>> for RequestEvents<'a> {
+    fn from(loaded: &'a Loaded<VmRequest>) -> Self {
+        Self::Stream(&loaded.events)
     }
 }
 
