@@ -1006,8 +1006,15 @@ where
             )
             .await;
         // The last figures stay on show after the runner stops: read them
-        // once more now that the drain has settled its jobs.
-        self.record_queue_depth(self.queue.counts().await);
+        // once more now that the drain has settled its jobs, but a store
+        // that does not answer must not hold up the return.
+        let counts = pin!(self.queue.counts());
+        let limit = pin!(self.timer.sleep(self.config.queue_depth_interval));
+        if let futures::future::Either::Left((counts, _)) =
+            futures::future::select(counts, limit).await
+        {
+            self.record_queue_depth(counts);
+        }
         info!(?report, "provisioning runner stopped");
         if let Some(error) = fatal.as_ref().or(drained.as_ref().err()) {
             self.note_error(error);
@@ -1580,6 +1587,14 @@ mod tests {
                 ..base()
             }),
             Err("worker_id")
+        );
+        assert_eq!(
+            field(RunnerConfig {
+                queue_depth_interval: Duration::ZERO,
+                ..base()
+            }),
+            Err("queue_depth_interval"),
+            "a depth read on every turn of the loop"
         );
         let err = RunnerConfig {
             lease: Duration::ZERO,
