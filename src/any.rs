@@ -29,8 +29,8 @@ use std::time::Duration;
 use dvmm_core::event::{NewEvent, StoredEvent, StreamId};
 use dvmm_core::ids::{TenantId, VmRequestId};
 use dvmm_core::ports::{
-    AppendOutcome, BoxFuture, CheckpointStore, ClaimAttempt, EventStore, Job, RequestClaims,
-    StoreError, TimelineSink, WorkQueue,
+    AppendOutcome, BoxFuture, CheckpointStore, ClaimAttempt, EventStore, Job, QueueCounts,
+    RequestClaims, StoreError, TimelineSink, WorkQueue,
 };
 use dvmm_core::timeline::TimelineEntry;
 #[cfg(feature = "vsphere")]
@@ -177,6 +177,10 @@ impl WorkQueue for AnyWorkQueue {
 
     async fn purge_finished(&self, older_than: Duration) -> Result<u64, StoreError> {
         delegate!(self, q => q.purge_finished(older_than).await)
+    }
+
+    async fn counts(&self) -> Result<QueueCounts, StoreError> {
+        delegate!(self, q => q.counts().await)
     }
 }
 

@@ -100,6 +100,9 @@ impl WorkQueue for Flaky {
     async fn purge_finished(&self, older_than: Duration) -> Result<u64, StoreError> {
         self.inner.purge_finished(older_than).await
     }
+    async fn counts(&self) -> Result<dvmm::core::ports::QueueCounts, StoreError> {
+        self.inner.counts().await
+    }
 }
 
 type Service = ProvisioningService<

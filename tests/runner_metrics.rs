@@ -1,7 +1,8 @@
 //! The runner example serves dvmm's metrics in Prometheus text format
 //! (`--metrics-addr`): a scrape after a run on the simulator finds the
 //! provisioning, vSphere-side and runner series, named as the README's table
-//! says. The library itself only records through the `metrics` facade.
+//! says, with the queue's depth per state. The library itself only records
+//! through the `metrics` facade.
 
 mod processes;
 
@@ -94,6 +95,21 @@ fn the_runner_example_serves_the_metrics_it_recorded() {
         .and_then(|v| v.parse().ok())
         .expect("a ready count");
     assert!(ready >= 20.0, "ready provisionings counted: {ready}");
+    // The queue's depth, read once more as each runner stopped: every job
+    // finished, none left behind in any other state.
+    let depth = |state: &str| -> f64 {
+        let series = format!(r#"dvmm_queue_jobs{{state="{state}"}}"#);
+        answer
+            .lines()
+            .find(|l| l.starts_with(&series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in the scrape:\n{answer}"))
+    };
+    assert_eq!(depth("done"), 20.0, "finished jobs");
+    for state in ["queued", "waiting", "leased", "expired"] {
+        assert_eq!(depth(state), 0.0, "{state} jobs after the run");
+    }
     assert!(
         !answer.contains("tenant="),
         "the tenant label is opt-in:\n{answer}"

@@ -59,7 +59,7 @@ use crate::provisioning::{ProvisionOutcome, ProvisioningService, ServiceError};
 use crate::telemetry;
 use crate::vm_request::{VmRequest, VmRequestEvent, VmRequestStatus};
 
-pub use crate::ports::{CheckpointStore, Job, Timer, WorkQueue};
+pub use crate::ports::{CheckpointStore, Job, QueueCounts, Timer, WorkQueue};
 
 /// How a runner behaves.
 #[derive(Clone, Debug)]
@@ -99,6 +99,11 @@ pub struct RunnerConfig {
     pub retention: Duration,
     /// How often finished jobs past the retention are purged (default 1 h).
     pub purge_interval: Duration,
+    /// How often the queue's depth per state is read
+    /// ([`WorkQueue::counts`], one query) for the `dvmm_queue_jobs` gauge
+    /// and [`RunnerHealth::queue`] (default 10 s): a bounded rate, however
+    /// much work flows.
+    pub queue_depth_interval: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -116,6 +121,7 @@ impl Default for RunnerConfig {
             max_store_failures: 30,
             retention: Duration::from_secs(7 * 24 * 3600),
             purge_interval: Duration::from_secs(3600),
+            queue_depth_interval: Duration::from_secs(10),
         }
     }
 }
@@ -216,6 +222,17 @@ impl RunnerConfig {
                 ),
             );
         }
+        if self.queue_depth_interval < Duration::from_millis(100)
+            || self.queue_depth_interval > MAX_INTERVAL
+        {
+            return bad(
+                "queue_depth_interval",
+                format!(
+                    "must be between 100 ms and {MAX_INTERVAL:?}, got {:?}",
+                    self.queue_depth_interval
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -264,6 +281,10 @@ pub struct RunnerHealth {
     pub held: usize,
     /// vCenter endpoints parked as unreachable.
     pub parked_endpoints: usize,
+    /// Jobs per state in the whole queue (every worker's), as last read
+    /// (every [`RunnerConfig::queue_depth_interval`], and once more when
+    /// the runner stops); `None` before the first read answered.
+    pub queue: Option<QueueCounts>,
     /// Feed or claim failures in a row (0 when the store answers).
     pub store_failures: u32,
     /// The last error met (store failures and failed provisioning
@@ -810,6 +831,7 @@ where
         let mut tick = pin!(self.timer.sleep(Duration::ZERO).fuse());
         let mut renew_tick = pin!(self.timer.sleep(self.renew_interval()).fuse());
         let mut purge_tick = pin!(self.timer.sleep(Duration::ZERO).fuse());
+        let mut depth_tick = pin!(self.timer.sleep(Duration::ZERO).fuse());
         // Feeding and claiming count their failures apart: one working
         // must not hide that the other keeps failing.
         let mut feed_failures = StoreFailures::default();
@@ -851,6 +873,12 @@ where
                         }
                         Err(error) => warn!(%error, "purging finished jobs failed; will try again later"),
                     }
+                }
+                _ = depth_tick.as_mut() => {
+                    depth_tick.set(self.timer.sleep(self.config.queue_depth_interval).fuse());
+                    let counts = self.queue.counts();
+                    let counts = keep_polling(&mut inflight, &mut finished, counts).await;
+                    self.record_queue_depth(counts);
                 }
                 _ = tick.as_mut() => {
                     tick.set(self.timer.sleep(self.config.poll_interval).fuse());
@@ -977,6 +1005,16 @@ where
                 &mut report,
             )
             .await;
+        // The last figures stay on show after the runner stops: read them
+        // once more now that the drain has settled its jobs, but a store
+        // that does not answer must not hold up the return.
+        let counts = pin!(self.queue.counts());
+        let limit = pin!(self.timer.sleep(self.config.queue_depth_interval));
+        if let futures::future::Either::Left((counts, _)) =
+            futures::future::select(counts, limit).await
+        {
+            self.record_queue_depth(counts);
+        }
         info!(?report, "provisioning runner stopped");
         if let Some(error) = fatal.as_ref().or(drained.as_ref().err()) {
             self.note_error(error);
@@ -991,6 +1029,20 @@ where
         match (fatal, drained) {
             (Some(error), _) | (None, Err(error)) => Err(error),
             (None, Ok(())) => Ok(report),
+        }
+    }
+
+    /// Publishes the queue's depth per state (gauge and health); a failed
+    /// read keeps the last figures, since the next tick reads again.
+    fn record_queue_depth(&self, counts: Result<QueueCounts, crate::ports::StoreError>) {
+        match counts {
+            Ok(counts) => {
+                for (state, n) in counts.by_state() {
+                    metrics::gauge!(telemetry::QUEUE_JOBS, "state" => state).set(n as f64);
+                }
+                self.update_health(|h| h.queue = Some(counts));
+            }
+            Err(error) => debug!(%error, "reading the queue's depth failed; will try again"),
         }
     }
 
@@ -1535,6 +1587,14 @@ mod tests {
                 ..base()
             }),
             Err("worker_id")
+        );
+        assert_eq!(
+            field(RunnerConfig {
+                queue_depth_interval: Duration::ZERO,
+                ..base()
+            }),
+            Err("queue_depth_interval"),
+            "a depth read on every turn of the loop"
         );
         let err = RunnerConfig {
             lease: Duration::ZERO,

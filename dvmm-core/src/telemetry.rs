@@ -42,6 +42,12 @@ pub const RUNNER_LEASE_LOSSES: &str = "dvmm_runner_lease_losses_total";
 /// Counter: jobs given back without an attempt because their vCenter could
 /// not be reached (or another caller held the request).
 pub const RUNNER_OUTAGE_WAITS: &str = "dvmm_runner_outage_waits_total";
+/// Gauge: jobs in the work queue (all workers') by `state`: `queued` (due),
+/// `waiting` (put off: a retry's backoff, or an unreachable vCenter),
+/// `leased`, `expired` (a lease that ran out: its worker died or hung) and
+/// `done` (kept until purged). Read by each runner every
+/// `RunnerConfig::queue_depth_interval`.
+pub const QUEUE_JOBS: &str = "dvmm_queue_jobs";
 /// Counter: feed and claim calls to the store that failed.
 pub const RUNNER_STORE_FAILURES: &str = "dvmm_runner_store_failures_total";
 

@@ -432,9 +432,21 @@ pub async fn work_queue_conformance<Q: crate::ports::WorkQueue>(queue: &Q) {
     let request = |_| VmRequestId::from_uuid(Uuid::new_v4());
     let [a, b, c]: [VmRequestId; 3] = std::array::from_fn(request);
 
+    use crate::ports::QueueCounts;
+    let counts = || async { queue.counts().await.expect("counts") };
+    assert_eq!(counts().await, QueueCounts::default(), "an empty queue");
+
     for id in [a, b, c, a] {
         queue.enqueue(tenant, id).await.expect("enqueue");
     }
+    assert_eq!(
+        counts().await,
+        QueueCounts {
+            queued: 3,
+            ..QueueCounts::default()
+        },
+        "three jobs due (a duplicate is one job)"
+    );
     let first = queue.claim("w1", 2, HOUR).await.expect("claim");
     assert_eq!(first.len(), 2, "claim takes up to max: {first:?}");
     let second = queue.claim("w2", 10, HOUR).await.expect("claim");
@@ -506,6 +518,15 @@ pub async fn work_queue_conformance<Q: crate::ports::WorkQueue>(queue: &Q) {
         queue.claim("w4", 10, HOUR).await.expect("claim").is_empty(),
         "a job postponed by an hour is not runnable now"
     );
+    assert_eq!(
+        counts().await,
+        QueueCounts {
+            waiting: 2,
+            leased: 1,
+            ..QueueCounts::default()
+        },
+        "retried and postponed jobs wait; one is still leased"
+    );
 
     // Completed: never handed out again, not even when enqueued again, and
     // purged only once old enough.
@@ -540,6 +561,15 @@ pub async fn work_queue_conformance<Q: crate::ports::WorkQueue>(queue: &Q) {
     );
     queue.complete("w5", mine).await.expect("complete");
     assert_eq!(
+        counts().await,
+        QueueCounts {
+            waiting: 2,
+            done: 1,
+            ..QueueCounts::default()
+        },
+        "a completed job counts as done"
+    );
+    assert_eq!(
         queue.purge_finished(HOUR).await.expect("purge"),
         0,
         "a job finished just now is younger than an hour"
@@ -552,6 +582,14 @@ pub async fn work_queue_conformance<Q: crate::ports::WorkQueue>(queue: &Q) {
     assert!(
         !queue.renew("w3", theirs, HOUR).await.expect("renew"),
         "a job given back is no longer held"
+    );
+    assert_eq!(
+        counts().await,
+        QueueCounts {
+            waiting: 2,
+            ..QueueCounts::default()
+        },
+        "a purged job is no longer counted"
     );
 }
 
@@ -806,7 +844,15 @@ pub async fn read_model_conformance<R: crate::read_model::RequestReadModel>(mode
 ///   never a second VM;
 /// - `find_vm` finds it by the spec, with our id; `get_vm` reads it by its
 ///   vSphere id, powered on;
-/// - `find_vm` of a name that does not exist is `None`.
+/// - `find_vm` of a name that does not exist is `None`;
+/// - `power_off_vm` and `destroy_vm` with another owner's VM id are
+///   `VsphereError::NotOurs` and leave the VM as it was (on, then off);
+/// - `destroy_vm` of a VM still on is `VsphereError::InvalidPowerState`
+///   and leaves it;
+/// - `power_off_vm` turns the VM off; again, it is `AlreadyOff`;
+/// - `destroy_vm` removes it: `get_vm` is then `VsphereError::VmGone`,
+///   `find_vm` is `None`, and powering off or destroying it again is
+///   `VmGone`.
 ///
 /// # Panics
 /// On the first broken rule, saying which.
@@ -861,4 +907,91 @@ pub async fn vsphere_conformance<V: crate::ports::VspherePort>(
         vsphere.find_vm(&missing).await.expect("find_vm").is_none(),
         "no VM of that name"
     );
+
+    power_off_and_destroy(vsphere, &spec, &first.vmware_vm_id).await;
+}
+
+/// The removal half of [`vsphere_conformance`], on the VM it made (on).
+async fn power_off_and_destroy<V: crate::ports::VspherePort>(
+    vsphere: &V,
+    spec: &crate::spec::VmSpec,
+    vm: &crate::ids::VmwareVmId,
+) {
+    use crate::ports::{PowerOffMode, PowerOffOutcome, VsphereError};
+    use crate::spec::PowerState;
+    let endpoint = &spec.endpoint;
+    let owner = spec.vm_id;
+    let stranger = crate::ids::VmId::from_uuid(Uuid::new_v4());
+    let power = |expected: PowerState, why: &'static str| async move {
+        let read = vsphere.get_vm(endpoint, vm).await.expect("get_vm");
+        assert_eq!(read.power_state, expected, "{why}");
+    };
+
+    match vsphere
+        .power_off_vm(endpoint, vm, stranger, PowerOffMode::Hard)
+        .await
+    {
+        Err(VsphereError::NotOurs { vmware_vm_id }) => assert_eq!(vmware_vm_id, vm.as_str()),
+        other => panic!("powering off with another owner's id must be NotOurs: {other:?}"),
+    }
+    power(PowerState::PoweredOn, "NotOurs left the VM on").await;
+    match vsphere.destroy_vm(endpoint, vm, stranger).await {
+        Err(VsphereError::NotOurs { .. }) => {}
+        other => panic!("destroying with another owner's id must be NotOurs: {other:?}"),
+    }
+    match vsphere.destroy_vm(endpoint, vm, owner).await {
+        Err(VsphereError::InvalidPowerState { .. }) => {}
+        other => panic!("destroying a VM still on must be InvalidPowerState: {other:?}"),
+    }
+    power(
+        PowerState::PoweredOn,
+        "a refused destroy left the VM there, on",
+    )
+    .await;
+
+    let off = vsphere
+        .power_off_vm(endpoint, vm, owner, PowerOffMode::Hard)
+        .await
+        .expect("power_off_vm");
+    assert_eq!(
+        off,
+        PowerOffOutcome::Hard,
+        "a hard power-off of a VM that ran"
+    );
+    power(PowerState::PoweredOff, "powered off").await;
+    let again = vsphere
+        .power_off_vm(endpoint, vm, owner, PowerOffMode::Hard)
+        .await
+        .expect("power_off_vm again");
+    assert_eq!(again, PowerOffOutcome::AlreadyOff, "a VM already off");
+
+    match vsphere.destroy_vm(endpoint, vm, stranger).await {
+        Err(VsphereError::NotOurs { .. }) => {}
+        other => panic!("destroying another owner's VM (off) must be NotOurs: {other:?}"),
+    }
+    power(PowerState::PoweredOff, "NotOurs left the VM there").await;
+
+    vsphere
+        .destroy_vm(endpoint, vm, owner)
+        .await
+        .expect("destroy_vm");
+    match vsphere.get_vm(endpoint, vm).await {
+        Err(VsphereError::VmGone { vmware_vm_id }) => assert_eq!(vmware_vm_id, vm.as_str()),
+        other => panic!("a destroyed VM must be VmGone: {other:?}"),
+    }
+    assert!(
+        vsphere.find_vm(spec).await.expect("find_vm").is_none(),
+        "a destroyed VM is not found by its spec"
+    );
+    match vsphere
+        .power_off_vm(endpoint, vm, owner, PowerOffMode::Hard)
+        .await
+    {
+        Err(VsphereError::VmGone { .. }) => {}
+        other => panic!("powering off a destroyed VM must be VmGone: {other:?}"),
+    }
+    match vsphere.destroy_vm(endpoint, vm, owner).await {
+        Err(VsphereError::VmGone { .. }) => {}
+        other => panic!("destroying a destroyed VM again must be VmGone: {other:?}"),
+    }
 }

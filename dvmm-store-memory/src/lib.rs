@@ -12,7 +12,7 @@ use dvmm_core::ports::{
     AppendOutcome, BoxFuture, ClaimAttempt, ClaimHolder, EventStore, RequestClaims, StoreError,
     TimelineSink,
 };
-use dvmm_core::runner::{CheckpointStore, Job, WorkQueue};
+use dvmm_core::runner::{CheckpointStore, Job, QueueCounts, WorkQueue};
 use dvmm_core::timeline::TimelineEntry;
 
 #[derive(Default)]
@@ -518,6 +518,23 @@ impl WorkQueue for MemoryWorkQueue {
         // Finished jobs already left the scan order when a claim met them;
         // any still listed are skipped there once their entry is gone.
         Ok(purged as u64)
+    }
+
+    async fn counts(&self) -> Result<QueueCounts, StoreError> {
+        let now = self.clock.now();
+        let state = self.lock();
+        let mut counts = QueueCounts::default();
+        for job in state.jobs.values() {
+            let count = match &job.state {
+                JobState::Queued { not_before } if *not_before <= now => &mut counts.queued,
+                JobState::Queued { .. } => &mut counts.waiting,
+                JobState::Leased { until, .. } if *until > now => &mut counts.leased,
+                JobState::Leased { .. } => &mut counts.expired,
+                JobState::Done { .. } => &mut counts.done,
+            };
+            *count += 1;
+        }
+        Ok(counts)
     }
 }
 

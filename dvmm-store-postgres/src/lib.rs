@@ -10,9 +10,10 @@ mod setup;
 mod tenant;
 mod timeline;
 
+pub use dvmm_core::ports::QueueCounts;
 pub use error::{Error, Result};
 pub use event_store::PgEventStore;
-pub use queue::{PgCheckpoints, PgWorkQueue, QueueCounts};
+pub use queue::{PgCheckpoints, PgWorkQueue};
 pub use requests::PgRequests;
 pub use schema::{APP_ROLE, MIGRATOR, app_role, create_app_login, migrate, verify_app_role};
 pub use scram::{

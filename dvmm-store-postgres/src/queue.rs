@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dvmm_core::ids::{TenantId, VmRequestId};
 use dvmm_core::ports::{BoxFuture, ClaimAttempt, ClaimHolder, RequestClaims, StoreError};
-use dvmm_core::runner::{CheckpointStore, Job, WorkQueue};
+use dvmm_core::runner::{CheckpointStore, Job, QueueCounts, WorkQueue};
 use sqlx::{PgPool, Row};
 
 use crate::error::{backend, corrupt};
@@ -49,17 +49,6 @@ impl fmt::Debug for PgWorkQueue {
     }
 }
 
-/// How many jobs are in each state, see [`PgWorkQueue::counts`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct QueueCounts {
-    /// Waiting to be claimed (possibly not due yet, after a retryable failure).
-    pub queued: u64,
-    /// Held by a worker (possibly with an expired lease, if it died).
-    pub leased: u64,
-    /// Finished.
-    pub done: u64,
-}
-
 /// Seconds as the `double precision` that `make_interval` takes.
 fn seconds(duration: Duration) -> f64 {
     duration.as_secs_f64()
@@ -89,31 +78,6 @@ impl PgWorkQueue {
     /// The underlying pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// Jobs per state, across all tenants.
-    ///
-    /// # Errors
-    /// [`StoreError::Backend`] when the query fails.
-    pub async fn counts(&self) -> Result<QueueCounts, StoreError> {
-        let operation = "count the work queue";
-        let rows = sqlx::query("SELECT state, count(*) FROM dvmm_jobs GROUP BY state")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| backend(operation, e))?;
-        let mut counts = QueueCounts::default();
-        for row in rows {
-            let state: String = row.try_get(0).map_err(|e| backend(operation, e))?;
-            let n: i64 = row.try_get(1).map_err(|e| backend(operation, e))?;
-            let n = u64::try_from(n).unwrap_or(0);
-            match state.as_str() {
-                "queued" => counts.queued = n,
-                "leased" => counts.leased = n,
-                "done" => counts.done = n,
-                other => return Err(corrupt(operation, format!("unknown job state {other:?}"))),
-            }
-        }
-        Ok(counts)
     }
 
     /// The requests whose lease `worker` holds right now (expired or not).
@@ -163,6 +127,33 @@ impl PgWorkQueue {
 }
 
 impl WorkQueue for PgWorkQueue {
+    async fn counts(&self) -> Result<QueueCounts, StoreError> {
+        let operation = "count the work queue";
+        // One pass over the table, on the database clock like the leases.
+        let row = sqlx::query(
+            "SELECT count(*) FILTER (WHERE state = 'queued' AND due_at <= now()), \
+                    count(*) FILTER (WHERE state = 'queued' AND due_at > now()), \
+                    count(*) FILTER (WHERE state = 'leased' AND due_at > now()), \
+                    count(*) FILTER (WHERE state = 'leased' AND due_at <= now()), \
+                    count(*) FILTER (WHERE state = 'done') \
+               FROM dvmm_jobs",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| backend(operation, e))?;
+        let get = |i: usize| -> Result<u64, StoreError> {
+            let n: i64 = row.try_get(i).map_err(|e| backend(operation, e))?;
+            u64::try_from(n).map_err(|_| corrupt(operation, format!("negative count {n}")))
+        };
+        Ok(QueueCounts {
+            queued: get(0)?,
+            waiting: get(1)?,
+            leased: get(2)?,
+            expired: get(3)?,
+            done: get(4)?,
+        })
+    }
+
     async fn enqueue(&self, tenant: TenantId, request_id: VmRequestId) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO dvmm_jobs (request_id, tenant_id, state, due_at) \

@@ -77,7 +77,9 @@ async fn concurrent_claimers_never_share_a_job() {
         queue.counts().await.unwrap(),
         QueueCounts {
             queued: 0,
+            waiting: 0,
             leased: 300,
+            expired: 0,
             done: 0
         }
     );
@@ -171,6 +173,15 @@ async fn an_expired_lease_is_taken_over_and_the_old_holder_is_locked_out() {
         "claimed by another worker {elapsed:?} after a {LEASE:?} lease began"
     );
     tokio::time::sleep_until(start + LEASE + MARGIN).await;
+    assert_eq!(
+        queue.counts().await.unwrap(),
+        QueueCounts {
+            expired: 1,
+            ..QueueCounts::default()
+        },
+        "a lease that ran out counts as expired, {:?} after it began",
+        start.elapsed()
+    );
     let taken = queue.claim("alive", 1, LONG).await.unwrap();
     assert_eq!(
         taken.len(),

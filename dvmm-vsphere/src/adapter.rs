@@ -1017,7 +1017,9 @@ impl VspherePort for SoapVsphere {
     ) -> Result<VmGuestInfo, VsphereError> {
         let session = self.session(endpoint)?;
         let vm = MoRef::new("VirtualMachine", id.as_str());
-        self.info(&session, &vm).await
+        // A VM that is not there any more is `VmGone`, as for power-off and
+        // destroy: a caller must not mistake it for a missing template.
+        self.info(&session, &vm).await.map_err(|e| gone(id, e))
     }
 
     async fn power_off_vm(

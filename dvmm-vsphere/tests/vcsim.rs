@@ -242,7 +242,7 @@ async fn missing_inventory_is_named_in_not_found() {
     )
     .await
     {
-        Err(VsphereError::NotFound { name, .. }) => assert!(name.contains("vm-99999"), "{name}"),
+        Err(VsphereError::VmGone { vmware_vm_id }) => assert_eq!(vmware_vm_id, "vm-99999"),
         other => panic!("get_vm of a missing VM: {other:?}"),
     }
     for (kind, edit) in cases {

@@ -22,7 +22,7 @@ pub use vsphere::{
     PowerOffMode, PowerOffOutcome, ProgressReporter, ProvisioningProgress, VsphereError,
     VspherePort,
 };
-pub use work_queue::{Job, WorkQueue};
+pub use work_queue::{Job, QueueCounts, WorkQueue};
 
 /// Boxed error source kept by adapter errors.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

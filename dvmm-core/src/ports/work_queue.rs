@@ -24,6 +24,38 @@ pub struct Job {
     pub claims: u32,
 }
 
+/// How many jobs a [`WorkQueue`] holds in each state
+/// ([`WorkQueue::counts`]); the states do not overlap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Waiting to be claimed and due now.
+    pub queued: u64,
+    /// Waiting to be claimed, but not before a delay: a retry's backoff, or
+    /// a job put off while its vCenter is unreachable.
+    pub waiting: u64,
+    /// Held by a worker whose lease runs.
+    pub leased: u64,
+    /// Held by a worker whose lease ran out (it died or hung): the next
+    /// claim takes it over.
+    pub expired: u64,
+    /// Finished, kept until purged.
+    pub done: u64,
+}
+
+impl QueueCounts {
+    /// Each state's label value (as the `state` label of the
+    /// `dvmm_queue_jobs` gauge) with its count.
+    pub fn by_state(&self) -> [(&'static str, u64); 5] {
+        [
+            ("queued", self.queued),
+            ("waiting", self.waiting),
+            ("leased", self.leased),
+            ("expired", self.expired),
+            ("done", self.done),
+        ]
+    }
+}
+
 /// Durable list of provisioning jobs with leases. Every method is
 /// idempotent where it can be, and a lease names its worker so a worker can
 /// never complete or renew a job another worker has taken over.
@@ -101,6 +133,11 @@ pub trait WorkQueue: Send + Sync {
         &self,
         older_than: Duration,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Jobs per state, across all tenants, for an operator's view of the
+    /// backlog. One scan of the queue: the runner calls it at a bounded
+    /// rate, not per job.
+    fn counts(&self) -> impl Future<Output = Result<QueueCounts, StoreError>> + Send;
 }
 
 impl<T: WorkQueue + ?Sized> WorkQueue for Arc<T> {
@@ -170,5 +207,8 @@ impl<T: WorkQueue + ?Sized> WorkQueue for Arc<T> {
         older_than: Duration,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send {
         (**self).purge_finished(older_than)
+    }
+    fn counts(&self) -> impl Future<Output = Result<QueueCounts, StoreError>> + Send {
+        (**self).counts()
     }
 }

@@ -28,6 +28,47 @@ pub(super) struct Loaded<A: Aggregate> {
     pub(super) events: Vec<(EventMetadata, A::Event)>,
 }
 
+/// Events a command appended, with the whole stream they end and the state
+/// it leads to: a projection (the request read model) needs the stream, and
+/// reading it back from the store would cost a load per command. Derefs to
+/// the appended events.
+pub(super) struct Written<A: Aggregate> {
+    /// The events appended (none when the command changed nothing).
+    pub(super) events: Vec<(EventMetadata, A::Event)>,
+    /// The stream as it stands after them, from its first event.
+    pub(super) stream: Vec<(EventMetadata, A::Event)>,
+    /// The state `stream` leads to.
+    pub(super) state: Option<A>,
+}
+
+impl<A: Aggregate> Written<A> {
+    /// Nothing was appended (another caller recorded it first).
+    pub(super) fn nothing() -> Self {
+        Self {
+            events: Vec::new(),
+            stream: Vec::new(),
+            state: None,
+        }
+    }
+}
+
+impl<A: Aggregate> std::ops::Deref for Written<A> {
+    type Target = [(EventMetadata, A::Event)];
+
+    fn deref(&self) -> &Self::Target {
+        &self.events
+    }
+}
+
+impl<'a, A: Aggregate> IntoIterator for &'a Written<A> {
+    type Item = &'a (EventMetadata, A::Event);
+    type IntoIter = std::slice::Iter<'a, (EventMetadata, A::Event)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.events.iter()
+    }
+}
+
 /// Who acts and as part of which user action.
 #[derive(Clone, Copy)]
 pub(super) struct Actor {
@@ -96,10 +137,10 @@ where
         stream: &StreamId,
         loaded: &Loaded<A>,
         events: Vec<A::Event>,
-    ) -> Result<Option<Vec<(EventMetadata, A::Event)>>, ServiceError>
+    ) -> Result<Option<Written<A>>, ServiceError>
     where
         A: Aggregate,
-        A::Event: DomainEvent,
+        A::Event: DomainEvent + Clone,
     {
         let mut causation = loaded.last_event_id;
         let mut written = Vec::with_capacity(events.len());
@@ -115,7 +156,19 @@ where
             .append(actor.tenant, stream, loaded.version, envelopes)
             .await
         {
-            Ok(_) => Ok(Some(written)),
+            Ok(_) => {
+                let state = written
+                    .iter()
+                    .fold(loaded.state.clone(), |s, (_, e)| A::apply(s, e));
+                let mut stream = Vec::with_capacity(loaded.events.len() + written.len());
+                stream.extend(loaded.events.iter().cloned());
+                stream.extend(written.iter().cloned());
+                Ok(Some(Written {
+                    events: written,
+                    stream,
+                    state,
+                }))
+            }
             Err(e) if e.is_conflict() => {
                 debug!(%stream, "concurrent modification; reloading");
                 Ok(None)
@@ -131,17 +184,16 @@ where
         actor: Actor,
         stream: &StreamId,
         command: &A::Command,
-    ) -> Result<(A, Vec<(EventMetadata, A::Event)>), ServiceError>
+    ) -> Result<(A, Written<A>), ServiceError>
     where
         A: Aggregate,
-        A::Event: DomainEvent,
+        A::Event: DomainEvent + Clone,
     {
         for _ in 0..MAX_CONFLICT_RETRIES {
             let loaded = self.load::<A>(actor.tenant, stream).await?;
             let events = A::handle(loaded.state.as_ref(), command)?;
-            let state = events.iter().fold(loaded.state.clone(), A::apply);
             if let Some(written) = self.append(actor, stream, &loaded, events).await? {
-                let state = state.ok_or(DomainError::NotFound {
+                let state = written.state.clone().ok_or(DomainError::NotFound {
                     aggregate: A::STREAM_TYPE,
                 })?;
                 return Ok((state, written));

@@ -236,6 +236,7 @@ where
             .await?;
         let request = loaded
             .state
+            .clone()
             .ok_or(ServiceError::RequestNotFound(request_id))?;
         if matches!(
             request.status,
@@ -245,7 +246,7 @@ where
         }
         // The timeline must show what the stream says (a crash may have cut
         // it short), as on every other path.
-        self.record_request_timeline(tenant, request_id, &loaded.events)
+        self.record_request_timeline(tenant, request_id, &loaded)
             .await?;
         let reason = skip_reason(&request);
         info!(status = %request.status, "nothing to provision: {reason}");

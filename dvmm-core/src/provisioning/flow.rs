@@ -8,16 +8,15 @@ use crate::aggregate::Aggregate;
 use crate::clock::{Clock, IdGenerator};
 use crate::config::{TenantConfig, VcenterEndpoint, endpoint_key};
 use crate::error::DomainError;
-use crate::event::EventMetadata;
 use crate::ids::{CorrelationId, TenantId, VmId, VmRequestId};
 use futures::StreamExt;
 
 use crate::ports::{EventStore, ProvisioningProgress, TimelineSink, VsphereError, VspherePort};
 use crate::spec::{VmProvisioningResult, VmSpec};
 use crate::vm::{Vm, VmCommand, VmProvisioningStarted, VmStatus};
-use crate::vm_request::{VmRequest, VmRequestCommand, VmRequestEvent, VmRequestStatus};
+use crate::vm_request::{VmRequest, VmRequestCommand, VmRequestStatus};
 
-use super::aggregates::{Actor, MAX_CONFLICT_RETRIES, request_stream, vm_stream};
+use super::aggregates::{Actor, MAX_CONFLICT_RETRIES, Written, request_stream, vm_stream};
 use super::claims::ClaimState;
 use super::user_messages::{user_message, utc_minute};
 use super::{ProvisioningService, ServiceError};
@@ -333,7 +332,7 @@ where
                 tracing::Span::current().record("vm_name", request.vm_name.as_str());
                 // Whatever happens next, the timeline must show what the
                 // stream already says (a crash may have cut it short).
-                self.record_request_timeline(tenant, request_id, &loaded.events)
+                self.record_request_timeline(tenant, request_id, &loaded)
                     .await?;
                 let actor = Actor {
                     tenant,
@@ -841,13 +840,15 @@ where
         actor: Actor,
         request_id: VmRequestId,
         command: VmRequestCommand,
-    ) -> Result<Vec<(EventMetadata, VmRequestEvent)>, ServiceError> {
+    ) -> Result<Written<VmRequest>, ServiceError> {
         match self
             .execute::<VmRequest>(actor, &request_stream(request_id), &command)
             .await
         {
             Ok((_, written)) => Ok(written),
-            Err(ServiceError::Domain(DomainError::InvalidTransition { .. })) => Ok(Vec::new()),
+            Err(ServiceError::Domain(DomainError::InvalidTransition { .. })) => {
+                Ok(Written::nothing())
+            }
             Err(e) => Err(e),
         }
     }

@@ -473,9 +473,10 @@ where
             .await?;
         let request = loaded
             .state
+            .clone()
             .ok_or(ServiceError::RequestNotFound(request_id))?;
         if request.status != VmRequestStatus::Failed {
-            self.record_request_timeline(tenant, request_id, &loaded.events)
+            self.record_request_timeline(tenant, request_id, &loaded)
                 .await?;
             return Err(ServiceError::NotRetryable {
                 request_id,

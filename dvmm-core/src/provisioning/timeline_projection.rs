@@ -1,5 +1,6 @@
 //! The timeline projection: the entry each request event shows its user.
 
+use crate::aggregate::Aggregate;
 use crate::clock::{Clock, IdGenerator};
 use crate::event::EventMetadata;
 use crate::ids::{TenantId, VmRequestId};
@@ -8,8 +9,36 @@ use crate::read_model::RequestSummary;
 use crate::timeline::{TimelineEntry, TimelineEntryType, TimelineFields};
 use crate::vm_request::{VmRequest, VmRequestEvent};
 
+use super::aggregates::{Loaded, Written};
 use super::user_messages::utc_minute;
 use super::{ProvisioningService, ServiceError};
+
+/// What a caller hands [`ProvisioningService::record_request_timeline`]:
+/// either way the whole stream is at hand, so the read model is projected
+/// without loading the stream again.
+pub(super) enum RequestEvents<'a> {
+    /// A request stream as loaded, from its first event: every event gets
+    /// its entry (a crash may have cut the timeline short).
+    Stream(&'a [(EventMetadata, VmRequestEvent)]),
+    /// Events just appended, with the stream they end.
+    Appended(&'a Written<VmRequest>),
+}
+
+// From the loaded stream itself, not a bare list of events: a list of only
+// the events just appended must not pass for a whole stream (the row's
+// creation time and version come from the stream's first and last events).
+impl<'a> From<&'a Loaded<VmRequest>> for RequestEvents<'a> {
+    fn from(loaded: &'a Loaded<VmRequest>) -> Self {
+        Self::Stream(&loaded.events)
+    }
+}
+
+impl<'a> From<&'a Written<VmRequest>> for RequestEvents<'a> {
+    fn from(written: &'a Written<VmRequest>) -> Self {
+        Self::Appended(written)
+    }
+}
+
 impl<S, V, T, C, I> ProvisioningService<S, V, T, C, I>
 where
     S: EventStore,
@@ -18,13 +47,24 @@ where
     C: Clock,
     I: IdGenerator,
 {
-    pub(super) async fn record_request_timeline(
+    pub(super) async fn record_request_timeline<'a>(
         &self,
         tenant: TenantId,
         request_id: VmRequestId,
-        events: &[(EventMetadata, VmRequestEvent)],
+        events: impl Into<RequestEvents<'a>>,
     ) -> Result<(), ServiceError> {
-        for (metadata, event) in events {
+        let (new, stream, state) = match events.into() {
+            RequestEvents::Stream(stream) => {
+                let state = stream.iter().fold(None, |s, (_, e)| VmRequest::apply(s, e));
+                (stream, stream, state)
+            }
+            RequestEvents::Appended(written) => (
+                &written.events[..],
+                &written.stream[..],
+                written.state.clone(),
+            ),
+        };
+        for (metadata, event) in new {
             let (entry_type, details) = timeline_entry_for(event);
             self.timeline
                 .record(TimelineEntry {
@@ -38,28 +78,26 @@ where
                 })
                 .await?;
         }
-        if !events.is_empty() {
-            self.project_request(tenant, request_id).await?;
+        if !new.is_empty()
+            && let Some(request) = &state
+        {
+            self.project_request(request, stream).await?;
         }
         Ok(())
     }
 
-    /// Brings the request's read-model row up to its stream (when the
+    /// Brings the request's read-model row up to `stream`, the whole of
+    /// its stream as the caller has it, leading to `request` (when the
     /// service has a read model).
     pub(super) async fn project_request(
         &self,
-        tenant: TenantId,
-        request_id: VmRequestId,
+        request: &VmRequest,
+        stream: &[(EventMetadata, VmRequestEvent)],
     ) -> Result<(), ServiceError> {
         let Some(read_model) = &self.read_model else {
             return Ok(());
         };
-        let loaded = self
-            .load::<VmRequest>(tenant, &super::aggregates::request_stream(request_id))
-            .await?;
-        if let Some(request) = &loaded.state
-            && let Some(row) = RequestSummary::from_stream(request, &loaded.events)
-        {
+        if let Some(row) = RequestSummary::from_stream(request, stream) {
             read_model.upsert(row).await?;
         }
         Ok(())

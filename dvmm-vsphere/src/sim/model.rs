@@ -810,7 +810,9 @@ impl State {
         self.number_of(id)
             .and_then(|n| self.record(n))
             .map(|vm| vm.guest_info(now))
-            .ok_or_else(|| not_found("vm", id.as_str()))
+            .ok_or_else(|| VsphereError::VmGone {
+                vmware_vm_id: id.as_str().to_owned(),
+            })
     }
 
     pub(crate) fn find(

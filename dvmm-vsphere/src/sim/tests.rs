@@ -337,7 +337,9 @@ async fn get_vm_and_find_vm_report_unknown_vms() {
             sim.get_vm(&endpoint(), &VmwareVmId::new(unknown))
                 .await
                 .unwrap_err(),
-            not_found("vm", unknown)
+            VsphereError::VmGone {
+                vmware_vm_id: unknown.into()
+            }
         );
     }
     assert_eq!(sim.find_vm(&spec(&sim, "app02", 2)).await.unwrap(), None);
