@@ -194,6 +194,14 @@ async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         "in_flight": health.in_flight,
         "held": health.held,
         "parked_endpoints": health.parked_endpoints,
+        // Jobs per state in the whole queue, as the runner last read it.
+        "queue": health.queue.map(|counts| {
+            counts
+                .by_state()
+                .into_iter()
+                .map(|(state, n)| (state.to_owned(), serde_json::Value::from(n)))
+                .collect::<serde_json::Map<_, _>>()
+        }),
         "store_failures": health.store_failures,
         "last_error": health.last_error.map(|(at, e)| format!("{at}: {e}")),
         "ready": health.report.ready,

@@ -201,6 +201,10 @@ fn drive(store: serde_json::Value) {
     assert_eq!(status, 200);
     let health = json(&body);
     assert_eq!(health["running"], true, "{body}");
+    // The runner reads the queue's depth as it starts, so it is known by now.
+    for state in ["queued", "waiting", "leased", "expired", "done"] {
+        assert!(health["queue"][state].is_u64(), "{state}: {body}");
+    }
     let (status, body) = http(port, "GET", "/metrics", None);
     assert_eq!(status, 200);
     assert!(
