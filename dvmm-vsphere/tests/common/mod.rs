@@ -284,16 +284,11 @@ pub async fn set_guest(session: &Arc<Session>, vm: &MoRef, keys: &[(&str, &str)]
     )
     .await
     .expect("guest reconfigure");
-    // vcsim applies the reconfigure in its task: until the task is over
-    // the guest has not reported. A player that posts an event next must
-    // wait, or vCenter records the event before the report it follows.
-    within(
-        CALL_DEADLINE,
-        "the guest player's reconfigure task",
-        dvmm_vsphere::wait::wait_for_task(session, &task, "ReconfigVM_Task", CALL_DEADLINE),
-    )
-    .await
-    .expect("guest reconfigure task");
+    // Not awaited: waiting on the task through a property collector (one
+    // created and destroyed per wait) hung vcsim 0.24 now and then while
+    // the client under test posted and polled (1 run in 6), so the report
+    // may land just after the event the player posts next.
+    let _ = task;
 }
 
 /// The shortest customization played (see [`play_customizing_guest`]).
