@@ -5,7 +5,10 @@
 //! The session layer is the top of the [transport stack](crate::transport):
 //! it logs in (`RetrieveServiceContent` + `Login`), logs in again once when
 //! the server says the session is gone, and pauses logins after a refusal.
-//! Retries and the breaker live below it.
+//! Retries and the breaker live below it. A login runs in a task of its
+//! own that every call needing it awaits, and a logged-in call takes no
+//! lock held across an await, so a call one caller leaves pending never
+//! holds up another (see `Authenticator`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -126,12 +129,54 @@ struct Refusals {
     until: Option<Instant>,
 }
 
+/// Where the session's login stands.
+#[derive(Clone)]
+enum LoginState {
+    LoggedOut,
+    /// A login runs in its own task; every caller awaits the same one.
+    LoggingIn {
+        id: u64,
+        login: Login,
+    },
+    LoggedIn(Box<LoggedIn>),
+}
+
+/// A running login's outcome, once it has one.
+type Login = tokio::sync::watch::Receiver<Option<Result<LoggedIn, VsphereError>>>;
+
+/// Awaits a running login's outcome.
+async fn outcome(mut login: Login) -> Result<LoggedIn, VsphereError> {
+    match login.wait_for(Option::is_some).await {
+        Ok(done) => done.clone().unwrap_or_else(|| {
+            Err(VsphereError::Protocol {
+                message: "a login ended without an outcome".into(),
+            })
+        }),
+        // The task ended without an outcome: its runtime is shutting down.
+        Err(_) => Err(VsphereError::Transport {
+            message: "the login was stopped before it finished".into(),
+        }),
+    }
+}
+
 /// The session layer of the stack.
+///
+/// A call never waits on a lock another caller may hold across an await:
+/// once logged in, a call reads the login under a plain mutex; a login runs
+/// in a task of its own, which every caller that needs it awaits. A lock
+/// held across the login instead let a caller that started a call and left
+/// it unpolled (a `select!` running another branch's body, which made its
+/// own call) stop every other call of the session, its own included.
 struct Authenticator {
+    core: Arc<AuthCore>,
+}
+
+/// What the login task needs, shared with it.
+struct AuthCore {
     inner: Arc<dyn Transport>,
     username: String,
     password: Secret,
-    state: tokio::sync::Mutex<Option<LoggedIn>>,
+    state: Mutex<LoginState>,
     generation: AtomicU64,
     refusals: Mutex<Refusals>,
     login_backoff: Backoff,
@@ -141,7 +186,7 @@ struct Authenticator {
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
-            .field("username", &self.username)
+            .field("username", &self.core.username)
             .finish_non_exhaustive()
     }
 }
@@ -161,7 +206,7 @@ fn says_not_authenticated(method: &str, response: &Response) -> bool {
     }
 }
 
-impl Authenticator {
+impl AuthCore {
     fn call(&self, method: &'static str, body: String) -> Call {
         Call {
             method,
@@ -169,6 +214,11 @@ impl Authenticator {
             deadline: self.request_timeout,
             idempotent: true,
         }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LoginState> {
+        // Plain data: a panic elsewhere leaves nothing half-written.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Refuses at once while a refused login's pause lasts.
@@ -205,7 +255,8 @@ impl Authenticator {
         }
     }
 
-    async fn login_locked(&self, slot: &mut Option<LoggedIn>) -> Result<LoggedIn, VsphereError> {
+    /// `RetrieveServiceContent` and `Login`.
+    async fn login(&self) -> Result<LoggedIn, VsphereError> {
         self.check_refusals()?;
         let mut env = Envelope::new("RetrieveServiceContent");
         env.moref("_this", "ServiceInstance", "ServiceInstance");
@@ -246,47 +297,111 @@ impl Authenticator {
             generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
         };
         tracing::info!(user = %self.username, "logged in to vCenter");
-        *slot = Some(logged.clone());
         Ok(logged)
+    }
+}
+
+/// Ids of login tasks, so a task records its outcome only while it is
+/// still the session's login.
+static LOGIN_IDS: AtomicU64 = AtomicU64::new(1);
+
+impl Authenticator {
+    /// Starts a login task, unless one runs already; the caller holds the
+    /// state's lock.
+    fn start_login(&self, state: &mut LoginState) -> Login {
+        if let LoginState::LoggingIn { login, .. } = state {
+            return login.clone();
+        }
+        let core = self.core.clone();
+        let id = LOGIN_IDS.fetch_add(1, Ordering::Relaxed);
+        let (done, login) = tokio::sync::watch::channel(None);
+        tokio::spawn(
+            async move {
+                let result = core.login().await;
+                {
+                    let mut state = core.state();
+                    // Recorded only while this is still the session's login
+                    // (a logout meanwhile made it LoggedOut).
+                    if matches!(&*state, LoginState::LoggingIn { id: running, .. } if *running == id)
+                    {
+                        *state = match &result {
+                            Ok(logged) => LoginState::LoggedIn(Box::new(logged.clone())),
+                            Err(_) => LoginState::LoggedOut,
+                        };
+                    }
+                }
+                done.send_replace(Some(result));
+            }
+            .in_current_span(),
+        );
+        *state = LoginState::LoggingIn {
+            id,
+            login: login.clone(),
+        };
+        login
     }
 
     async fn current(&self) -> Result<LoggedIn, VsphereError> {
-        let mut slot = self.state.lock().await;
-        match &*slot {
-            Some(l) => Ok(l.clone()),
-            None => self.login_locked(&mut slot).await,
-        }
+        let login = {
+            let mut state = self.core.state();
+            match &*state {
+                LoginState::LoggedIn(logged) => return Ok(LoggedIn::clone(logged)),
+                _ => self.start_login(&mut state),
+            }
+        };
+        outcome(login).await
     }
 
     /// Logs in again unless another caller already did since `generation`.
     async fn relogin(&self, generation: u64) -> Result<LoggedIn, VsphereError> {
-        let mut slot = self.state.lock().await;
-        match &*slot {
-            Some(l) if l.generation != generation => Ok(l.clone()),
-            _ => {
-                tracing::info!(user = %self.username, "vCenter session expired, logging in again");
-                *slot = None;
-                self.login_locked(&mut slot).await
+        let login = {
+            let mut state = self.core.state();
+            match &*state {
+                LoginState::LoggedIn(l) if l.generation != generation => {
+                    return Ok(LoggedIn::clone(l));
+                }
+                LoginState::LoggingIn { login, .. } => login.clone(),
+                _ => {
+                    tracing::info!(user = %self.core.username, "vCenter session expired, logging in again");
+                    *state = LoginState::LoggedOut;
+                    self.start_login(&mut state)
+                }
             }
-        }
+        };
+        outcome(login).await
     }
 
     async fn send(&self, call: &Call) -> Result<Response, VsphereError> {
         let logged = self.current().await?;
-        let answer = self.inner.round_trip(call).await?;
+        let answer = self.core.inner.round_trip(call).await?;
         if !says_not_authenticated(call.method, &answer) {
             return Ok(answer);
         }
         // Exactly one re-login per call: a server that keeps refusing the
         // new session gets its NotAuthenticated passed up.
         self.relogin(logged.generation).await?;
-        self.inner.round_trip(call).await
+        self.core.inner.round_trip(call).await
     }
 
     async fn logout(&self) -> Result<(), VsphereError> {
-        let mut slot = self.state.lock().await;
-        let Some(logged) = slot.take() else {
-            return Ok(());
+        // A login under way is let finish, so the session it opens is the
+        // one logged out rather than left behind on the server.
+        let pending = match &*self.core.state() {
+            LoginState::LoggingIn { login, .. } => Some(login.clone()),
+            _ => None,
+        };
+        if let Some(login) = pending {
+            let _ = outcome(login).await;
+        }
+        let logged = {
+            let mut state = self.core.state();
+            match std::mem::replace(&mut *state, LoginState::LoggedOut) {
+                LoginState::LoggedIn(logged) => *logged,
+                other => {
+                    *state = other;
+                    return Ok(());
+                }
+            }
         };
         let mut env = Envelope::new("Logout");
         env.moref(
@@ -294,11 +409,11 @@ impl Authenticator {
             &logged.content.session_manager.kind,
             &logged.content.session_manager.value,
         );
-        let call = self.call("Logout", env.finish());
-        match self.inner.round_trip(&call).await? {
+        let call = self.core.call("Logout", env.finish());
+        match self.core.inner.round_trip(&call).await? {
             Response::Ok(_) => Ok(()),
             Response::Fault(f) if f.kind == "NotAuthenticated" => Ok(()),
-            Response::Fault(f) => Err(f.into_error(&self.username)),
+            Response::Fault(f) => Err(f.into_error(&self.core.username)),
         }
     }
 }
@@ -344,14 +459,16 @@ impl Session {
             url: endpoint.url.trim().to_owned(),
             username: endpoint.username.clone(),
             auth: Authenticator {
-                inner: transport,
-                username: endpoint.username.clone(),
-                password: endpoint.password.clone(),
-                state: tokio::sync::Mutex::new(None),
-                generation: AtomicU64::new(0),
-                refusals: Mutex::new(Refusals::default()),
-                login_backoff: options.login_backoff(),
-                request_timeout: options.request_timeout,
+                core: Arc::new(AuthCore {
+                    inner: transport,
+                    username: endpoint.username.clone(),
+                    password: endpoint.password.clone(),
+                    state: Mutex::new(LoginState::LoggedOut),
+                    generation: AtomicU64::new(0),
+                    refusals: Mutex::new(Refusals::default()),
+                    login_backoff: options.login_backoff(),
+                    request_timeout: options.request_timeout,
+                }),
             },
             options,
             events: Arc::default(),
@@ -373,7 +490,7 @@ impl Session {
     /// restored from backup), so what was learned under an older login,
     /// such as resolved inventory, should be looked up again.
     pub fn logins(&self) -> u64 {
-        self.auth.generation.load(Ordering::Relaxed)
+        self.auth.core.generation.load(Ordering::Relaxed)
     }
 
     /// The endpoint URL.
@@ -538,12 +655,11 @@ pub(crate) fn this(env: &mut Envelope, obj: &MoRef) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::scripted::ScriptedTransport;
+    use crate::transport::scripted::{ScriptedTransport, Step};
 
     fn assert_send<T: Send>(_: &T) {}
 
-    #[test]
-    fn the_stack_and_its_calls_are_send() {
+    fn scripted_session(script: &ScriptedTransport) -> Session {
         let endpoint = VcenterEndpoint {
             url: "https://vc.test/sdk".into(),
             username: "u".into(),
@@ -552,17 +668,70 @@ mod tests {
             thumbprint: None,
             allow_plain_http: false,
         };
-        let session = Session::over(
-            Arc::new(ScriptedTransport::new()),
+        Session::over(
+            Arc::new(script.clone()),
             &endpoint,
             Arc::new(SoapOptions::default()),
-        );
-        let call = session.call("FindByInventoryPath", true, Duration::ZERO, |sc, env| {
-            this(env, &sc.search_index);
-        });
-        assert_send(&call);
+        )
+    }
+
+    #[test]
+    fn the_stack_and_its_calls_are_send() {
+        let session = scripted_session(&ScriptedTransport::new());
+        assert_send(&find(&session));
         assert_send(&session.content());
         assert_send(&session.logout());
+    }
+
+    fn fixture(name: &str) -> String {
+        let path = format!("{}/fixtures/{name}.xml", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn find(session: &Session) -> impl std::future::Future<Output = Result<Node, VsphereError>> {
+        session.call("FindByInventoryPath", true, Duration::ZERO, |sc, env| {
+            this(env, &sc.search_index);
+        })
+    }
+
+    /// A caller may start a call and then, before polling it again, await
+    /// another call on the same session (a `select!` that runs one branch's
+    /// body while another branch's call is pending). That must not stop
+    /// the other call, nor any other caller: the pending call may be the
+    /// one that started the login everyone waits for. It once did, through
+    /// a lock the pending call held or was next in line for, and hung a
+    /// customization wait for good (`CancelWaitForUpdates` sent while the
+    /// guest poll it cancels waited for the session).
+    #[tokio::test]
+    async fn a_call_left_unpolled_holds_up_no_other_call() {
+        let script = ScriptedTransport::new();
+        script.push(
+            "RetrieveServiceContent",
+            Step::Answer(fixture("RetrieveServiceContent")).after(Duration::from_millis(20)),
+        );
+        script.fallback(|call| match call.method {
+            "Login" => Step::ok("Login", "<returnval><key>k</key></returnval>"),
+            other => Step::ok(other, ""),
+        });
+        let session = scripted_session(&script);
+        // Polled once: it starts logging in, then is left alone.
+        let mut left = Box::pin(find(&session));
+        assert!(futures::poll!(left.as_mut()).is_pending());
+        tokio::time::timeout(Duration::from_secs(5), find(&session))
+            .await
+            .expect("a second call is not held up by the first one left unpolled")
+            .expect("the second call");
+        // And the one left alone still completes when polled again.
+        tokio::time::timeout(Duration::from_secs(5), left)
+            .await
+            .expect("the first call completes")
+            .expect("the first call");
+        let logins = script
+            .requests()
+            .iter()
+            .filter(|r| r.method == "Login")
+            .count();
+        assert_eq!(logins, 1, "one login serves both calls");
     }
 
     #[test]
