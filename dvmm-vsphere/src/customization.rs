@@ -135,6 +135,14 @@ struct State {
     snapshot_taken: bool,
     /// A `CustomizationStartedEvent` is among the VM's events.
     start_event: bool,
+    /// VMware Tools were seen to stop after customization was seen to
+    /// start (the guest restarting into its new identity).
+    restarted: bool,
+    /// An address was reported after that restart.
+    ip_after_restart: bool,
+    /// When the success was learned, and when the IP wait that began
+    /// with it ends.
+    succeeded: Option<(Instant, Instant)>,
 }
 
 impl State {
@@ -152,15 +160,61 @@ impl State {
     /// into its new identity and reported before vCenter recorded the
     /// success). Without a start event there is no address from before to
     /// tell apart, and the current one is taken.
+    ///
+    /// An address first reported after the start, when there was none
+    /// before it, is not told apart that way: the guest's report of its
+    /// template identity's address may come after vCenter recorded the
+    /// start. It counts when reported after the guest restarted (VMware
+    /// Tools seen to stop and start again, as customization's reboot does),
+    /// and otherwise once it has held for [`SETTLE`] after the success.
     fn address_after(&self, start_event: bool) -> Option<Ipv4Addr> {
         if !self.guest.tools_running() {
             return None;
         }
         let ip = self.guest.usable_ipv4()?;
-        (self.ip_after_success || !start_event || self.pre_ip.is_some_and(|pre| pre != Some(ip)))
-            .then_some(ip)
+        let changed = matches!(self.pre_ip, Some(Some(pre)) if pre != ip);
+        (self.ip_after_success || !start_event || self.ip_after_restart || changed).then_some(ip)
+    }
+
+    /// After the success, an address the guest shows that it first
+    /// reported after customization was seen to start, with none before
+    /// it: it may be the template identity's or the new one.
+    fn unsure_address(&self) -> Option<Ipv4Addr> {
+        if self.progress != Progress::Succeeded
+            || !self.guest.tools_running()
+            || self.pre_ip != Some(None)
+        {
+            return None;
+        }
+        self.guest.usable_ipv4()
+    }
+
+    /// Sets the deadline after the success: the IP wait's end, or sooner
+    /// while the guest shows an address that cannot be told apart, which is
+    /// taken if it holds for [`SETTLE`] (the guest reports nothing newer).
+    ///
+    /// Any address reported after the success counts at once, so the one
+    /// shown then either holds or is replaced by one that counts.
+    fn settle(&mut self, deadline: &mut Instant, ip_wait: Duration) {
+        if self.progress != Progress::Succeeded {
+            return;
+        }
+        let (learned, ip_end) = *self.succeeded.get_or_insert_with(|| {
+            let learned = deadline.checked_sub(ip_wait).unwrap_or_else(Instant::now);
+            (learned, *deadline)
+        });
+        *deadline = if self.unsure_address().is_some() {
+            ip_end.min(learned + SETTLE)
+        } else {
+            ip_end
+        };
     }
 }
+
+/// How long after the success an address that cannot be told to be the
+/// guest's own after customization must hold before it is taken: a guest
+/// still on its template identity's address reports its new one by then.
+pub const SETTLE: Duration = Duration::from_secs(15);
 
 /// Waits for the customization outcome (at most `customization_timeout`
 /// after the call), then for an address reported after it (at most
@@ -363,6 +417,7 @@ async fn watch(
                 host_name: state.guest.host_name.clone(),
             });
         }
+        state.settle(deadline, ip_wait);
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             // Whatever way the session's collector may have missed the
@@ -450,9 +505,14 @@ async fn watch(
                                     return Ok(Some(Vec::new()));
                                 }
                                 // The IP wait starts now: the held poll
-                                // may last longer.
+                                // may last longer, but not past the time an
+                                // address shown now is taken anyway.
                                 success_in_poll = Some(Instant::now());
-                                return match tokio::time::timeout(ip_wait, &mut poll).await {
+                                let unsure = state_now.pre_ip == Some(None)
+                                    && state_now.guest.tools_running()
+                                    && state_now.guest.usable_ipv4().is_some();
+                                let hold = if unsure { ip_wait.min(SETTLE) } else { ip_wait };
+                                return match tokio::time::timeout(hold, &mut poll).await {
                                     Ok(changes) => changes.map(Some),
                                     Err(_) => Ok(Some(Vec::new())),
                                 };
@@ -532,20 +592,32 @@ async fn watch(
 fn apply_guest(state: &mut State, changes: &[methods::Change]) -> bool {
     let mut ip_reported = false;
     for change in changes {
+        let was_running = state.guest.tools_running();
         state.guest.apply(&change.path, change.val.as_ref());
-        ip_reported |= matches!(
+        if state.start_seen && was_running && !state.guest.tools_running() {
+            state.restarted = true;
+        }
+        let ip = matches!(
             change.path.as_str(),
             "guest.ipAddress" | "guest.net" | "guest"
         );
+        ip_reported |= ip;
+        state.ip_after_restart |= ip && state.restarted;
     }
     ip_reported
 }
 
 fn timed_out(state: &State, started_at: Instant) -> Result<Ready, VsphereError> {
     if state.progress == Progress::Succeeded {
-        tracing::warn!("no guest IP in time after customization");
+        let held = state.unsure_address();
+        match held {
+            Some(ip) => {
+                tracing::info!(%ip, "taking the address the guest kept after customization")
+            }
+            None => tracing::warn!("no guest IP in time after customization"),
+        }
         return Ok(Ready {
-            ip: None,
+            ip: held,
             host_name: state.guest.host_name.clone(),
         });
     }

@@ -59,14 +59,20 @@ fn guest_change(props: &[(&str, &str)]) -> Step {
 }
 
 fn success_event(tag: &str) -> String {
+    event(tag, "CustomizationSucceeded", 7)
+}
+
+fn event(tag: &str, kind: &str, key: u32) -> String {
     format!(
         concat!(
-            r#"<{tag} xsi:type="CustomizationSucceeded"><key>7</key><chainId>7</chainId>"#,
+            r#"<{tag} xsi:type="{kind}"><key>{key}</key><chainId>{key}</chainId>"#,
             r#"<createdTime>2026-11-30T18:00:00Z</createdTime><userName></userName>"#,
             r#"<vm><name>web-01</name><vm type="VirtualMachine">{vm}</vm></vm>"#,
             r#"<fullFormattedMessage>customized</fullFormattedMessage></{tag}>"#
         ),
         tag = tag,
+        kind = kind,
+        key = key,
         vm = VM
     )
 }
@@ -102,6 +108,8 @@ struct Script {
     events: Vec<Step>,
     /// `QueryEvents` answers with the success from this read on (1-based).
     history_from: usize,
+    /// The history holds a `CustomizationStartedEvent` from the first read.
+    started: bool,
 }
 
 #[derive(Debug, Default)]
@@ -180,11 +188,14 @@ fn scripted_vcenter(script: &ScriptedTransport, plan: Script) -> Arc<Mutex<World
             }
             "QueryEvents" => {
                 world.history_reads += 1;
-                if world.history_reads >= plan.history_from {
-                    Step::ok("QueryEvents", &success_event("returnval"))
-                } else {
-                    Step::ok("QueryEvents", "")
+                let mut history = String::new();
+                if plan.started {
+                    history.push_str(&event("returnval", "CustomizationStartedEvent", 5));
                 }
+                if world.history_reads >= plan.history_from {
+                    history.push_str(&success_event("returnval"));
+                }
+                Step::ok("QueryEvents", &history)
             }
             "CancelWaitForUpdates" => Step::ok("CancelWaitForUpdates", ""),
             "DestroyPropertyCollector" => Step::Answer(fixture("DestroyPropertyCollector")),
@@ -250,6 +261,7 @@ async fn an_outcome_the_collector_missed_is_read_from_history_before_giving_up()
             guest: vec![guest_change(&[("guest.ipAddress", "10.0.0.42")])],
             events: Vec::new(),
             history_from: 2,
+            started: false,
         },
     );
     let ready = wait(&script, Duration::from_secs(600), Duration::from_secs(120))
@@ -274,6 +286,7 @@ async fn without_an_outcome_the_wait_times_out_after_one_more_history_read() {
             guest: Vec::new(),
             events: Vec::new(),
             history_from: usize::MAX,
+            started: false,
         },
     );
     let started = tokio::time::Instant::now();
@@ -307,10 +320,97 @@ async fn a_success_known_at_the_deadline_waits_for_the_address() {
             ],
             events: vec![page_with_success().after(Duration::from_secs(59))],
             history_from: usize::MAX,
+            started: false,
         },
     );
     let ready = wait(&script, Duration::from_secs(60), Duration::from_secs(120))
         .await
         .expect("the success known before the deadline");
     assert_eq!(ready.ip, Some(Ipv4Addr::new(10, 0, 0, 42)));
+}
+
+/// A VM whose history holds the start (and no address yet: the guest's
+/// first poll reports only tools running), whose guest then reports
+/// `guest`, and whose success the session's collector hands on 1 s in.
+fn started_then_success_after_1s(guest: Vec<Step>) -> ScriptedTransport {
+    let script = ScriptedTransport::new();
+    scripted_vcenter(
+        &script,
+        Script {
+            guest,
+            events: vec![page_with_success().after(Duration::from_secs(1))],
+            history_from: usize::MAX,
+            started: true,
+        },
+    );
+    script
+}
+
+/// vCenter recorded the start before the guest reported any address; the
+/// first address reported after that may be the template identity's (from
+/// before customization's reboot), so a success learned while the guest
+/// shows it does not make it the answer: the address reported after it is.
+#[tokio::test(start_paused = true)]
+async fn an_address_first_reported_after_the_start_waits_for_a_newer_one() {
+    let script = ScriptedTransport::new();
+    scripted_vcenter(
+        &script,
+        Script {
+            guest: vec![
+                guest_change(&[("guest.ipAddress", "10.0.0.1")]),
+                guest_change(&[("guest.ipAddress", "10.0.0.42")]).after(Duration::from_secs(3)),
+            ],
+            events: vec![page_with_success().after(Duration::from_secs(1))],
+            history_from: usize::MAX,
+            started: true,
+        },
+    );
+    let ready = wait(&script, Duration::from_secs(600), Duration::from_secs(120))
+        .await
+        .expect("ready");
+    assert_eq!(ready.ip, Some(Ipv4Addr::new(10, 0, 0, 42)));
+}
+
+/// The same, when the guest reports nothing newer: the address it shows is
+/// its own after all, and is taken once it has held for a while after the
+/// success, not after the whole IP wait and not as "IP pending".
+#[tokio::test(start_paused = true)]
+async fn an_address_first_reported_after_the_start_is_taken_once_it_holds() {
+    let script =
+        started_then_success_after_1s(vec![guest_change(&[("guest.ipAddress", "10.0.0.1")])]);
+    let started = tokio::time::Instant::now();
+    let ready = wait(&script, Duration::from_secs(600), Duration::from_secs(120))
+        .await
+        .expect("ready");
+    assert_eq!(ready.ip, Some(Ipv4Addr::new(10, 0, 0, 1)));
+    assert!(
+        started.elapsed() < dvmm_vsphere::customization::SETTLE + Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// The guest restarted (VMware Tools seen stopped after the start, as
+/// customization's reboot does) before reporting its address: that address
+/// is the one after customization, and counts as soon as the success is
+/// known.
+#[tokio::test(start_paused = true)]
+async fn an_address_reported_after_the_guest_restarted_counts_at_once() {
+    let script = started_then_success_after_1s(vec![
+        guest_change(&[("guest.toolsRunningStatus", "guestToolsNotRunning")]),
+        guest_change(&[
+            ("guest.toolsRunningStatus", "guestToolsRunning"),
+            ("guest.ipAddress", "10.0.0.42"),
+        ]),
+    ]);
+    let started = tokio::time::Instant::now();
+    let ready = wait(&script, Duration::from_secs(600), Duration::from_secs(120))
+        .await
+        .expect("ready");
+    assert_eq!(ready.ip, Some(Ipv4Addr::new(10, 0, 0, 42)));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
