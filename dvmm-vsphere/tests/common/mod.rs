@@ -69,10 +69,29 @@ pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output =
 /// hanging: several times the slowest call seen on a loaded 2-core machine.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(60);
 
+/// `DVMM_TEST_LOG=FILTER` (e.g. `dvmm_vsphere=debug`): the client's logs,
+/// each SOAP call's start and end included, shown with a failed test's
+/// output.
+fn init_test_log() {
+    let Ok(filter) = std::env::var("DVMM_TEST_LOG") else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_span_events(
+            tracing_subscriber::fmt::format::FmtSpan::NEW
+                | tracing_subscriber::fmt::format::FmtSpan::CLOSE,
+        )
+        .with_thread_names(true)
+        .with_test_writer()
+        .try_init();
+}
+
 impl Vcsim {
     /// Starts vcsim with extra flags; `None` (test skipped) when the binary
     /// is missing, unless `DVMM_REQUIRE_SERVICES=1`.
     pub fn start(args: &[&str]) -> Option<Vcsim> {
+        init_test_log();
         let bin = vcsim_bin();
         if !bin.exists() {
             skip(&format!(
@@ -81,8 +100,14 @@ impl Vcsim {
             ));
             return None;
         }
-        // DVMM_VCSIM_TRACE=FILE: vcsim's SOAP trace, for debugging a test.
-        let trace = std::env::var_os("DVMM_VCSIM_TRACE").and_then(|path| {
+        // DVMM_VCSIM_TRACE=FILE: vcsim's SOAP trace (and, on SIGQUIT, its
+        // goroutines), in FILE.<test name>, for debugging a test.
+        let trace = std::env::var_os("DVMM_VCSIM_TRACE").and_then(|mut path| {
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("test")
+                .replace("::", "-");
+            path.push(format!(".{test}"));
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -277,26 +302,47 @@ pub async fn set_guest(session: &Arc<Session>, vm: &MoRef, keys: &[(&str, &str)]
             .collect(),
         ..ConfigSpec::default()
     };
-    let task = within(
+    within(
         CALL_DEADLINE,
         "the guest player's reconfigure",
         methods::reconfig_vm(session, vm, &change),
     )
     .await
     .expect("guest reconfigure");
-    // Not awaited: waiting on the task through a property collector (one
-    // created and destroyed per wait) hung vcsim 0.24 now and then while
-    // the client under test posted and polled (1 run in 6), so the report
-    // may land just after the event the player posts next.
-    let _ = task;
+    // vcsim applies the report in that task: read it back (no collector)
+    // until it shows, so an event the player posts next is recorded after
+    // the report it follows, and a later report cannot land before it.
+    let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
+    loop {
+        let guest = read(session, vm, &["guest"]).await.guest;
+        let shows = keys.iter().all(|(key, value)| {
+            let now = match *key {
+                "toolsRunningStatus" => guest.tools_running_status.as_deref(),
+                "ipAddress" => guest.ip_address.as_deref(),
+                "hostName" => guest.host_name.as_deref(),
+                _ => Some(*value),
+            };
+            now == Some(*value)
+        });
+        if shows {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "guest player: {keys:?} not shown after {CALL_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The shortest customization played (see [`play_customizing_guest`]).
 pub const MIN_CUSTOMIZING: Duration = Duration::from_secs(2);
 
 /// Plays `guest` for the VM at `path` once it is powered on: tools and the
-/// first address, `CustomizationStartedEvent`, then after `customizing` the
-/// final address (and hostname) and the outcome event.
+/// first address, `CustomizationStartedEvent`, then after `customizing`
+/// the reboot of a success (tools stop, then run again with the final
+/// address and hostname) and the outcome event. Each report shows before
+/// the next step.
 pub fn play_customizing_guest(
     session: Arc<Session>,
     path: String,
@@ -349,16 +395,22 @@ pub fn play_customizing_guest(
         tokio::time::sleep(guest.customizing.max(MIN_CUSTOMIZING)).await;
         match guest.outcome {
             Outcome::Succeed => {
-                let mut last = Vec::new();
+                // Customization's reboot: VMware Tools stop, then the guest
+                // comes back with its new identity.
+                set_guest(
+                    &session,
+                    &vm,
+                    &[("toolsRunningStatus", "guestToolsNotRunning")],
+                )
+                .await;
+                let mut last = vec![("toolsRunningStatus", "guestToolsRunning")];
                 if !guest.ip.is_empty() {
                     last.push(("ipAddress", guest.ip));
                 }
                 if let Some(host) = guest.host_name {
                     last.push(("hostName", host));
                 }
-                if !last.is_empty() {
-                    set_guest(&session, &vm, &last).await;
-                }
+                set_guest(&session, &vm, &last).await;
                 post(&session, &vm, &name, "CustomizationSucceeded", None).await;
             }
             Outcome::Fail(reason) => {
