@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::PausedClock;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::task::Poll;
@@ -794,24 +796,8 @@ async fn sync_status_survives_a_crash_between_any_two_steps() {
 // ---------------------------------------------------------------------------
 // The runner: cleanup after a failure, retried until it works.
 
-/// Wall time that follows tokio's paused clock, so the queue's due times
-/// move with the runner's sleeps.
-struct PausedClock {
-    wall: chrono::DateTime<chrono::Utc>,
-    start: tokio::time::Instant,
-}
-
-impl dvmm::Clock for PausedClock {
-    fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        self.wall + chrono::Duration::from_std(self.start.elapsed()).expect("test durations fit")
-    }
-}
-
 fn paused_queue() -> Arc<MemoryWorkQueue> {
-    Arc::new(MemoryWorkQueue::with_clock(Arc::new(PausedClock {
-        wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
-        start: tokio::time::Instant::now(),
-    })))
+    Arc::new(MemoryWorkQueue::with_clock(PausedClock::new()))
 }
 
 #[tokio::test(start_paused = true)]

@@ -5,32 +5,20 @@
 
 mod common;
 
+use common::PausedClock;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use common::{new_request, tenant_config, user};
 use dvmm::core::backoff::FixedJitter;
 use dvmm::core::runner::{Job, WorkQueue};
 use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{Operation, Simulator};
 use dvmm::{
-    Backoff, Clock, ProvisioningRunner, ProvisioningService, RunnerConfig, ServiceError,
-    StoreError, TenantConfig, TenantId, Tenants, TimelineEntryType, TokioTimer, VmRequestId,
-    VmRequestStatus,
+    Backoff, ProvisioningRunner, ProvisioningService, RunnerConfig, ServiceError, StoreError,
+    TenantConfig, TenantId, Tenants, TimelineEntryType, TokioTimer, VmRequestId, VmRequestStatus,
 };
-
-/// Wall time that follows tokio's (paused) clock.
-struct PausedClock {
-    wall: DateTime<Utc>,
-    start: tokio::time::Instant,
-}
-
-impl Clock for PausedClock {
-    fn now(&self) -> DateTime<Utc> {
-        self.wall + chrono::Duration::from_std(self.start.elapsed()).expect("test durations fit")
-    }
-}
 
 /// A memory queue whose claims can be made to fail, recording when each
 /// claim was asked for.
@@ -121,10 +109,7 @@ struct World {
 }
 
 fn world() -> World {
-    let clock = Arc::new(PausedClock {
-        wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
-        start: tokio::time::Instant::now(),
-    });
+    let clock = PausedClock::new();
     let tenant = tenant_config("acme", 5);
     let sim = Simulator::default();
     let service = Arc::new(ProvisioningService::with_clock_and_ids(
@@ -459,10 +444,7 @@ async fn the_memory_queue_counts_claims_until_the_job_is_given_back() {
 /// another holder's and skip the job.
 #[tokio::test(start_paused = true)]
 async fn a_service_with_shared_claims_abandons_under_the_runners_lease() {
-    let clock = Arc::new(PausedClock {
-        wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
-        start: tokio::time::Instant::now(),
-    });
+    let clock = PausedClock::new();
     let tenant = tenant_config("acme", 5);
     let sim = Simulator::default();
     let queue = Arc::new(MemoryWorkQueue::with_clock(clock.clone()));

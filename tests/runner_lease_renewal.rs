@@ -5,31 +5,21 @@
 
 mod common;
 
+use common::PausedClock;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use common::{new_request, tenant_config, user};
 use dvmm::core::event::{NewEvent, StoredEvent, StreamId};
 use dvmm::core::ports::{AppendOutcome, StoreError};
 use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{Delays, Operation, Simulator, SimulatorConfig};
 use dvmm::{
-    Backoff, Clock, EventStore, ProvisioningRunner, ProvisioningService, RunnerConfig, TenantId,
-    Tenants, TokioTimer, VmRequestStatus,
+    Backoff, EventStore, ProvisioningRunner, ProvisioningService, RunnerConfig, TenantId, Tenants,
+    TokioTimer, VmRequestStatus,
 };
-
-struct PausedClock {
-    wall: DateTime<Utc>,
-    start: tokio::time::Instant,
-}
-
-impl Clock for PausedClock {
-    fn now(&self) -> DateTime<Utc> {
-        self.wall + chrono::Duration::from_std(self.start.elapsed()).expect("test durations fit")
-    }
-}
 
 /// The shared store, whose reads of the whole log (the runner's feed) hang
 /// for `hang` once the first feed is through (it reads a page, then finds
@@ -90,10 +80,7 @@ fn config(worker: &str) -> RunnerConfig {
 
 #[tokio::test(start_paused = true)]
 async fn a_running_jobs_lease_is_renewed_while_the_runner_waits_on_its_feed() {
-    let clock = Arc::new(PausedClock {
-        wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
-        start: tokio::time::Instant::now(),
-    });
+    let clock = PausedClock::new();
     // A 60 s clone: fifteen leases long.
     let sim = Simulator::new(SimulatorConfig {
         delays: Delays {

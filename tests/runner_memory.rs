@@ -7,13 +7,13 @@
 
 mod common;
 
+use common::PausedClock;
+
 use dvmm::Backoff;
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-
-use chrono::{DateTime, Utc};
 
 use common::{new_request, tenant_config, user};
 use dvmm::core::runner::WorkQueue;
@@ -22,8 +22,8 @@ use dvmm::vsphere::sim::{
     Delays, Fault, FaultRule, Operation, Simulator, SimulatorConfig, Trigger,
 };
 use dvmm::{
-    Clock, EventStore, ProvisioningRunner, ProvisioningService, RunnerConfig, RunnerReport,
-    TenantConfig, Tenants, TokioTimer, VmRequestId, VmRequestStatus, VsphereError,
+    EventStore, ProvisioningRunner, ProvisioningService, RunnerConfig, RunnerReport, TenantConfig,
+    Tenants, TokioTimer, VmRequestId, VmRequestStatus, VsphereError,
 };
 use tokio::time::Instant;
 
@@ -49,28 +49,6 @@ async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>)
     match tokio::time::timeout(limit, future).await {
         Ok(value) => value,
         Err(_) => panic!("gave up after {limit:?} waiting for {what}"),
-    }
-}
-
-/// Wall time that follows tokio's clock, so a queue on it measures leases
-/// in paused time.
-struct PausedClock {
-    wall: DateTime<Utc>,
-    start: Instant,
-}
-
-impl PausedClock {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
-            start: Instant::now(),
-        })
-    }
-}
-
-impl Clock for PausedClock {
-    fn now(&self) -> DateTime<Utc> {
-        self.wall + chrono::Duration::from_std(self.start.elapsed()).expect("test durations fit")
     }
 }
 

@@ -15,42 +15,22 @@
 
 mod common;
 
+use common::PausedClock;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use common::{new_request, tenant_config, user};
 use dvmm::core::backoff::FixedJitter;
 use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{Delays, Simulator, SimulatorConfig};
 use dvmm::{
-    Backoff, Clock, EventStore, ProvisioningRunner, ProvisioningService, RunnerConfig,
-    TenantConfig, Tenants, TokioTimer, VmRequestId, VmRequestStatus,
+    Backoff, EventStore, ProvisioningRunner, ProvisioningService, RunnerConfig, TenantConfig,
+    Tenants, TokioTimer, VmRequestId, VmRequestStatus,
 };
 
 const VC_OLD: &str = "https://vc-old.moved.invalid/sdk";
 const VC_NEW: &str = "https://vc-new.moved.invalid/sdk";
-
-/// Wall time that follows tokio's (paused) clock.
-struct PausedClock {
-    wall: DateTime<Utc>,
-    start: tokio::time::Instant,
-}
-
-impl PausedClock {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
-            start: tokio::time::Instant::now(),
-        })
-    }
-}
-
-impl Clock for PausedClock {
-    fn now(&self) -> DateTime<Utc> {
-        self.wall + chrono::Duration::from_std(self.start.elapsed()).expect("test durations fit")
-    }
-}
 
 type Service = ProvisioningService<
     Arc<MemoryEventStore>,

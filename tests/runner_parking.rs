@@ -10,11 +10,12 @@
 
 mod common;
 
+use common::PausedClock;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use common::{new_request, tenant_config, user};
 use dvmm::core::backoff::FixedJitter;
 use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
@@ -29,27 +30,6 @@ use dvmm::{
 
 const VC_A: &str = "https://vc-a.parking.invalid/sdk";
 const VC_B: &str = "https://vc-b.parking.invalid/sdk";
-
-/// Wall time that follows tokio's (paused) clock.
-struct PausedClock {
-    wall: DateTime<Utc>,
-    start: tokio::time::Instant,
-}
-
-impl PausedClock {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
-            start: tokio::time::Instant::now(),
-        })
-    }
-}
-
-impl Clock for PausedClock {
-    fn now(&self) -> DateTime<Utc> {
-        self.wall + chrono::Duration::from_std(self.start.elapsed()).expect("test durations fit")
-    }
-}
 
 type Service = ProvisioningService<
     Arc<MemoryEventStore>,

@@ -7,43 +7,23 @@
 
 mod common;
 
+use common::PausedClock;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use common::{new_request, tenant_config, user};
 use dvmm::core::backoff::FixedJitter;
 use dvmm::core::ports::{Job, QueueCounts, StoreError, WorkQueue};
 use dvmm::store::memory::{MemoryCheckpoints, MemoryEventStore, MemoryTimeline, MemoryWorkQueue};
 use dvmm::vsphere::sim::{Delays, Simulator, SimulatorConfig};
 use dvmm::{
-    Backoff, Clock, ProvisioningRunner, ProvisioningService, RunnerConfig, TenantConfig, Tenants,
+    Backoff, ProvisioningRunner, ProvisioningService, RunnerConfig, TenantConfig, Tenants,
     TokioTimer, VmRequestId, VmRequestStatus,
 };
 
 const VC: &str = "https://vc.depth.invalid/sdk";
-
-/// Wall time that follows tokio's (paused) clock.
-struct PausedClock {
-    wall: DateTime<Utc>,
-    start: tokio::time::Instant,
-}
-
-impl PausedClock {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
-            start: tokio::time::Instant::now(),
-        })
-    }
-}
-
-impl Clock for PausedClock {
-    fn now(&self) -> DateTime<Utc> {
-        self.wall + chrono::Duration::from_std(self.start.elapsed()).expect("test durations fit")
-    }
-}
 
 type Service = ProvisioningService<
     Arc<MemoryEventStore>,

@@ -13,10 +13,11 @@
 
 mod common;
 
+use common::PausedClock;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use common::{new_request, tenant_config, user};
 use dvmm::core::VmId;
 use dvmm::core::config::VcenterEndpoint;
@@ -35,17 +36,6 @@ use dvmm::{
 };
 use dvmm::{VmProvisioningResult, VmSpec, VmwareVmId, VspherePort};
 use proptest::prelude::*;
-
-struct PausedClock {
-    wall: DateTime<Utc>,
-    start: tokio::time::Instant,
-}
-
-impl Clock for PausedClock {
-    fn now(&self) -> DateTime<Utc> {
-        self.wall + chrono::Duration::from_std(self.start.elapsed()).expect("test durations fit")
-    }
-}
 
 /// One caller's view of the shared memory store, with a latency per call (on
 /// paused time) taken in turn from that caller's list: this is what lets the
@@ -287,10 +277,7 @@ async fn run_or_crash<F: std::future::Future>(crash: Option<u64>, call: F) {
 }
 
 async fn check(case: Case) -> Result<(), TestCaseError> {
-    let clock = Arc::new(PausedClock {
-        wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
-        start: tokio::time::Instant::now(),
-    });
+    let clock = PausedClock::new();
     let sim = Simulator::new(SimulatorConfig {
         delays: Delays {
             clone: Duration::from_secs(20),

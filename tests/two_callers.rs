@@ -7,10 +7,11 @@
 
 mod common;
 
+use common::PausedClock;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use common::{new_request, tenant_config, user};
 use dvmm::core::ports::{ClaimAttempt, RequestClaims};
 use dvmm::core::runner::WorkQueue;
@@ -19,21 +20,9 @@ use dvmm::vsphere::sim::{
     Delays, Fault, FaultRule, Operation, Simulator, SimulatorConfig, Trigger,
 };
 use dvmm::{
-    Clock, ProvisionOutcome, ProvisioningService, ServiceError, TenantConfig, Tenants, TokioTimer,
+    ProvisionOutcome, ProvisioningService, ServiceError, TenantConfig, Tenants, TokioTimer,
     VmRequestId, VmRequestStatus, VmStatus, VsphereError,
 };
-
-/// Wall time that follows tokio's (paused) clock.
-struct PausedClock {
-    wall: DateTime<Utc>,
-    start: tokio::time::Instant,
-}
-
-impl Clock for PausedClock {
-    fn now(&self) -> DateTime<Utc> {
-        self.wall + chrono::Duration::from_std(self.start.elapsed()).expect("test durations fit")
-    }
-}
 
 type Service = ProvisioningService<
     Arc<MemoryEventStore>,
@@ -56,10 +45,7 @@ struct World {
 
 impl World {
     fn new() -> Self {
-        let clock = Arc::new(PausedClock {
-            wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
-            start: tokio::time::Instant::now(),
-        });
+        let clock = PausedClock::new();
         let sim = Simulator::new(SimulatorConfig {
             delays: Delays {
                 clone: Duration::from_secs(20),

@@ -176,17 +176,20 @@ impl State {
         (self.ip_after_success || !start_event || self.ip_after_restart || changed).then_some(ip)
     }
 
-    /// After the success, an address the guest shows that it first
-    /// reported after customization was seen to start, with none before
-    /// it: it may be the template identity's or the new one.
-    fn unsure_address(&self) -> Option<Ipv4Addr> {
-        if self.progress != Progress::Succeeded
-            || !self.guest.tools_running()
-            || self.pre_ip != Some(None)
-        {
+    /// An address the guest shows that it first reported after
+    /// customization was seen to start, with none before it: it may be the
+    /// template identity's or the new one.
+    fn unsure_ip(&self) -> Option<Ipv4Addr> {
+        if self.pre_ip != Some(None) || !self.guest.tools_running() {
             return None;
         }
         self.guest.usable_ipv4()
+    }
+
+    /// [`State::unsure_ip`], once customization succeeded.
+    fn unsure_address(&self) -> Option<Ipv4Addr> {
+        self.unsure_ip()
+            .filter(|_| self.progress == Progress::Succeeded)
     }
 
     /// Sets the deadline after the success: the IP wait's end, or sooner
@@ -508,9 +511,7 @@ async fn watch(
                                 // may last longer, but not past the time an
                                 // address shown now is taken anyway.
                                 success_in_poll = Some(Instant::now());
-                                let unsure = state_now.pre_ip == Some(None)
-                                    && state_now.guest.tools_running()
-                                    && state_now.guest.usable_ipv4().is_some();
+                                let unsure = state_now.unsure_ip().is_some();
                                 let hold = if unsure { ip_wait.min(SETTLE) } else { ip_wait };
                                 return match tokio::time::timeout(hold, &mut poll).await {
                                     Ok(changes) => changes.map(Some),

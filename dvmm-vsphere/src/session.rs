@@ -130,7 +130,6 @@ struct Refusals {
 }
 
 /// Where the session's login stands.
-#[derive(Clone)]
 enum LoginState {
     LoggedOut,
     /// A login runs in its own task; every caller awaits the same one.

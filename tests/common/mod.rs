@@ -3,6 +3,9 @@
 
 pub mod stepping;
 
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
 use dvmm::core::config::{Secret, Timeouts, VcenterEndpoint};
 use dvmm::core::spec::SizeTable;
 use dvmm::{NewVmRequest, ProjectId, TenantConfig, TenantId, UserId, VmSize};
@@ -50,4 +53,28 @@ pub fn new_request(tenant: &TenantConfig, name: &str) -> NewVmRequest {
 
 pub fn user() -> UserId {
     UserId::from_uuid(Uuid::new_v4())
+}
+
+/// Wall time that follows tokio's clock (paused in most tests) from
+/// 2026-03-02 12:00 UTC, so what the service stamps and what a queue leases
+/// move with the test's sleeps.
+pub struct PausedClock {
+    wall: DateTime<Utc>,
+    start: tokio::time::Instant,
+}
+
+impl PausedClock {
+    /// Starts at 2026-03-02 12:00 UTC now.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            wall: "2026-03-02T12:00:00Z".parse().expect("valid time"),
+            start: tokio::time::Instant::now(),
+        })
+    }
+}
+
+impl dvmm::Clock for PausedClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.wall + chrono::Duration::from_std(self.start.elapsed()).expect("test durations fit")
+    }
 }
